@@ -1,0 +1,20 @@
+//! `dmsc-control`: the DMSC control-plane command. All logic lives in the library; this file
+//! only parses the command line, runs it and turns an error into exit code 1.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = dmsc_controlplane::Cli::parse();
+    let mut stdout = std::io::stdout().lock();
+    match dmsc_controlplane::run(cli, &mut stdout) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            let _ = stdout.flush();
+            eprintln!("dmsc-control: error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}

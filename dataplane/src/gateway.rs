@@ -1,0 +1,282 @@
+//! Starting, observing and stopping a gateway: binds the sockets, starts one worker thread per
+//! core, and hands back a [`GatewayHandle`].
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::bounded;
+use mio::{Poll, Token, Waker};
+use quinn_proto::{Endpoint, EndpointConfig, IdleTimeout, ServerConfig, TransportConfig, VarInt};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use socket2::{Domain, Protocol, Socket as RawSocket, Type};
+
+use crate::config::Config;
+use crate::msg::WorkerMsg;
+use crate::routing::TableGeneration;
+use crate::stats::{StatsSnapshot, WorkerStats};
+use crate::worker::{Shared, Socket, Worker};
+
+/// The gateway's TLS identity and the trust anchors of its domain.
+#[derive(Debug)]
+pub struct GatewayIdentity {
+    /// Certificate chain, leaf first; the leaf carries `spiffe://<domain>/gateway/<id>`.
+    pub cert_chain: Vec<CertificateDer<'static>>,
+    /// The leaf's private key.
+    pub private_key: PrivateKeyDer<'static>,
+    /// CA certificates agents' certificates must chain to.
+    pub trust_anchors: Vec<CertificateDer<'static>>,
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The TLS identity could not be used.
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    /// A socket could not be created or bound.
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A worker's poller or thread could not be created.
+    #[error("cannot start worker {worker}: {source}")]
+    Worker {
+        /// The worker index.
+        worker: usize,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// A running gateway.
+///
+/// Dropping the handle does not stop the gateway; call [`GatewayHandle::shutdown`].
+#[derive(Debug)]
+pub struct GatewayHandle {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// Entry point: see [`Gateway::start`].
+#[derive(Debug)]
+pub struct Gateway;
+
+impl Gateway {
+    /// Validates `config`, binds every socket, and starts the workers.
+    ///
+    /// Returns once all sockets are bound, so the gateway is reachable when this returns.
+    pub fn start(config: Config, identity: GatewayIdentity) -> Result<GatewayHandle, StartError> {
+        config.validate()?;
+        let workers = config.worker_count();
+        let crypto = crate::tls::server_crypto(
+            identity.cert_chain,
+            identity.private_key,
+            identity.trust_anchors,
+            &config.domain,
+        )
+        .map_err(|e| StartError::Tls(e.to_string()))?;
+        let mut server = ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(Arc::new(transport(&config)));
+        server.max_incoming(4096);
+        let server = Arc::new(server);
+
+        // Bind everything first (worker 0 picks the port when the config says 0).
+        let mut listen = config.listen;
+        let mut sockets = Vec::with_capacity(workers);
+        let mut lane_addrs = Vec::with_capacity(workers);
+        let advertise = config.advertise_ip.unwrap_or(config.listen.ip());
+        for w in 0..workers {
+            let shared = bind(listen, true)?;
+            listen = shared.local_addr().map_err(|source| StartError::Bind {
+                addr: listen,
+                source,
+            })?;
+            let mut pair = vec![shared];
+            if config.lanes {
+                let port = match config.lane_base_port {
+                    0 => 0,
+                    base => base + w as u16,
+                };
+                let lane = bind(SocketAddr::new(config.listen.ip(), port), false)?;
+                let addr = lane.local_addr().map_err(|source| StartError::Bind {
+                    addr: listen,
+                    source,
+                })?;
+                lane_addrs.push(SocketAddr::new(advertise, addr.port()).to_string());
+                pair.push(lane);
+            }
+            sockets.push(pair);
+        }
+
+        let mut polls = Vec::with_capacity(workers);
+        let mut senders = Vec::with_capacity(workers);
+        let mut receivers = Vec::with_capacity(workers);
+        let mut wakers = Vec::with_capacity(workers);
+        for w in 0..workers {
+            let poll = Poll::new().map_err(|source| StartError::Worker { worker: w, source })?;
+            let waker = Waker::new(poll.registry(), Token(usize::MAX))
+                .map_err(|source| StartError::Worker { worker: w, source })?;
+            let (tx, rx) = bounded(config.limits.handoff_queue);
+            polls.push(poll);
+            senders.push(tx);
+            receivers.push(rx);
+            wakers.push(Arc::new(waker));
+        }
+        let shared = Arc::new(Shared {
+            senders,
+            wakers,
+            stats: (0..workers)
+                .map(|_| Arc::new(WorkerStats::default()))
+                .collect(),
+            agents: AtomicUsize::new(0),
+            lane_addrs,
+            config,
+        });
+        let cores = if shared.config.pin_workers {
+            core_affinity::get_core_ids().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let table = TableGeneration::standalone();
+        let mut threads = Vec::with_capacity(workers);
+        for (w, ((poll, socks), inbox)) in polls.into_iter().zip(sockets).zip(receivers).enumerate()
+        {
+            let socks = socks
+                .into_iter()
+                .map(|s| {
+                    let io = mio::net::UdpSocket::from_std(s.into());
+                    Socket::new(io).map_err(|source| StartError::Worker { worker: w, source })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let endpoint = Endpoint::new(
+                Arc::new(EndpointConfig::default()),
+                Some(server.clone()),
+                true,
+                None,
+            );
+            let worker = Worker::new(
+                w,
+                shared.clone(),
+                poll,
+                socks,
+                endpoint,
+                server.clone(),
+                inbox,
+                table.clone(),
+            );
+            let core = (!cores.is_empty()).then(|| cores[w % cores.len()]);
+            let thread = std::thread::Builder::new()
+                .name(format!("dmsc-worker-{w}"))
+                .spawn(move || {
+                    if let Some(core) = core {
+                        core_affinity::set_for_current(core);
+                    }
+                    worker.run();
+                })
+                .map_err(|source| StartError::Worker { worker: w, source })?;
+            threads.push(thread);
+        }
+        Ok(GatewayHandle {
+            addr: listen,
+            shared,
+            threads,
+        })
+    }
+}
+
+impl GatewayHandle {
+    /// The address agents connect to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The per-worker lane addresses offered to agents.
+    pub fn lane_addrs(&self) -> &[String] {
+        &self.shared.lane_addrs
+    }
+
+    /// Number of workers.
+    pub fn workers(&self) -> usize {
+        self.threads.len()
+    }
+
+    /// Counters summed over all workers.
+    pub fn stats(&self) -> StatsSnapshot {
+        StatsSnapshot::collect(&self.shared.stats)
+    }
+
+    /// Installs a table generation on every worker (between their event-loop iterations).
+    pub fn install(&self, table: Arc<TableGeneration>) {
+        for w in 0..self.shared.senders.len() {
+            let _ = self.shared.senders[w].send(WorkerMsg::Install(table.clone()));
+            let _ = self.shared.wakers[w].wake();
+        }
+    }
+
+    /// Starts draining: no new connections or requests; agents are told to go; in-flight
+    /// requests get up to `grace` to finish; then connections close with `SHUTTING_DOWN`.
+    pub fn drain(&self, grace: Duration) {
+        for w in 0..self.shared.senders.len() {
+            let _ = self.shared.senders[w].send(WorkerMsg::Drain { grace });
+            let _ = self.shared.wakers[w].wake();
+        }
+    }
+
+    /// Whether every worker has stopped.
+    pub fn is_finished(&self) -> bool {
+        self.threads.iter().all(JoinHandle::is_finished)
+    }
+
+    /// Drains with `grace` and waits for every worker to stop.
+    pub fn shutdown(self, grace: Duration) {
+        self.drain(grace);
+        self.join();
+    }
+
+    /// Waits for every worker to stop.
+    pub fn join(self) {
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+fn transport(config: &Config) -> TransportConfig {
+    let l = &config.limits;
+    let mut t = TransportConfig::default();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(l.max_streams_per_connection));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    t.max_idle_timeout(IdleTimeout::try_from(l.idle_timeout()).ok());
+    t.stream_receive_window(VarInt::from_u32(l.stream_window_bytes));
+    t.receive_window(VarInt::from_u32(l.stream_window_bytes.saturating_mul(8)));
+    t.send_window(u64::from(l.stream_window_bytes) * 8);
+    t
+}
+
+fn bind(addr: SocketAddr, reuse_port: bool) -> Result<std::net::UdpSocket, StartError> {
+    let err = |source| StartError::Bind { addr, source };
+    let socket =
+        RawSocket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(err)?;
+    if reuse_port {
+        socket.set_reuse_port(true).map_err(err)?;
+    }
+    if addr.is_ipv6() {
+        let _ = socket.set_only_v6(true);
+    }
+    // Large buffers absorb bursts; best effort (the kernel caps them).
+    let _ = socket.set_recv_buffer_size(4 << 20);
+    let _ = socket.set_send_buffer_size(4 << 20);
+    socket.set_nonblocking(true).map_err(err)?;
+    socket.bind(&addr.into()).map_err(err)?;
+    Ok(socket.into())
+}

@@ -1,0 +1,29 @@
+//! The DMSC gateway data plane.
+//!
+//! A thread-per-core QUIC gateway: agents attach over `dmsc/1` with mutual TLS and an A2A agent
+//! card, and invoke each other by capability. Each worker thread owns its sockets (one shared
+//! with the other workers through `SO_REUSEPORT`, one of its own for lanes), a `mio::Poll`, a
+//! `quinn_proto::Endpoint` with its connections, and its copy of the routing state; workers
+//! share nothing mutable on the request path and talk through bounded channels.
+//!
+//! What it does not do: policy beyond "any agent of the domain may call any capability" (the
+//! control plane will push table generations for that), trunks to other gateways, metrics
+//! export.
+//!
+//! Start one with [`Gateway::start`]; the `dmsc-gateway` binary wraps that with flags, a config
+//! file, a development PKI and signal handling.
+
+pub mod config;
+pub mod routing;
+
+mod bootstrap;
+mod gateway;
+mod msg;
+mod stats;
+mod tls;
+mod worker;
+
+pub use bootstrap::{dev_identity, DevIdentityPaths};
+pub use config::{Config, ConfigError, Limits};
+pub use gateway::{Gateway, GatewayHandle, GatewayIdentity, StartError};
+pub use stats::{StatsSnapshot, WorkerStats};

@@ -1,0 +1,215 @@
+//! `dmsc-gateway`: the DMSC gateway binary. Wiring only: flags and config file, identity,
+//! logging, signals. The gateway itself is the `dmsc_dataplane` library.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+
+use dmsc_dataplane::{dev_identity, Config, Gateway};
+
+/// The DMSC gateway: agents attach over QUIC with mutual TLS and invoke each other by
+/// capability. With no flags it listens on 127.0.0.1:4433 and creates a development PKI under
+/// ./dmsc-state on first run.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// TOML config file; flags override its keys (see docs/OPERATIONS.md).
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// Address agents connect to [default: 127.0.0.1:4433].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Worker threads; 0 = one per core [default: 0].
+    #[arg(long)]
+    workers: Option<usize>,
+    /// First per-worker lane port (worker i uses base + i); 0 = any free port [default: 0].
+    #[arg(long)]
+    lane_base_port: Option<u16>,
+    /// Offer no lanes (requests cross cores through hand-offs instead).
+    #[arg(long)]
+    no_lanes: bool,
+    /// IP put in lane addresses sent to agents [default: the listen IP].
+    #[arg(long)]
+    advertise_ip: Option<IpAddr>,
+    /// Do not pin workers to cores.
+    #[arg(long)]
+    no_pin: bool,
+    /// Gateway id, as in spiffe://<domain>/gateway/<id> [default: gw1].
+    #[arg(long)]
+    gateway_id: Option<String>,
+    /// Trust domain [default: dmsc.local].
+    #[arg(long)]
+    domain: Option<String>,
+    /// State directory for the development PKI [default: dmsc-state].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Gateway certificate chain, PEM (with --key and --ca; otherwise the development PKI).
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// Gateway private key, PEM.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Domain CA certificate(s) agents must chain to, PEM.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Largest request header, bytes [default: 4096].
+    #[arg(long)]
+    max_header_bytes: Option<usize>,
+    /// Largest agent card, bytes [default: 65536].
+    #[arg(long)]
+    max_card_bytes: Option<usize>,
+    /// Concurrent request streams per agent connection [default: 1024].
+    #[arg(long)]
+    max_streams_per_connection: Option<u32>,
+    /// Requests in flight to one agent per worker [default: 1024].
+    #[arg(long)]
+    max_inflight_per_agent: Option<u32>,
+    /// Agents attached at once [default: 16384].
+    #[arg(long)]
+    max_agents: Option<usize>,
+    /// Connections per worker [default: 32768].
+    #[arg(long)]
+    max_connections_per_worker: Option<usize>,
+    /// Connections per agent identity per worker [default: 64].
+    #[arg(long)]
+    max_connections_per_identity: Option<usize>,
+    /// Idle timeout, ms [default: 30000].
+    #[arg(long)]
+    idle_timeout_ms: Option<u64>,
+    /// Time allowed between handshake and ATTACH/LANE, ms [default: 5000].
+    #[arg(long)]
+    attach_timeout_ms: Option<u64>,
+    /// Deadline for requests that carry none, ms [default: 30000].
+    #[arg(long)]
+    default_deadline_ms: Option<u64>,
+    /// Longest deadline honoured, ms [default: 300000].
+    #[arg(long)]
+    max_deadline_ms: Option<u64>,
+    /// Hop count at which requests are refused with LOOP_DETECTED [default: 8].
+    #[arg(long)]
+    max_hops: Option<u8>,
+    /// Time in-flight requests get to finish on SIGTERM/SIGINT, ms [default: 10000].
+    #[arg(long)]
+    drain_timeout_ms: Option<u64>,
+    /// Per-stream receive window, bytes [default: 1048576].
+    #[arg(long)]
+    stream_window_bytes: Option<u32>,
+    /// Capacity of each worker's cross-worker inbox, messages [default: 8192].
+    #[arg(long)]
+    handoff_queue: Option<usize>,
+    /// Print the effective configuration as TOML-like text and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("dmsc-gateway: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DMSC_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = config_from(&args)?;
+    config.validate()?;
+    if args.print_config {
+        println!("{config:#?}");
+        return Ok(());
+    }
+    let (identity, dev) = dev_identity(&config).context("loading the gateway identity")?;
+    if let Some(dev) = &dev {
+        println!("development PKI (trust domain {}):", config.domain);
+        println!("  CA certificate:  {}", dev.ca.display());
+        println!(
+            "  gateway cert:    {} (key {})",
+            dev.gateway.0.display(),
+            dev.gateway.1.display()
+        );
+        for (name, cert, key) in &dev.agents {
+            println!("  agent {name:<8}  {} (key {})", cert.display(), key.display());
+        }
+    }
+    let drain = Duration::from_millis(config.limits.drain_timeout_ms);
+    let gateway = Gateway::start(config, identity)?;
+    println!(
+        "dmsc-gateway listening on {} with {} workers (lanes: {})",
+        gateway.local_addr(),
+        gateway.workers(),
+        if gateway.lane_addrs().is_empty() { "off".to_owned() } else { gateway.lane_addrs().join(", ") }
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, stop.clone()).context("installing signal handler")?;
+    }
+    while !stop.load(Ordering::Relaxed) && !gateway.is_finished() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    tracing::info!(grace_ms = drain.as_millis() as u64, "draining");
+    gateway.shutdown(drain);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn config_from(args: &Args) -> anyhow::Result<Config> {
+    let mut c = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    macro_rules! set {
+        ($($field:ident).+ <- $arg:expr) => {
+            if let Some(v) = $arg.clone() {
+                c.$($field).+ = v;
+            }
+        };
+    }
+    set!(listen <- args.listen);
+    set!(workers <- args.workers);
+    set!(lane_base_port <- args.lane_base_port);
+    if args.no_lanes {
+        c.lanes = false;
+    }
+    if args.advertise_ip.is_some() {
+        c.advertise_ip = args.advertise_ip;
+    }
+    if args.no_pin {
+        c.pin_workers = false;
+    }
+    set!(gateway_id <- args.gateway_id);
+    set!(domain <- args.domain);
+    set!(state_dir <- args.state_dir);
+    if args.cert.is_some() || args.key.is_some() || args.ca.is_some() {
+        c.cert = args.cert.clone();
+        c.key = args.key.clone();
+        c.ca = args.ca.clone();
+    }
+    set!(limits.max_header_bytes <- args.max_header_bytes);
+    set!(limits.max_card_bytes <- args.max_card_bytes);
+    set!(limits.max_streams_per_connection <- args.max_streams_per_connection);
+    set!(limits.max_inflight_per_agent <- args.max_inflight_per_agent);
+    set!(limits.max_agents <- args.max_agents);
+    set!(limits.max_connections_per_worker <- args.max_connections_per_worker);
+    set!(limits.max_connections_per_identity <- args.max_connections_per_identity);
+    set!(limits.idle_timeout_ms <- args.idle_timeout_ms);
+    set!(limits.attach_timeout_ms <- args.attach_timeout_ms);
+    set!(limits.default_deadline_ms <- args.default_deadline_ms);
+    set!(limits.max_deadline_ms <- args.max_deadline_ms);
+    set!(limits.max_hops <- args.max_hops);
+    set!(limits.drain_timeout_ms <- args.drain_timeout_ms);
+    set!(limits.stream_window_bytes <- args.stream_window_bytes);
+    set!(limits.handoff_queue <- args.handoff_queue);
+    Ok(c)
+}

@@ -1,0 +1,86 @@
+//! Messages between workers.
+//!
+//! Workers share no mutable state; they exchange these through bounded `crossbeam` channels,
+//! each followed by a wake-up of the receiver's `mio::Poll`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use dmsc_protocol::card::AgentCard;
+use dmsc_protocol::control::{LaneToken, SessionId};
+use dmsc_protocol::Status;
+
+use crate::routing::TableGeneration;
+
+/// What every worker learns of an attached agent.
+#[derive(Debug)]
+pub(crate) struct AgentInfo {
+    pub(crate) session: SessionId,
+    /// The worker holding the primary connection.
+    pub(crate) home: usize,
+    /// The verified SPIFFE ID.
+    pub(crate) identity: Arc<str>,
+    pub(crate) lane_token: LaneToken,
+    /// Concurrency limit per worker.
+    pub(crate) limit: u32,
+    pub(crate) card: AgentCard,
+    pub(crate) capabilities: Arc<[Box<str>]>,
+}
+
+/// Names one handed-off request: the worker it arrived on and its exchange there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct HandoffId {
+    pub(crate) origin: usize,
+    pub(crate) key: ExKey,
+}
+
+/// Index and generation of an exchange in a worker's table, so stale references are detected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct ExKey {
+    pub(crate) idx: u32,
+    pub(crate) gen: u32,
+}
+
+/// One step of a handed-off request.
+#[derive(Debug)]
+pub(crate) enum HandoffEvent {
+    /// Origin -> home: open a stream to `session` and send `header` (already rewritten).
+    Open { session: SessionId, header: Bytes },
+    /// Body bytes: request body (origin -> home) or response (home -> origin).
+    Data(Bytes),
+    /// End of the body in the direction of travel.
+    Fin,
+    /// The receiver wrote this many bytes into its QUIC stream: the sender may send more.
+    Ack(usize),
+    /// Home -> origin: the request failed with this status (before any response byte).
+    Fail(Status),
+    /// Origin -> home: the request is abandoned; home -> origin: the target failed after the
+    /// response began.
+    Cancel,
+}
+
+/// A message to a worker.
+#[derive(Debug)]
+pub(crate) enum WorkerMsg {
+    /// An agent attached (or replaced its card).
+    AgentUp(Arc<AgentInfo>),
+    /// An agent asked to detach: route nothing new to it; answer `DetachDone` to its home
+    /// once nothing is in flight to it here.
+    AgentDetaching { session: SessionId },
+    /// A worker has nothing in flight to the detaching `session`.
+    DetachDone { session: SessionId },
+    /// An agent's primary connection is gone.
+    AgentDown { session: SessionId },
+    /// A step of a handed-off request; `to_home` tells which side the receiver plays.
+    Handoff {
+        id: HandoffId,
+        to_home: bool,
+        event: HandoffEvent,
+    },
+    /// Install a new table generation between iterations.
+    Install(Arc<TableGeneration>),
+    /// Stop accepting, tell agents to drain, close after `grace`.
+    Drain { grace: Duration },
+}

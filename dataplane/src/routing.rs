@@ -1,0 +1,405 @@
+//! Capability-indexed target selection.
+//!
+//! A worker routes with two pieces of state:
+//!
+//! - the installed [`TableGeneration`]: immutable, shared as an `Arc`, swapped only between
+//!   event-loop iterations. It carries the policy. Until the control plane pushes generations,
+//!   the gateway installs [`TableGeneration::standalone`], which lets every authenticated agent
+//!   invoke every capability.
+//! - the live overlay ([`Router`]): the agents attached to this gateway, indexed by capability.
+//!   Each worker holds its own copy, updated from attach and detach messages, so selection reads
+//!   only worker-local memory and takes no lock.
+//!
+//! Selection is one hash lookup (capability name to candidate set), one policy check, then a
+//! power-of-two-choices pick by outstanding requests among the candidates this worker reaches
+//! directly (through a lane), falling back to candidates that need a hand-off to another
+//! worker only when no direct one exists.
+
+use std::sync::Arc;
+
+use hashbrown::HashMap;
+use smallvec::SmallVec;
+
+use dmsc_protocol::control::SessionId;
+
+/// A table generation number; 0 is the standalone table the gateway starts with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Generation(pub u64);
+
+/// Invocation policy of a table generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Policy {
+    /// Every authenticated agent of the domain may invoke every capability (standalone mode).
+    AllowAll,
+}
+
+/// An immutable routing and policy table, as installed on every worker.
+#[derive(Debug, Clone)]
+pub struct TableGeneration {
+    /// Which generation this is.
+    pub generation: Generation,
+    /// Who may invoke what.
+    pub policy: Policy,
+}
+
+impl TableGeneration {
+    /// The table a gateway runs with before (or without) a control plane.
+    pub fn standalone() -> Arc<Self> {
+        Arc::new(Self {
+            generation: Generation(0),
+            policy: Policy::AllowAll,
+        })
+    }
+
+    /// Whether `_caller` may invoke `_capability` under this table.
+    #[inline]
+    pub fn allows(&self, _caller: &str, _capability: &str) -> bool {
+        match self.policy {
+            Policy::AllowAll => true,
+        }
+    }
+}
+
+/// Index of an agent in a worker's [`Router`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AgentIdx(pub u32);
+
+/// The outcome of [`Router::select`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Selection {
+    /// Forward to this agent over a connection this worker holds.
+    Local(AgentIdx),
+    /// Forward to this agent through its home worker (a cross-core hand-off).
+    Handoff(AgentIdx),
+    /// No attached agent offers the capability.
+    NoRoute,
+    /// Policy forbids the call.
+    Denied,
+    /// Every candidate is at its concurrency limit.
+    Overloaded,
+}
+
+/// What a worker knows of one attached agent.
+#[derive(Debug)]
+pub struct AgentEntry<C> {
+    /// The agent's session.
+    pub session: SessionId,
+    /// The worker that holds the agent's primary connection.
+    pub home: usize,
+    /// The connection through which this worker reaches the agent directly, if any.
+    pub local: Option<C>,
+    /// Requests this worker has in flight to the agent.
+    pub outstanding: u32,
+    /// Most requests this worker may have in flight to the agent.
+    pub limit: u32,
+    /// Capabilities the agent offers (skill ids of its card).
+    pub capabilities: Arc<[Box<str>]>,
+}
+
+#[derive(Debug, Default)]
+struct Candidates {
+    /// Agents offering the capability; those reachable directly come first.
+    agents: SmallVec<[AgentIdx; 4]>,
+    /// How many of `agents` are reachable directly.
+    direct: usize,
+}
+
+/// The live overlay of attached agents on one worker, indexed by capability.
+///
+/// Mutated only between requests (attach, detach, lane up or down); read per request by
+/// [`Router::select`]. `C` is the worker's connection handle type.
+#[derive(Debug)]
+pub struct Router<C> {
+    table: Arc<TableGeneration>,
+    by_capability: HashMap<Box<str>, Candidates>,
+    agents: Vec<Option<AgentEntry<C>>>,
+    free: Vec<u32>,
+    by_session: HashMap<SessionId, AgentIdx>,
+    rng: u64,
+}
+
+impl<C: Copy> Router<C> {
+    /// An empty overlay under `table`; `seed` seeds the choice of candidates.
+    pub fn new(table: Arc<TableGeneration>, seed: u64) -> Self {
+        Self {
+            table,
+            by_capability: HashMap::new(),
+            agents: Vec::new(),
+            free: Vec::new(),
+            by_session: HashMap::new(),
+            rng: seed | 1,
+        }
+    }
+
+    /// The installed table.
+    pub fn table(&self) -> &Arc<TableGeneration> {
+        &self.table
+    }
+
+    /// Installs a new table generation. Call between event-loop iterations only.
+    pub fn install(&mut self, table: Arc<TableGeneration>) {
+        self.table = table;
+    }
+
+    /// Picks a target for `capability` on behalf of `caller`, and counts the request as
+    /// outstanding on it (release it with [`Router::finish`]).
+    #[inline]
+    pub fn select(&mut self, caller: &str, capability: &str) -> Selection {
+        let Some(cands) = self.by_capability.get(capability) else {
+            return Selection::NoRoute;
+        };
+        if !self.table.allows(caller, capability) {
+            return Selection::Denied;
+        }
+        let (pool, direct) = if cands.direct > 0 {
+            (&cands.agents[..cands.direct], true)
+        } else {
+            (&cands.agents[..], false)
+        };
+        let picked = match pool.len() {
+            0 => None,
+            1 => Some(pool[0]),
+            n => {
+                self.rng ^= self.rng << 13;
+                self.rng ^= self.rng >> 7;
+                self.rng ^= self.rng << 17;
+                let a = (self.rng % n as u64) as usize;
+                let b = (a + 1 + ((self.rng >> 32) % (n as u64 - 1)) as usize) % n;
+                let (ia, ib) = (pool[a], pool[b]);
+                let load = |i: AgentIdx| match &self.agents[i.0 as usize] {
+                    Some(e) if e.outstanding < e.limit => Some(e.outstanding),
+                    _ => None,
+                };
+                match (load(ia), load(ib)) {
+                    (Some(la), Some(lb)) => Some(if lb < la { ib } else { ia }),
+                    (Some(_), None) => Some(ia),
+                    (None, Some(_)) => Some(ib),
+                    // Both sampled are full: look for any with room.
+                    (None, None) => pool.iter().copied().find(|&i| load(i).is_some()),
+                }
+            }
+        };
+        let Some(idx) = picked else {
+            return Selection::Overloaded;
+        };
+        let Some(entry) = self.agents[idx.0 as usize].as_mut() else {
+            return Selection::NoRoute;
+        };
+        if entry.outstanding >= entry.limit {
+            return Selection::Overloaded;
+        }
+        entry.outstanding += 1;
+        if direct {
+            Selection::Local(idx)
+        } else {
+            Selection::Handoff(idx)
+        }
+    }
+
+    /// Releases a request counted by [`Router::select`] or [`Router::begin`].
+    #[inline]
+    pub fn finish(&mut self, idx: AgentIdx) {
+        if let Some(Some(e)) = self.agents.get_mut(idx.0 as usize) {
+            e.outstanding = e.outstanding.saturating_sub(1);
+        }
+    }
+
+    /// Counts a request as outstanding on `idx` without selection (hand-off arrivals).
+    pub fn begin(&mut self, idx: AgentIdx) {
+        if let Some(Some(e)) = self.agents.get_mut(idx.0 as usize) {
+            e.outstanding += 1;
+        }
+    }
+
+    /// The agent at `idx`.
+    pub fn agent(&self, idx: AgentIdx) -> Option<&AgentEntry<C>> {
+        self.agents.get(idx.0 as usize)?.as_ref()
+    }
+
+    /// The agent of `session`.
+    pub fn find(&self, session: SessionId) -> Option<AgentIdx> {
+        self.by_session.get(&session).copied()
+    }
+
+    /// Number of attached agents.
+    pub fn len(&self) -> usize {
+        self.by_session.len()
+    }
+
+    /// Whether no agent is attached.
+    pub fn is_empty(&self) -> bool {
+        self.by_session.is_empty()
+    }
+
+    /// Every attached agent.
+    pub fn agents(&self) -> impl Iterator<Item = (AgentIdx, &AgentEntry<C>)> {
+        self.agents
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| Some((AgentIdx(i as u32), e.as_ref()?)))
+    }
+
+    /// Adds (or replaces) an agent and indexes its capabilities.
+    pub fn insert(&mut self, entry: AgentEntry<C>) -> AgentIdx {
+        if let Some(old) = self.find(entry.session) {
+            // A card update: keep the slot (and its outstanding count and lane), re-index.
+            self.unindex(old);
+            let slot = self.agents[old.0 as usize].as_mut().expect("indexed agent");
+            slot.capabilities = entry.capabilities;
+            slot.limit = entry.limit;
+            self.index(old);
+            return old;
+        }
+        let session = entry.session;
+        let idx = match self.free.pop() {
+            Some(i) => {
+                self.agents[i as usize] = Some(entry);
+                AgentIdx(i)
+            }
+            None => {
+                self.agents.push(Some(entry));
+                AgentIdx(self.agents.len() as u32 - 1)
+            }
+        };
+        self.by_session.insert(session, idx);
+        self.index(idx);
+        idx
+    }
+
+    /// Removes the agent of `session`; returns its entry.
+    pub fn remove(&mut self, session: SessionId) -> Option<AgentEntry<C>> {
+        let idx = self.by_session.remove(&session)?;
+        self.unindex(idx);
+        let entry = self.agents[idx.0 as usize].take();
+        self.free.push(idx.0);
+        entry
+    }
+
+    /// Records that this worker reaches `session` directly through `conn` (or no longer does).
+    pub fn set_local(&mut self, session: SessionId, conn: Option<C>) {
+        let Some(idx) = self.find(session) else {
+            return;
+        };
+        self.unindex(idx);
+        if let Some(e) = self.agents[idx.0 as usize].as_mut() {
+            e.local = conn;
+        }
+        self.index(idx);
+    }
+
+    fn index(&mut self, idx: AgentIdx) {
+        let Some(e) = self.agents[idx.0 as usize].as_ref() else {
+            return;
+        };
+        let direct = e.local.is_some();
+        for cap in e.capabilities.iter() {
+            if !self.by_capability.contains_key(&**cap) {
+                self.by_capability
+                    .insert(cap.clone(), Candidates::default());
+            }
+            let Some(c) = self.by_capability.get_mut(&**cap) else {
+                continue;
+            };
+            if direct {
+                c.agents.insert(c.direct, idx);
+                c.direct += 1;
+            } else {
+                c.agents.push(idx);
+            }
+        }
+    }
+
+    fn unindex(&mut self, idx: AgentIdx) {
+        let Some(e) = self.agents[idx.0 as usize].as_ref() else {
+            return;
+        };
+        for cap in e.capabilities.iter() {
+            let Some(c) = self.by_capability.get_mut(&**cap) else {
+                continue;
+            };
+            if let Some(pos) = c.agents.iter().position(|&a| a == idx) {
+                c.agents.remove(pos);
+                if pos < c.direct {
+                    c.direct -= 1;
+                }
+            }
+            if c.agents.is_empty() {
+                self.by_capability.remove(&**cap);
+            }
+        }
+    }
+
+    /// Capability names and their providers, for discovery: `(capability, providers)`.
+    pub fn capabilities(&self) -> impl Iterator<Item = (&str, usize)> {
+        self.by_capability
+            .iter()
+            .map(|(name, c)| (&**name, c.agents.len()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(session: u64, caps: &[&str], local: Option<u8>, limit: u32) -> AgentEntry<u8> {
+        AgentEntry {
+            session: SessionId(session),
+            home: 0,
+            local,
+            outstanding: 0,
+            limit,
+            capabilities: caps.iter().map(|c| Box::<str>::from(*c)).collect(),
+        }
+    }
+
+    #[test]
+    fn unknown_capability_has_no_route() {
+        let mut r: Router<u8> = Router::new(TableGeneration::standalone(), 7);
+        assert_eq!(r.select("c", "nope"), Selection::NoRoute);
+        r.insert(entry(1, &["echo"], Some(0), 4));
+        assert_eq!(r.select("c", "nope"), Selection::NoRoute);
+        assert_eq!(r.select("c", "echo"), Selection::Local(AgentIdx(0)));
+    }
+
+    #[test]
+    fn direct_targets_are_preferred_over_handoff() {
+        let mut r: Router<u8> = Router::new(TableGeneration::standalone(), 7);
+        let remote = r.insert(entry(1, &["echo"], None, 100));
+        let local = r.insert(entry(2, &["echo"], Some(3), 100));
+        for _ in 0..50 {
+            assert_eq!(r.select("c", "echo"), Selection::Local(local));
+        }
+        r.set_local(SessionId(2), None);
+        assert!(
+            matches!(r.select("c", "echo"), Selection::Handoff(i) if i == remote || i == local)
+        );
+    }
+
+    #[test]
+    fn load_is_spread_and_limits_are_respected() {
+        let mut r: Router<u8> = Router::new(TableGeneration::standalone(), 99);
+        let a = r.insert(entry(1, &["echo"], Some(0), 10));
+        let b = r.insert(entry(2, &["echo"], Some(1), 10));
+        for _ in 0..20 {
+            assert!(matches!(r.select("c", "echo"), Selection::Local(_)));
+        }
+        assert_eq!(r.agent(a).unwrap().outstanding, 10);
+        assert_eq!(r.agent(b).unwrap().outstanding, 10);
+        assert_eq!(r.select("c", "echo"), Selection::Overloaded);
+        r.finish(b);
+        assert_eq!(r.select("c", "echo"), Selection::Local(b));
+    }
+
+    #[test]
+    fn removal_and_card_update_reindex() {
+        let mut r: Router<u8> = Router::new(TableGeneration::standalone(), 1);
+        r.insert(entry(1, &["a", "b"], Some(0), 4));
+        r.insert(entry(1, &["b", "c"], Some(0), 4));
+        assert_eq!(r.select("x", "a"), Selection::NoRoute);
+        assert!(matches!(r.select("x", "c"), Selection::Local(_)));
+        assert!(r.remove(SessionId(1)).is_some());
+        assert_eq!(r.select("x", "b"), Selection::NoRoute);
+        assert!(r.is_empty());
+        assert_eq!(r.capabilities().count(), 0);
+    }
+}

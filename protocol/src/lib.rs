@@ -1,0 +1,40 @@
+//! Wire formats of the DMSC gateway, sans-IO.
+//!
+//! This crate holds everything that crosses a wire between DMSC processes, as plain encoders,
+//! decoders and data types:
+//!
+//! - [`varint`]: QUIC variable-length integers (RFC 9000 section 16), the integer encoding used
+//!   by every DMSC frame.
+//! - [`header`]: the request and response headers at the start of every invocation stream.
+//! - [`control`]: the frames of the agent control stream (attach, lanes, capability updates,
+//!   discovery, detach and drain).
+//! - [`status`]: response status codes and the QUIC stream and connection error codes.
+//! - [`card`]: the A2A agent-card model, parsed from the JSON agents publish.
+//! - [`identity`]: SPIFFE identities carried in certificates, and the development PKI.
+//! - [`limits`]: every length limit of the protocol.
+//!
+//! It opens no sockets, reads no clock and starts no threads: callers pass bytes in and get
+//! values or typed errors back, so every decoder can be driven by tests and fuzzers directly.
+//! The normative description of the formats is `docs/PROTOCOL.md`.
+
+#![forbid(unsafe_code)]
+
+pub mod card;
+pub mod control;
+pub mod header;
+pub mod identity;
+pub mod limits;
+pub mod status;
+pub mod varint;
+
+mod codec;
+
+pub use codec::DecodeError;
+pub use status::{ConnectionCode, Status, StreamCode};
+
+/// ALPN protocol identifier for agent <-> gateway connections.
+pub const ALPN_AGENT: &[u8] = b"dmsc/1";
+/// ALPN protocol identifier for gateway <-> gateway trunks.
+pub const ALPN_PEER: &[u8] = b"dmsc-peer/1";
+/// ALPN protocol identifier for control-plane sessions.
+pub const ALPN_CONTROL: &[u8] = b"dmsc-ctl/1";
