@@ -139,7 +139,11 @@ fn run() -> anyhow::Result<()> {
             dev.gateway.1.display()
         );
         for (name, cert, key) in &dev.agents {
-            println!("  agent {name:<8}  {} (key {})", cert.display(), key.display());
+            println!(
+                "  agent {name:<8}  {} (key {})",
+                cert.display(),
+                key.display()
+            );
         }
     }
     let drain = Duration::from_millis(config.limits.drain_timeout_ms);
@@ -148,7 +152,11 @@ fn run() -> anyhow::Result<()> {
         "dmsc-gateway listening on {} with {} workers (lanes: {})",
         gateway.local_addr(),
         gateway.workers(),
-        if gateway.lane_addrs().is_empty() { "off".to_owned() } else { gateway.lane_addrs().join(", ") }
+        if gateway.lane_addrs().is_empty() {
+            "off".to_owned()
+        } else {
+            gateway.lane_addrs().join(", ")
+        }
     );
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -792,19 +792,27 @@ impl Worker {
             return;
         };
         let mut finished = false;
-        let mut failed = false;
+        let mut frames = Vec::new();
+        let mut error = None;
         {
             let mut recv = conn.quic.recv_stream(id);
             let Ok(mut chunks) = recv.read(true) else {
                 return;
             };
-            loop {
+            'read: loop {
                 match chunks.next(usize::MAX) {
                     Ok(Some(chunk)) => {
+                        // Decode as we go, so the buffer only ever holds one partial frame.
                         conn.ctl_in.extend(&chunk.bytes);
-                        if conn.ctl_in.pending() > MAX_CONTROL_FRAME_BYTES + 16 {
-                            failed = true;
-                            break;
+                        loop {
+                            match conn.ctl_in.next_frame() {
+                                Ok(Some(frame)) => frames.push(frame),
+                                Ok(None) => break,
+                                Err(e) => {
+                                    error = Some(e);
+                                    break 'read;
+                                }
+                            }
                         }
                     }
                     Ok(None) | Err(ReadError::Reset(_)) => {
@@ -816,34 +824,18 @@ impl Worker {
             }
             let _ = chunks.finalize();
         }
-        if failed {
-            close(
-                conn,
-                now,
-                ConnectionCode::FrameTooLarge,
-                "control frame too large",
-            );
+        if let Some(e) = error {
+            debug!(parent: &conn.span, error = %e, "malformed control frame");
+            let code = if matches!(e, dmsc_protocol::DecodeError::TooLong { what: "frame", .. }) {
+                ConnectionCode::FrameTooLarge
+            } else {
+                ConnectionCode::ProtocolViolation
+            };
+            close(conn, now, code, "malformed control frame");
             return;
         }
-        loop {
-            let Some(conn) = self.conns[ci].as_mut() else {
-                return;
-            };
-            match conn.ctl_in.next_frame() {
-                Ok(Some(frame)) => self.on_control(ci, frame, now),
-                Ok(None) => break,
-                Err(e) => {
-                    debug!(parent: &conn.span, error = %e, "malformed control frame");
-                    let code =
-                        if matches!(e, dmsc_protocol::DecodeError::TooLong { what: "frame", .. }) {
-                            ConnectionCode::FrameTooLarge
-                        } else {
-                            ConnectionCode::ProtocolViolation
-                        };
-                    close(conn, now, code, "malformed control frame");
-                    return;
-                }
-            }
+        for frame in frames {
+            self.on_control(ci, frame, now);
         }
         if finished {
             if let Some(conn) = self.conns[ci].as_mut() {
@@ -1454,46 +1446,57 @@ impl Worker {
 
     /// Moves everything that can move in exchange `key`, then frees it if it is complete.
     fn pump(&mut self, key: ExKey, now: Instant) {
-        let Some(x) = self.ex(key) else {
-            return;
-        };
-        // Request body: caller -> target.
-        if let Leg::Local { conn, stream } = x.down {
-            if !x.down_recv_closed && x.req.queue.is_empty() && x.req.unacked < HANDOFF_WINDOW {
-                self.read_down(key, conn, stream, now);
+        // Alternate reading and writing until nothing moves: a write that empties a queue
+        // allows the next read, and QUIC will not signal "readable" again for data that was
+        // already there.
+        for _ in 0..64 {
+            let Some(x) = self.ex(key) else {
+                return;
+            };
+            let mut progress = false;
+            // Request body: caller -> target.
+            if let Leg::Local { conn, stream } = x.down {
+                if !x.down_recv_closed && x.req.queue.is_empty() && x.req.unacked < HANDOFF_WINDOW {
+                    progress |= self.read_down(key, conn, stream, now);
+                }
+            }
+            progress |= self.flush(key, true);
+            // Response: target -> caller.
+            if let Some(Some(Leg::Local { conn, stream })) = self.ex(key).map(|x| x.up) {
+                let x = self.ex(key).expect("checked above");
+                if !x.up_recv_closed && x.resp.queue.is_empty() && x.resp.unacked < HANDOFF_WINDOW {
+                    progress |= self.read_up(key, conn, stream);
+                }
+            }
+            progress |= self.flush(key, false);
+            if !progress {
+                break;
             }
         }
-        self.flush(key, true);
-        // Response: target -> caller.
-        if let Some(Some(Leg::Local { conn, stream })) = self.ex(key).map(|x| x.up) {
-            let x = self.ex(key).expect("checked above");
-            if !x.up_recv_closed && x.resp.queue.is_empty() && x.resp.unacked < HANDOFF_WINDOW {
-                self.read_up(key, conn, stream);
-            }
-        }
-        self.flush(key, false);
         self.maybe_finish(key);
     }
 
-    fn read_down(&mut self, key: ExKey, ci: ConnIdx, stream: StreamId, now: Instant) {
+    /// Reads what the caller sent; true if anything happened.
+    fn read_down(&mut self, key: ExKey, ci: ConnIdx, stream: StreamId, now: Instant) -> bool {
         let limit = self.shared.config.limits.max_header_bytes;
         let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) else {
-            return;
+            return false;
         };
         let Some(x) = self
             .exchanges
             .get_mut(key.idx as usize)
             .and_then(Option::as_mut)
         else {
-            return;
+            return false;
         };
         let mut reset = None;
         let mut header_ready = false;
+        let before = (x.req.queue.len(), x.req.fin, x.header_buf.len());
         {
             let mut recv = conn.quic.recv_stream(stream);
             let Ok(mut chunks) = recv.read(true) else {
                 x.down_recv_closed = true;
-                return;
+                return true;
             };
             loop {
                 match chunks.next(usize::MAX) {
@@ -1523,17 +1526,18 @@ impl Worker {
                 mark_dirty(&mut self.dirty, conn, ci);
             }
         }
+        let moved = before != (x.req.queue.len(), x.req.fin, x.header_buf.len());
         if reset.is_some() {
             // The caller gave up: abandon the target side.
             self.cancel_up(key, StreamCode::Cancelled);
             self.close_down_send(key, StreamCode::Cancelled);
-            return;
+            return true;
         }
         if header_ready {
             self.header_arrived(key, now);
-            // More may be readable; come back.
-            self.pumps.push_back(key);
+            return true;
         }
+        moved
     }
 
     fn header_arrived(&mut self, key: ExKey, now: Instant) {
@@ -1684,23 +1688,25 @@ impl Worker {
         out
     }
 
-    fn read_up(&mut self, key: ExKey, ci: ConnIdx, stream: StreamId) {
+    /// Reads what the target sent; true if anything happened.
+    fn read_up(&mut self, key: ExKey, ci: ConnIdx, stream: StreamId) -> bool {
         let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) else {
-            return;
+            return false;
         };
         let Some(x) = self
             .exchanges
             .get_mut(key.idx as usize)
             .and_then(Option::as_mut)
         else {
-            return;
+            return false;
         };
         let mut reset = false;
+        let before = (x.resp.queue.len(), x.resp.fin);
         {
             let mut recv = conn.quic.recv_stream(stream);
             let Ok(mut chunks) = recv.read(true) else {
                 x.up_recv_closed = true;
-                return;
+                return true;
             };
             loop {
                 match chunks.next(usize::MAX) {
@@ -1709,8 +1715,13 @@ impl Worker {
                         x.resp.queue.push_back(chunk.bytes);
                     }
                     Ok(None) => {
-                        x.resp.fin = true;
                         x.up_recv_closed = true;
+                        if x.response_started {
+                            x.resp.fin = true;
+                        } else {
+                            // The target ended its stream without answering.
+                            reset = true;
+                        }
                         break;
                     }
                     Err(ReadError::Blocked) => break,
@@ -1725,15 +1736,18 @@ impl Worker {
                 mark_dirty(&mut self.dirty, conn, ci);
             }
         }
+        let moved = before != (x.resp.queue.len(), x.resp.fin);
         if reset {
             self.target_failed(key);
+            return true;
         }
+        moved
     }
 
-    /// Writes queued bytes of one direction to its destination leg.
-    fn flush(&mut self, key: ExKey, request: bool) {
+    /// Writes queued bytes of one direction to its destination leg; true if any moved.
+    fn flush(&mut self, key: ExKey, request: bool) -> bool {
         let Some(x) = self.ex(key) else {
-            return;
+            return false;
         };
         let (dest, closed) = if request {
             (x.up, x.up_send_closed)
@@ -1741,24 +1755,24 @@ impl Worker {
             (Some(x.down), x.down_send_closed)
         };
         let Some(dest) = dest else {
-            return;
+            return false;
         };
         if closed {
             let flow = if request { &mut x.req } else { &mut x.resp };
             flow.queue.clear();
-            return;
+            return false;
         }
         match dest {
             Leg::Local { conn: ci, stream } => {
                 let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) else {
-                    return;
+                    return false;
                 };
                 let Some(x) = self
                     .exchanges
                     .get_mut(key.idx as usize)
                     .and_then(Option::as_mut)
                 else {
-                    return;
+                    return false;
                 };
                 let flow = if request { &mut x.req } else { &mut x.resp };
                 let mut wrote_any = false;
@@ -1820,10 +1834,11 @@ impl Worker {
                         );
                     }
                 }
+                wrote_any || finished
             }
             Leg::Remote { worker, id } => {
                 let flow = if request { &mut x.req } else { &mut x.resp };
-                let mut msgs: Vec<HandoffEvent> = Vec::new();
+                let mut msgs: smallvec::SmallVec<[HandoffEvent; 4]> = smallvec::SmallVec::new();
                 while let Some(chunk) = flow.queue.pop_front() {
                     flow.unacked += chunk.len();
                     msgs.push(HandoffEvent::Data(chunk));
@@ -1836,6 +1851,7 @@ impl Worker {
                         x.down_send_closed = true;
                     }
                 }
+                let moved = !msgs.is_empty();
                 for event in msgs {
                     self.post(
                         worker,
@@ -1846,6 +1862,7 @@ impl Worker {
                         },
                     );
                 }
+                moved
             }
         }
     }

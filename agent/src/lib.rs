@@ -1,0 +1,110 @@
+//! The DMSC agent SDK: attach to a gateway with an agent card, serve your capabilities, and
+//! invoke other agents' capabilities by name.
+//!
+//! An agent connects to a DMSC gateway over QUIC with mutual TLS (ALPN `dmsc/1`); its identity
+//! is the SPIFFE ID in its certificate (`spiffe://<domain>/agent/<name>`), and it
+//! authenticates the gateway the same way (`spiffe://<domain>/gateway/<id>`, chained to the
+//! domain's trust anchors). It attaches with an A2A agent card whose skill ids are the
+//! capabilities it serves. Invocations name a capability, never an address: the gateway
+//! picks an agent that offers it and that policy allows, and stamps the caller's verified
+//! identity on the request.
+//!
+//! # Quick start
+//!
+//! ```no_run
+//! use std::path::Path;
+//!
+//! use dmsc_agent::{Agent, AgentCard, AgentConfig, HandlerError, Handlers, Request, Response, Skill};
+//!
+//! # async fn demo() -> anyhow::Result<()> {
+//! let card = AgentCard::new("echo-agent", "Says everything twice", "1.0.0")
+//!     .with_skill(Skill::new("echo", "Echo"));
+//! let config = AgentConfig::from_files(
+//!     "127.0.0.1:4433".parse()?,
+//!     Path::new("pki/agents/echo.pem"),
+//!     Path::new("pki/agents/echo.key"),
+//!     Path::new("pki/ca.pem"),
+//!     card,
+//! )?;
+//! let handlers = Handlers::new().on("echo", |mut req: Request| async move {
+//!     let payload = req.payload().await?;
+//!     Ok::<_, HandlerError>(Response::ok(payload))
+//! });
+//!
+//! let agent = Agent::attach(config, handlers).await?;
+//! let reply = agent.invoke("echo", "hello").await?;
+//! assert_eq!(reply.into_result()?, "hello");
+//! agent.detach().await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! A runnable version is `examples/echo.rs`:
+//!
+//! ```text
+//! cargo run -p dmsc-agent --example echo -- \
+//!     --gateway 127.0.0.1:4433 --cert agent.pem --key agent.key --ca ca.pem
+//! ```
+//!
+//! (or set `DMSC_GATEWAY`, `DMSC_CERT`, `DMSC_KEY`, `DMSC_CA`). It attaches with a card
+//! offering `echo`, invokes `echo` once through the gateway (the gateway may route the
+//! request back to the same agent), prints the answer and detaches.
+//!
+//! # What the SDK does for you
+//!
+//! - **Serving.** [`Handlers`] maps capabilities to async functions. Each request runs on its
+//!   own task; the gateway can have at most [`AgentConfig::max_concurrent`] requests in flight
+//!   per connection (a QUIC stream limit, so excess requests wait at the gateway instead of
+//!   piling up in the agent). A failing handler answers `APPLICATION_ERROR`; a caller giving
+//!   up aborts the handler.
+//! - **Invoking.** [`Agent::invoke`] sends a whole payload and returns a whole [`Reply`];
+//!   [`Agent::request`] adds a deadline, content type and trace context, and
+//!   [`RequestBuilder::send_streaming`] streams large bodies in both directions without
+//!   holding them in memory. Every status the gateway or the target answers is a [`Reply`];
+//!   [`InvokeError`] is reserved for answers that never (completely) arrived, and
+//!   [`InvokeError::status`] maps those to a [`Status`] too.
+//! - **Lanes.** The gateway runs one worker per core. After attaching, the SDK opens one extra
+//!   connection (a lane) to every other worker, so each worker reaches the agent without a
+//!   cross-core hand-off; outgoing invocations are spread round-robin over all connections.
+//!   Lanes that fail are reopened with backoff and never fail the agent.
+//! - **Reconnecting.** If the gateway goes away (restart, `DRAIN`), the SDK reconnects with
+//!   exponential backoff and jitter and re-attaches with the latest card. Invocations issued
+//!   meanwhile wait for re-attachment until their deadline ([`InvokeError::Disconnected`]);
+//!   invocations in flight on a lost connection fail with [`InvokeError::ConnectionLost`].
+//!   Nothing waits without a bound.
+//!
+//! # What it does not do
+//!
+//! It does not retry invocations (whether a request is safe to repeat is the caller's
+//! business), does not interpret payloads, and does not load-balance between gateways: an
+//! agent is attached to one gateway address at a time.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod body;
+mod config;
+mod control;
+mod error;
+mod handler;
+mod invoke;
+mod serve;
+mod session;
+mod tls;
+
+pub use body::BodyWriter;
+pub use config::{
+    AgentConfig, Backoff, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONCURRENT,
+    DEFAULT_REQUEST_TIMEOUT,
+};
+pub use error::{AgentError, BodyError, HandlerError, InvokeError};
+pub use handler::{Handlers, Request, Response};
+pub use invoke::{Reply, ReplyStream, RequestBuilder};
+pub use session::Agent;
+
+pub use bytes::Bytes;
+pub use dmsc_protocol::card::{AgentCard, Skill};
+pub use dmsc_protocol::control::{DiscoveryEntry, Refusal, SessionId};
+pub use dmsc_protocol::header::TraceContext;
+pub use dmsc_protocol::identity::SpiffeId;
+pub use dmsc_protocol::{Status, StreamCode};
