@@ -18,6 +18,9 @@ pub(crate) enum ControlError {
     /// The gateway finished or reset its side of the control stream.
     #[error("the gateway closed the control stream")]
     Closed,
+    /// The gateway did not take a frame we sent within the bound (it stopped reading).
+    #[error("the gateway stopped reading the control stream")]
+    Stalled,
     /// A frame we were asked to send is over a protocol limit.
     #[error("cannot encode control frame: {0}")]
     Encode(DecodeError),
@@ -31,7 +34,7 @@ impl ControlError {
                 ConnectionCode::FrameTooLarge
             }
             Self::Decode(_) | Self::Closed => ConnectionCode::ProtocolViolation,
-            Self::ConnectionLost(_) | Self::Encode(_) => ConnectionCode::NoError,
+            Self::ConnectionLost(_) | Self::Encode(_) | Self::Stalled => ConnectionCode::NoError,
         }
     }
 }

@@ -627,6 +627,7 @@ fn control_error(e: ControlError) -> AgentError {
         ControlError::Decode(e) => AgentError::Protocol(format!("malformed control frame: {e}")),
         ControlError::Closed => AgentError::Protocol("the control stream was closed".into()),
         ControlError::Encode(e) => AgentError::Protocol(format!("cannot encode a frame: {e}")),
+        ControlError::Stalled => AgentError::Timeout("writing to the control stream"),
     }
 }
 
@@ -861,7 +862,7 @@ async fn drive(
                 };
                 let sent = timeout(shared.settings.request_timeout, control.send(&frame))
                     .await
-                    .unwrap_or(Err(ControlError::Closed));
+                    .unwrap_or(Err(ControlError::Stalled));
                 if let Err(e) = sent {
                     tracing::warn!(error = %e, frame = frame_name(&frame), "control stream failed");
                     set.close(e.close_code(), b"control stream failed");

@@ -1207,3 +1207,57 @@ async fn dropping_every_handle_closes_the_agent() -> anyhow::Result<()> {
     eventually("the server's connection to close", || gw.sessions() == 1).await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_invocation_never_delivers_a_truncated_body() -> anyhow::Result<()> {
+    init_tracing();
+    let ca = CertificateAuthority::generate(DOMAIN)?;
+    let gw = FakeGateway::start(&ca, Options::default()).await?;
+    let seen: Arc<Mutex<Vec<Result<usize, String>>>> = Arc::default();
+    let handlers = {
+        let seen = seen.clone();
+        Handlers::new().on("sink", move |mut req: Request| {
+            let seen = seen.clone();
+            async move {
+                // Read late, so that the upload stalls on flow control and can be cancelled
+                // half-way.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let outcome = req
+                    .payload()
+                    .await
+                    .map(|p| p.len())
+                    .map_err(|e| e.to_string());
+                seen.lock().unwrap().push(outcome.clone());
+                let len = outcome.map_err(HandlerError::new)?;
+                Ok::<_, HandlerError>(Response::ok(len.to_string()))
+            }
+        })
+    };
+    let mut cfg = config(&ca, "sink", gw.addr, card("sink", &["sink"]));
+    cfg.max_request_bytes = 8 * 1024 * 1024;
+    let _sink = Agent::attach(cfg, handlers).await?;
+    let client = Agent::attach(
+        config(&ca, "client", gw.addr, card("client", &["noop"])),
+        Handlers::new(),
+    )
+    .await?;
+
+    // Over the sink's max_request_bytes: its handler fails, the caller gets APPLICATION_ERROR.
+    let reply = client.invoke("sink", pattern(9 * 1024 * 1024)).await?;
+    assert_eq!(reply.status, Status::ApplicationError, "{reply:?}");
+    assert!(reply.message.contains("limit"), "{}", reply.message);
+
+    // Cancel an upload half-way by dropping the future.
+    let big = pattern(6 * 1024 * 1024);
+    let cancelled =
+        tokio::time::timeout(Duration::from_millis(100), client.invoke("sink", big)).await;
+    assert!(cancelled.is_err(), "the upload should still be in progress");
+    eventually("the sink to see the cancelled request", || {
+        seen.lock().unwrap().len() == 2
+    })
+    .await;
+    let outcome = seen.lock().unwrap()[1].clone();
+    // The request stream was reset, not finished: the sink sees an error, never a short body.
+    assert!(outcome.is_err(), "the sink saw a body: {outcome:?}");
+    Ok(())
+}

@@ -88,6 +88,9 @@ impl Gateway {
         let mut server = ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(Arc::new(transport(&config)));
         server.max_incoming(4096);
+        // The shared SO_REUSEPORT socket steers by address: a migrated connection's packets
+        // could land on another worker, so migration is not offered.
+        server.migration(false);
         let server = Arc::new(server);
 
         // Bind everything first (worker 0 picks the port when the config says 0).
@@ -256,6 +259,7 @@ fn transport(config: &Config) -> TransportConfig {
     let mut t = TransportConfig::default();
     t.max_concurrent_bidi_streams(VarInt::from_u32(l.max_streams_per_connection));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    t.datagram_receive_buffer_size(None);
     t.max_idle_timeout(IdleTimeout::try_from(l.idle_timeout()).ok());
     t.stream_receive_window(VarInt::from_u32(l.stream_window_bytes));
     t.receive_window(VarInt::from_u32(l.stream_window_bytes.saturating_mul(8)));

@@ -59,6 +59,8 @@ pub(crate) enum HandoffEvent {
     /// Origin -> home: the request is abandoned; home -> origin: the target failed after the
     /// response began.
     Cancel,
+    /// Home -> origin: the target stopped reading the request body; stop reading the caller's.
+    StopRequest,
 }
 
 /// A message to a worker.

@@ -96,6 +96,32 @@ pub struct AgentEntry<C> {
     pub capabilities: Arc<[Box<str>]>,
 }
 
+/// Power of two choices in `pool`: two candidates at random, the one with fewer outstanding
+/// requests wins; candidates at their limit are skipped (scanning the pool if both sampled are
+/// full). `None` when every candidate is full.
+#[inline]
+fn pick<C>(pool: &[AgentIdx], agents: &[Option<AgentEntry<C>>], rng: u64) -> Option<AgentIdx> {
+    let load = |i: AgentIdx| match &agents[i.0 as usize] {
+        Some(e) if e.outstanding < e.limit => Some(e.outstanding),
+        _ => None,
+    };
+    match pool.len() {
+        0 => None,
+        1 => load(pool[0]).map(|_| pool[0]),
+        n => {
+            let a = (rng % n as u64) as usize;
+            let b = (a + 1 + ((rng >> 32) % (n as u64 - 1)) as usize) % n;
+            let (ia, ib) = (pool[a], pool[b]);
+            match (load(ia), load(ib)) {
+                (Some(la), Some(lb)) => Some(if lb < la { ib } else { ia }),
+                (Some(_), None) => Some(ia),
+                (None, Some(_)) => Some(ib),
+                (None, None) => pool.iter().copied().find(|&i| load(i).is_some()),
+            }
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Candidates {
     /// Agents offering the capability; those reachable directly come first.
@@ -151,43 +177,25 @@ impl<C: Copy> Router<C> {
         if !self.table.allows(caller, capability) {
             return Selection::Denied;
         }
-        let (pool, direct) = if cands.direct > 0 {
-            (&cands.agents[..cands.direct], true)
-        } else {
-            (&cands.agents[..], false)
-        };
-        let picked = match pool.len() {
-            0 => None,
-            1 => Some(pool[0]),
-            n => {
-                self.rng ^= self.rng << 13;
-                self.rng ^= self.rng >> 7;
-                self.rng ^= self.rng << 17;
-                let a = (self.rng % n as u64) as usize;
-                let b = (a + 1 + ((self.rng >> 32) % (n as u64 - 1)) as usize) % n;
-                let (ia, ib) = (pool[a], pool[b]);
-                let load = |i: AgentIdx| match &self.agents[i.0 as usize] {
-                    Some(e) if e.outstanding < e.limit => Some(e.outstanding),
-                    _ => None,
-                };
-                match (load(ia), load(ib)) {
-                    (Some(la), Some(lb)) => Some(if lb < la { ib } else { ia }),
-                    (Some(_), None) => Some(ia),
-                    (None, Some(_)) => Some(ib),
-                    // Both sampled are full: look for any with room.
-                    (None, None) => pool.iter().copied().find(|&i| load(i).is_some()),
-                }
-            }
-        };
-        let Some(idx) = picked else {
-            return Selection::Overloaded;
-        };
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let rng = self.rng;
+        let (direct, remote) = cands.agents.split_at(cands.direct);
+        // Direct targets first; a hand-off only when none of them has room.
+        if let Some(idx) = pick(direct, &self.agents, rng) {
+            return self.take(idx, true);
+        }
+        if let Some(idx) = pick(remote, &self.agents, rng) {
+            return self.take(idx, false);
+        }
+        Selection::Overloaded
+    }
+
+    fn take(&mut self, idx: AgentIdx, direct: bool) -> Selection {
         let Some(entry) = self.agents[idx.0 as usize].as_mut() else {
             return Selection::NoRoute;
         };
-        if entry.outstanding >= entry.limit {
-            return Selection::Overloaded;
-        }
         entry.outstanding += 1;
         if direct {
             Selection::Local(idx)
@@ -373,6 +381,16 @@ mod tests {
         assert!(
             matches!(r.select("c", "echo"), Selection::Handoff(i) if i == remote || i == local)
         );
+    }
+
+    #[test]
+    fn a_full_direct_target_falls_back_to_a_handoff() {
+        let mut r: Router<u8> = Router::new(TableGeneration::standalone(), 5);
+        let local = r.insert(entry(1, &["echo"], Some(0), 1));
+        let remote = r.insert(entry(2, &["echo"], None, 1));
+        assert_eq!(r.select("c", "echo"), Selection::Local(local));
+        assert_eq!(r.select("c", "echo"), Selection::Handoff(remote));
+        assert_eq!(r.select("c", "echo"), Selection::Overloaded);
     }
 
     #[test]

@@ -127,6 +127,10 @@ struct Conn {
     streams: HashMap<StreamId, ExKey>,
     timer: Option<Instant>,
     attach_deadline: Option<Instant>,
+    /// Close with this code once the control stream's last frame is delivered (a refusal).
+    close_after: Option<(ConnectionCode, &'static str)>,
+    /// The agent sent DETACH.
+    detaching: bool,
     dirty: bool,
     span: tracing::Span,
 }
@@ -440,6 +444,8 @@ impl Worker {
             streams: HashMap::new(),
             timer: None,
             attach_deadline: Some(attach_deadline),
+            close_after: None,
+            detaching: false,
             dirty: false,
             span,
         });
@@ -542,7 +548,14 @@ impl Worker {
             if conn.quic.poll_timeout().is_some_and(|t| t <= now) {
                 conn.quic.handle_timeout(now);
             }
-            if conn.role == Role::Pending && conn.attach_deadline.is_some_and(|t| t <= now) {
+            if let (Some((code, reason)), true) = (
+                conn.close_after,
+                conn.attach_deadline.is_some_and(|t| t <= now),
+            ) {
+                conn.attach_deadline = None;
+                close(conn, now, code, reason);
+            } else if conn.role == Role::Pending && conn.attach_deadline.is_some_and(|t| t <= now)
+            {
                 conn.attach_deadline = None;
                 debug!(parent: &conn.span, "no ATTACH or LANE in time");
                 close(conn, now, ConnectionCode::AttachTimeout, "attach timeout");
@@ -672,7 +685,7 @@ impl Worker {
                     self.pumps.push_back(key);
                 }
             }
-            Event::Stream(StreamEvent::Stopped { id, .. }) => {
+            Event::Stream(StreamEvent::Stopped { id, error_code }) => {
                 let Some(conn) = self.conns[ci].as_mut() else {
                     return;
                 };
@@ -684,10 +697,20 @@ impl Worker {
                         "control stream stopped",
                     );
                 } else if let Some(&key) = conn.streams.get(&id) {
-                    self.stream_stopped(key, ci, id);
+                    self.stream_stopped(key, ci, id, error_code);
                 }
             }
-            Event::Stream(StreamEvent::Finished { .. } | StreamEvent::Available { .. }) => {}
+            Event::Stream(StreamEvent::Finished { id }) => {
+                let Some(conn) = self.conns[ci].as_mut() else {
+                    return;
+                };
+                if conn.control == Some(id) {
+                    if let Some((code, reason)) = conn.close_after {
+                        close(conn, now, code, reason);
+                    }
+                }
+            }
+            Event::Stream(StreamEvent::Available { .. }) => {}
         }
     }
 
@@ -720,6 +743,13 @@ impl Worker {
                 conn: ci,
                 stream: id,
             });
+            // The header must arrive within the attach timeout; the request's own deadline
+            // replaces this once it has.
+            let header_by = now + Duration::from_millis(self.shared.config.limits.attach_timeout_ms);
+            if let Some(x) = self.ex(key) {
+                x.deadline = Some(header_by);
+            }
+            self.deadlines.insert((header_by, key.idx, key.gen));
             if let Some(conn) = self.conns[ci].as_mut() {
                 conn.streams.insert(id, key);
             }
@@ -862,7 +892,7 @@ impl Worker {
         let Some(id) = conn.control else {
             return;
         };
-        if conn.ctl_out.is_empty() {
+        if conn.ctl_out.is_empty() && conn.close_after.is_none() {
             return;
         }
         match conn.quic.send_stream(id).write(&conn.ctl_out) {
@@ -871,6 +901,10 @@ impl Worker {
             }
             Err(WriteError::Blocked) => {}
             Err(_) => conn.ctl_out.clear(),
+        }
+        if conn.ctl_out.is_empty() && conn.close_after.is_some() {
+            // Nothing more will be said; the close follows when the peer has it all.
+            let _ = conn.quic.send_stream(id).finish();
         }
     }
 
@@ -886,12 +920,15 @@ impl Worker {
             info!(parent: &conn.span, ?refusal, %reason, "attach refused");
         }
         self.write_control(ci, &ControlFrame::AttachRefused { refusal, reason });
-        self.flush_control(ci);
         if close_conn {
             if let Some(conn) = self.conns[ci].as_mut() {
-                close(conn, now, ConnectionCode::AttachRefused, "attach refused");
+                // Close once the refusal has been delivered (or after a short bound), so the
+                // agent learns why.
+                conn.close_after = Some((ConnectionCode::AttachRefused, "attach refused"));
+                conn.attach_deadline = Some(now + Duration::from_secs(2));
             }
         }
+        self.flush_control(ci);
     }
 
     fn on_control(&mut self, ci: ConnIdx, frame: ControlFrame, now: Instant) {
@@ -899,6 +936,7 @@ impl Worker {
             return;
         };
         let role = conn.role;
+        let detaching = conn.detaching;
         let Some(identity) = conn.identity.clone() else {
             close(conn, now, ConnectionCode::Unauthenticated, "no identity");
             return;
@@ -918,6 +956,15 @@ impl Worker {
                     lane_token,
                 },
             ) => self.bind_lane(ci, identity, session, lane_token, now),
+            (Role::Primary(_), ControlFrame::UpdateCard { .. }) if detaching => {
+                self.write_control(
+                    ci,
+                    &ControlFrame::UpdateResult {
+                        refusal: Some(Refusal::NotPermitted),
+                        reason: "the agent is detaching".into(),
+                    },
+                );
+            }
             (Role::Primary(session), ControlFrame::UpdateCard { card }) => {
                 let (refusal, reason) = match self.parse_card(&card) {
                     Ok(card) => {
@@ -952,10 +999,11 @@ impl Worker {
                 self.write_control(ci, &frame);
             }
             (Role::Primary(session), ControlFrame::Detach) => {
-                if self.detach_waiting.contains_key(&session) {
+                if detaching {
                     return;
                 }
-                if let Some(conn) = self.conns[ci].as_ref() {
+                if let Some(conn) = self.conns[ci].as_mut() {
+                    conn.detaching = true;
                     debug!(parent: &conn.span, ?session, "detaching");
                 }
                 let workers = self.shared.senders.len();
@@ -1085,6 +1133,10 @@ impl Worker {
         token: LaneToken,
         now: Instant,
     ) {
+        if self.drain_deadline.is_some() {
+            return self.refuse(ci, Refusal::Draining, "gateway is draining".into(), now, true);
+        }
+        let home = self.agents.get(&session).map(|a| a.home);
         let ok = self
             .agents
             .get(&session)
@@ -1104,7 +1156,11 @@ impl Worker {
             debug!(parent: &conn.span, ?session, "lane bound");
         }
         WorkerStats::add(&self.stats.lanes, 1);
-        if !self.detach_watch.contains(&session) && !self.detach_waiting.contains_key(&session) {
+        // On the agent's home worker the primary connection stays the route.
+        if home != Some(self.index)
+            && !self.detach_watch.contains(&session)
+            && !self.detach_waiting.contains_key(&session)
+        {
             self.router.set_local(session, Some(ci));
         }
         self.write_control(
@@ -1120,7 +1176,12 @@ impl Worker {
         let mut truncated = false;
         let mut seen: HashMap<&str, usize> = HashMap::new();
         for info in self.agents.values() {
-            if self.router.find(info.session).is_none() {
+            let routable = self
+                .router
+                .find(info.session)
+                .and_then(|i| self.router.agent(i))
+                .is_some_and(|a| !a.capabilities.is_empty());
+            if !routable {
                 continue;
             }
             for skill in &info.card.skills {
@@ -1304,6 +1365,16 @@ impl Worker {
     }
 
     fn agent_down(&mut self, session: SessionId) {
+        // The session is over: its lanes on this worker have nothing left to carry.
+        let now = Instant::now();
+        for ci in 0..self.conns.len() {
+            if let Some(conn) = self.conns[ci].as_mut() {
+                if conn.role == Role::Lane(session) {
+                    close(conn, now, ConnectionCode::NoError, "session ended");
+                    mark_dirty(&mut self.dirty, conn, ci);
+                }
+            }
+        }
         self.router.remove(session);
         self.agents.remove(&session);
         self.detach_watch.remove(&session);
@@ -1606,7 +1677,9 @@ impl Worker {
             return;
         };
         x.target = Some(target);
-        x.deadline = Some(deadline);
+        if let Some(old) = x.deadline.replace(deadline) {
+            self.deadlines.remove(&(old, key.idx, key.gen));
+        }
         self.deadlines.insert((deadline, key.idx, key.gen));
         let Some(entry) = self.router.agent(target) else {
             return;
@@ -1906,7 +1979,11 @@ impl Worker {
         let Some(x) = self.ex(key) else {
             return;
         };
-        if x.response_started || x.deadline.is_none() {
+        x.deadline = None;
+        if !x.header_done {
+            return self.answer(key, Status::BadRequest, "request header not received in time");
+        }
+        if x.response_started {
             return;
         }
         self.cancel_up(key, StreamCode::DeadlineExceeded);
@@ -2013,12 +2090,18 @@ impl Worker {
         self.pumps.push_back(key);
     }
 
-    fn stream_stopped(&mut self, key: ExKey, ci: ConnIdx, stream: StreamId) {
+    fn stream_stopped(&mut self, key: ExKey, ci: ConnIdx, stream: StreamId, code: VarInt) {
+        // RFC 9000 3.5: a STOP_SENDING is answered with a RESET_STREAM.
+        if let Some(c) = self.conns.get_mut(ci).and_then(Option::as_mut) {
+            let _ = c.quic.send_stream(stream).reset(code);
+            mark_dirty(&mut self.dirty, c, ci);
+        }
         let Some(x) = self.ex(key) else {
             return;
         };
         if x.down == (Leg::Local { conn: ci, stream }) {
             // The caller does not want the answer: abandon everything.
+            x.down_send_closed = true;
             self.cancel_up(key, StreamCode::Cancelled);
             self.close_down_send(key, StreamCode::Cancelled);
         } else {
@@ -2026,9 +2109,19 @@ impl Worker {
             x.up_send_closed = true;
             x.req.queue.clear();
             let down = x.down;
-            if !x.down_recv_closed {
-                x.down_recv_closed = true;
-                if let Leg::Local { conn, stream } = down {
+            let recv_open = !x.down_recv_closed;
+            x.down_recv_closed = true;
+            match down {
+                // The origin must stop reading the caller's body too.
+                Leg::Remote { worker, id } => self.post(
+                    worker,
+                    WorkerMsg::Handoff {
+                        id,
+                        to_home: false,
+                        event: HandoffEvent::StopRequest,
+                    },
+                ),
+                Leg::Local { conn, stream } if recv_open => {
                     if let Some(c) = self.conns.get_mut(conn).and_then(Option::as_mut) {
                         let _ = c
                             .quic
@@ -2037,6 +2130,7 @@ impl Worker {
                         mark_dirty(&mut self.dirty, c, conn);
                     }
                 }
+                Leg::Local { .. } => {}
             }
             self.pumps.push_back(key);
         }
@@ -2136,7 +2230,7 @@ impl Worker {
                     }
                     self.cancel_up(key, StreamCode::Cancelled);
                 }
-                HandoffEvent::Open { .. } | HandoffEvent::Fail(_) => {}
+                HandoffEvent::Open { .. } | HandoffEvent::Fail(_) | HandoffEvent::StopRequest => {}
             }
             self.pumps.push_back(key);
         } else {
@@ -2167,6 +2261,23 @@ impl Worker {
                     x.up_send_closed = true;
                     x.up_recv_closed = true;
                     self.target_failed(key);
+                }
+                HandoffEvent::StopRequest => {
+                    x.up_send_closed = true;
+                    x.req.queue.clear();
+                    let down = x.down;
+                    if !x.down_recv_closed {
+                        x.down_recv_closed = true;
+                        if let Leg::Local { conn, stream } = down {
+                            if let Some(c) = self.conns.get_mut(conn).and_then(Option::as_mut) {
+                                let _ = c
+                                    .quic
+                                    .recv_stream(stream)
+                                    .stop(StreamCode::Cancelled.into_varint());
+                                mark_dirty(&mut self.dirty, c, conn);
+                            }
+                        }
+                    }
                 }
                 HandoffEvent::Open { .. } => {}
             }

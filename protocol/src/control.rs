@@ -52,7 +52,8 @@ pub mod frame_type {
 pub enum Refusal {
     /// The agent card is malformed or over a limit; the reason text names the field.
     BadCard,
-    /// The agent's identity may not attach, or may not advertise a capability.
+    /// The request is not permitted now: a card update from a detaching agent, or (once the
+    /// control plane pushes policy) an identity that may not attach or advertise a capability.
     NotPermitted,
     /// The gateway holds as many agents as it is configured for.
     GatewayFull,
@@ -132,7 +133,7 @@ pub struct DiscoveryEntry {
 pub enum ControlFrame {
     /// Attach this connection as a new agent session.
     Attach {
-        /// Most requests the agent will serve at once on each of its connections; 0 lets the
+        /// Most requests the agent will serve at once through each gateway worker; 0 lets the
         /// gateway choose.
         max_concurrent: u64,
         /// The A2A agent card, as JSON.
@@ -149,7 +150,7 @@ pub enum ControlFrame {
         /// One address per worker (index = worker); the agent opens a lane to each one other
         /// than `worker`. Empty when the gateway offers no lanes.
         lanes: Vec<String>,
-        /// The concurrency limit the gateway applies per connection.
+        /// The concurrency limit the gateway applies per worker.
         max_concurrent: u64,
     },
     /// The attach, lane or update was refused; the gateway then closes the connection (for an

@@ -14,7 +14,8 @@ pub enum Status {
     NoRoute,
     /// Policy forbids this caller from invoking this capability.
     Denied,
-    /// The caller exceeded a rate limit.
+    /// The caller exceeded a rate limit. Reserved: sent once the control plane pushes rate
+    /// limits.
     RateLimited,
     /// Every candidate is at its concurrency limit, or a gateway queue is full. Retry later.
     Overloaded,
@@ -122,7 +123,8 @@ pub enum StreamCode {
     /// The other leg of a forwarded request failed after the response header was sent, so no
     /// status can be delivered in-band any more.
     TargetFailed,
-    /// The deadline passed after the response header was sent.
+    /// The request's deadline passed (sent by the gateway to the target when it abandons a
+    /// request whose answer did not begin in time).
     DeadlineExceeded,
     /// The stream broke the protocol (for example a malformed header on a stream the gateway
     /// opened).
@@ -168,7 +170,7 @@ pub enum ConnectionCode {
     AttachRefused,
     /// The gateway is shutting down; reconnect later.
     ShuttingDown,
-    /// A gateway limit was reached (agents per gateway, connections).
+    /// A gateway limit on connections was reached (connections per identity).
     LimitExceeded,
     /// The gateway failed internally.
     InternalError,

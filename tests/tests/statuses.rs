@@ -1,0 +1,253 @@
+//! Every status a caller can get, and the refusals, over real loopback QUIC.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use dmsc_agent::{Agent, InvokeError, Status};
+use dmsc_protocol::control::{ControlFrame, Refusal};
+use dmsc_protocol::header::RequestHeader;
+use dmsc_protocol::identity::{CertificateAuthority, SpiffeId};
+use dmsc_tests::*;
+
+fn header(capability: &str, deadline_ms: u64, hop_count: u8) -> Vec<u8> {
+    let mut out = Vec::new();
+    RequestHeader {
+        deadline_ms,
+        hop_count,
+        ..RequestHeader::new(capability)
+    }
+    .encode(&mut out)
+    .unwrap();
+    out
+}
+
+/// A raw agent attached with `capabilities`.
+async fn raw_agent(pki: &Pki, gw: std::net::SocketAddr, name: &str, caps: &[&str]) -> RawClient {
+    let client = RawClient::connect(gw, &pki.agent(name), &pki.ca).await.unwrap();
+    let (send, recv, answer) = client.attach(&card(name, caps)).await.unwrap();
+    assert!(matches!(answer, ControlFrame::AttachOk { .. }), "{answer:?}");
+    // Keep the control stream open for the connection's life.
+    std::mem::forget((send, recv));
+    client
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_route_application_error_and_ok() {
+    let pki = Pki::new();
+    let gw = gateway(&pki, 1, |_| {});
+    let target = attach(&pki, gw.local_addr(), "target", &["echo", "fail"]).await;
+    let caller = attach(&pki, gw.local_addr(), "caller", &["x"]).await;
+    assert_eq!(caller.invoke("echo", "x").await.unwrap().status, Status::Ok);
+    let reply = caller.invoke("nobody_offers_this", "x").await.unwrap();
+    assert_eq!(reply.status, Status::NoRoute);
+    assert!(!reply.message.is_empty());
+    let reply = caller.invoke("fail", "x").await.unwrap();
+    assert_eq!(reply.status, Status::ApplicationError);
+    assert!(reply.message.contains("always fails"), "{}", reply.message);
+    assert_eq!(gw.stats().answered(Status::NoRoute), 1);
+    target.detach().await.unwrap();
+    caller.detach().await.unwrap();
+    gw.shutdown(Duration::from_secs(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadline_exceeded_when_the_answer_does_not_begin_in_time() {
+    let pki = Pki::new();
+    let gw = gateway(&pki, 1, |_| {});
+    let _target = attach(&pki, gw.local_addr(), "target", &["sleep"]).await;
+    let caller = raw_agent(&pki, gw.local_addr(), "caller", &["x"]).await;
+    let mut raw = header("sleep", 200, 0);
+    raw.extend_from_slice(b"3000");
+    let started = std::time::Instant::now();
+    let (status, _, _) = caller.request_raw(&raw).await.unwrap();
+    assert_eq!(status, Status::DeadlineExceeded);
+    assert!(started.elapsed() < Duration::from_millis(2500));
+    // Through the SDK the same deadline gives the same status.
+    let sdk = attach(&pki, gw.local_addr(), "sdk", &["y"]).await;
+    let result = sdk.request("sleep").deadline(Duration::from_millis(200)).send("3000").await;
+    let status = match result {
+        Ok(reply) => reply.status,
+        Err(e) => e.status(),
+    };
+    assert_eq!(status, Status::DeadlineExceeded);
+    gw.shutdown(Duration::from_secs(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overloaded_when_every_candidate_is_at_its_limit() {
+    let pki = Pki::new();
+    let gw = gateway(&pki, 1, |_| {});
+    let mut config = agent_config(&pki, gw.local_addr(), "target", card("target", &["sleep"]));
+    config.max_concurrent = 1;
+    let _target = Agent::attach(config, test_handlers("target")).await.unwrap();
+    let caller = attach(&pki, gw.local_addr(), "caller", &["x"]).await;
+    let slow = {
+        let caller = caller.clone();
+        tokio::spawn(async move { caller.invoke("sleep", "1000").await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let reply = caller.invoke("sleep", "0").await.unwrap();
+    assert_eq!(reply.status, Status::Overloaded);
+    assert_eq!(slow.await.unwrap().unwrap().status, Status::Ok);
+    // Once the slow one is done there is room again (as soon as the target's QUIC stream
+    // credit for it has come back to the gateway).
+    let mut status = Status::Overloaded;
+    for _ in 0..50 {
+        status = caller.invoke("sleep", "0").await.unwrap().status;
+        if status == Status::Ok {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, Status::Ok);
+    gw.shutdown(Duration::from_secs(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_failed_when_the_target_resets_or_vanishes() {
+    let pki = Pki::new();
+    let gw = gateway(&pki, 1, |_| {});
+    let caller = attach(&pki, gw.local_addr(), "caller", &["x"]).await;
+
+    // A target that resets every request it is given.
+    let resetter = raw_agent(&pki, gw.local_addr(), "resetter", &["reset_me"]).await;
+    let conn = resetter.conn.clone();
+    tokio::spawn(async move {
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            let mut buf = [0u8; 64];
+            let _ = recv.read(&mut buf).await;
+            let _ = send.reset(2u32.into());
+            let _ = recv.stop(2u32.into());
+        }
+    });
+    let reply = caller.invoke("reset_me", "x").await.unwrap();
+    assert_eq!(reply.status, Status::TargetFailed);
+
+    // A target that vanishes (closes its connection) while a request is in flight.
+    let vanisher = raw_agent(&pki, gw.local_addr(), "vanisher", &["vanish"]).await;
+    let conn = vanisher.conn.clone();
+    tokio::spawn(async move {
+        if let Ok((_send, mut recv)) = conn.accept_bi().await {
+            let mut buf = [0u8; 64];
+            let _ = recv.read(&mut buf).await;
+            conn.close(0u32.into(), b"gone");
+        }
+    });
+    let started = std::time::Instant::now();
+    let result = caller.request("vanish").deadline(Duration::from_secs(20)).send("x").await;
+    let status = match result {
+        Ok(reply) => reply.status,
+        Err(e) => e.status(),
+    };
+    assert_eq!(status, Status::TargetFailed);
+    assert!(started.elapsed() < Duration::from_secs(5), "no hang");
+    gw.shutdown(Duration::from_secs(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_header_gets_bad_request_and_the_connection_lives_on() {
+    let pki = Pki::new();
+    let gw = gateway(&pki, 1, |_| {});
+    let _target = attach(&pki, gw.local_addr(), "target", &["echo"]).await;
+    let caller = raw_agent(&pki, gw.local_addr(), "caller", &["x"]).await;
+
+    // A slow valid request in flight on another stream while the bad ones arrive.
+    let mut good = header("echo", 0, 0);
+    good.extend_from_slice(b"still here");
+    let cases: [&[u8]; 4] = [
+        &[0x05, 0xff, 0xff, 0xff, 0xff, 0xff],     // capability length beyond the block
+        &[0x03, 0x02, 0xff, 0xfe],                 // capability not UTF-8
+        &[0x7f, 0xff],                             // header block over the limit
+        &[0x1d, 0x00],                             // stream ends inside the header
+    ];
+    for raw in cases {
+        let (status, message, _) = caller.request_raw(raw).await.unwrap();
+        assert_eq!(status, Status::BadRequest, "{raw:?}: {message}");
+    }
+    let (status, _, payload) = caller.request_raw(&good).await.unwrap();
+    assert_eq!(status, Status::Ok);
+    assert_eq!(payload, Bytes::from_static(b"still here"));
+    assert!(caller.conn.close_reason().is_none(), "connection still open");
+    gw.shutdown(Duration::from_secs(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_limit_gives_loop_detected() {
+    let pki = Pki::new();
+    let gw = gateway(&pki, 1, |c| c.limits.max_hops = 4);
+    let _target = attach(&pki, gw.local_addr(), "target", &["echo", "caller"]).await;
+    let caller = raw_agent(&pki, gw.local_addr(), "caller", &["x"]).await;
+    let (status, _, _) = caller.request_raw(&header("echo", 0, 4)).await.unwrap();
+    assert_eq!(status, Status::LoopDetected);
+    let (status, _, _) = caller.request_raw(&header("echo", 0, 3)).await.unwrap();
+    assert_eq!(status, Status::Ok);
+    // Whatever a caller writes in the caller field, the gateway stamps the verified identity.
+    let mut spoof = Vec::new();
+    RequestHeader {
+        caller: "spiffe://test.local/agent/admin",
+        ..RequestHeader::new("caller")
+    }
+    .encode(&mut spoof)
+    .unwrap();
+    let (status, _, payload) = caller.request_raw(&spoof).await.unwrap();
+    assert_eq!(status, Status::Ok);
+    assert_eq!(payload, Bytes::from_static(b"spiffe://test.local/agent/caller"));
+    gw.shutdown(Duration::from_secs(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_and_non_agent_certificates_are_refused_at_the_handshake() {
+    let pki = Pki::new();
+    let gw = gateway(&pki, 1, |_| {});
+    // Chains to another CA (the client trusts the real CA for the server side).
+    let other = CertificateAuthority::generate(DOMAIN).unwrap();
+    let stranger = other.issue(&SpiffeId::agent(DOMAIN, "stranger").unwrap(), &[]).unwrap();
+    let refused = match RawClient::connect(gw.local_addr(), &stranger, &pki.ca).await {
+        Err(_) => true,
+        // TLS 1.3 client auth fails after the client's handshake completes: the first use fails.
+        Ok(c) => c.attach(&card("s", &["x"])).await.is_err(),
+    };
+    assert!(refused, "a certificate from another CA must be refused");
+    // A valid certificate of the domain, but not an agent's.
+    let gw_id = pki.ca.issue(&SpiffeId::gateway(DOMAIN, "impostor").unwrap(), &[]).unwrap();
+    let refused = match RawClient::connect(gw.local_addr(), &gw_id, &pki.ca).await {
+        Err(_) => true,
+        Ok(c) => c.attach(&card("s", &["x"])).await.is_err(),
+    };
+    assert!(refused, "a non-agent SPIFFE ID must be refused");
+    assert_eq!(gw.stats().agents, 0);
+    gw.shutdown(Duration::from_secs(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_card_is_refused_with_the_field_named() {
+    let pki = Pki::new();
+    let gw = gateway(&pki, 1, |_| {});
+    let client = RawClient::connect(gw.local_addr(), &pki.agent("bad"), &pki.ca).await.unwrap();
+    let (mut send, mut recv) = client.conn.open_bi().await.unwrap();
+    let frame = ControlFrame::Attach {
+        max_concurrent: 0,
+        card: br#"{"name":"bad","skills":[{"name":"no id"}]}"#.to_vec(),
+    };
+    send.write_all(&frame.to_bytes().unwrap()).await.unwrap();
+    match read_frame(&mut recv).await.unwrap() {
+        ControlFrame::AttachRefused { refusal, reason } => {
+            assert_eq!(refusal, Refusal::BadCard);
+            assert!(reason.contains("skills[0].id"), "{reason}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Then the gateway closes the connection with ATTACH_REFUSED (0x3).
+    let closed = tokio::time::timeout(Duration::from_secs(5), client.conn.closed()).await.unwrap();
+    assert!(closed.to_string().contains("attach refused"), "{closed}");
+    // The SDK reports the same refusal as an error naming the field.
+    let config = agent_config(&pki, gw.local_addr(), "sdk", card("sdk", &["ok"]));
+    let mut config = config;
+    config.card.skills[0].id = "has space".into();
+    match Agent::attach(config, test_handlers("sdk")).await {
+        Err(e) => assert!(e.to_string().contains("skills[0].id"), "{e}"),
+        Ok(_) => panic!("attach with an invalid card must fail"),
+    }
+    let _ = InvokeError::Closed;
+    gw.shutdown(Duration::from_secs(1));
+}
