@@ -554,8 +554,7 @@ impl Worker {
             ) {
                 conn.attach_deadline = None;
                 close(conn, now, code, reason);
-            } else if conn.role == Role::Pending && conn.attach_deadline.is_some_and(|t| t <= now)
-            {
+            } else if conn.role == Role::Pending && conn.attach_deadline.is_some_and(|t| t <= now) {
                 conn.attach_deadline = None;
                 debug!(parent: &conn.span, "no ATTACH or LANE in time");
                 close(conn, now, ConnectionCode::AttachTimeout, "attach timeout");
@@ -745,7 +744,8 @@ impl Worker {
             });
             // The header must arrive within the attach timeout; the request's own deadline
             // replaces this once it has.
-            let header_by = now + Duration::from_millis(self.shared.config.limits.attach_timeout_ms);
+            let header_by =
+                now + Duration::from_millis(self.shared.config.limits.attach_timeout_ms);
             if let Some(x) = self.ex(key) {
                 x.deadline = Some(header_by);
             }
@@ -1134,7 +1134,13 @@ impl Worker {
         now: Instant,
     ) {
         if self.drain_deadline.is_some() {
-            return self.refuse(ci, Refusal::Draining, "gateway is draining".into(), now, true);
+            return self.refuse(
+                ci,
+                Refusal::Draining,
+                "gateway is draining".into(),
+                now,
+                true,
+            );
         }
         let home = self.agents.get(&session).map(|a| a.home);
         let ok = self
@@ -1981,7 +1987,11 @@ impl Worker {
         };
         x.deadline = None;
         if !x.header_done {
-            return self.answer(key, Status::BadRequest, "request header not received in time");
+            return self.answer(
+                key,
+                Status::BadRequest,
+                "request header not received in time",
+            );
         }
         if x.response_started {
             return;

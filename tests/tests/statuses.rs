@@ -23,9 +23,14 @@ fn header(capability: &str, deadline_ms: u64, hop_count: u8) -> Vec<u8> {
 
 /// A raw agent attached with `capabilities`.
 async fn raw_agent(pki: &Pki, gw: std::net::SocketAddr, name: &str, caps: &[&str]) -> RawClient {
-    let client = RawClient::connect(gw, &pki.agent(name), &pki.ca).await.unwrap();
+    let client = RawClient::connect(gw, &pki.agent(name), &pki.ca)
+        .await
+        .unwrap();
     let (send, recv, answer) = client.attach(&card(name, caps)).await.unwrap();
-    assert!(matches!(answer, ControlFrame::AttachOk { .. }), "{answer:?}");
+    assert!(
+        matches!(answer, ControlFrame::AttachOk { .. }),
+        "{answer:?}"
+    );
     // Keep the control stream open for the connection's life.
     std::mem::forget((send, recv));
     client
@@ -64,7 +69,11 @@ async fn deadline_exceeded_when_the_answer_does_not_begin_in_time() {
     assert!(started.elapsed() < Duration::from_millis(2500));
     // Through the SDK the same deadline gives the same status.
     let sdk = attach(&pki, gw.local_addr(), "sdk", &["y"]).await;
-    let result = sdk.request("sleep").deadline(Duration::from_millis(200)).send("3000").await;
+    let result = sdk
+        .request("sleep")
+        .deadline(Duration::from_millis(200))
+        .send("3000")
+        .await;
     let status = match result {
         Ok(reply) => reply.status,
         Err(e) => e.status(),
@@ -79,7 +88,9 @@ async fn overloaded_when_every_candidate_is_at_its_limit() {
     let gw = gateway(&pki, 1, |_| {});
     let mut config = agent_config(&pki, gw.local_addr(), "target", card("target", &["sleep"]));
     config.max_concurrent = 1;
-    let _target = Agent::attach(config, test_handlers("target")).await.unwrap();
+    let _target = Agent::attach(config, test_handlers("target"))
+        .await
+        .unwrap();
     let caller = attach(&pki, gw.local_addr(), "caller", &["x"]).await;
     let slow = {
         let caller = caller.clone();
@@ -134,7 +145,11 @@ async fn target_failed_when_the_target_resets_or_vanishes() {
         }
     });
     let started = std::time::Instant::now();
-    let result = caller.request("vanish").deadline(Duration::from_secs(20)).send("x").await;
+    let result = caller
+        .request("vanish")
+        .deadline(Duration::from_secs(20))
+        .send("x")
+        .await;
     let status = match result {
         Ok(reply) => reply.status,
         Err(e) => e.status(),
@@ -155,10 +170,10 @@ async fn malformed_header_gets_bad_request_and_the_connection_lives_on() {
     let mut good = header("echo", 0, 0);
     good.extend_from_slice(b"still here");
     let cases: [&[u8]; 4] = [
-        &[0x05, 0xff, 0xff, 0xff, 0xff, 0xff],     // capability length beyond the block
-        &[0x03, 0x02, 0xff, 0xfe],                 // capability not UTF-8
-        &[0x7f, 0xff],                             // header block over the limit
-        &[0x1d, 0x00],                             // stream ends inside the header
+        &[0x05, 0xff, 0xff, 0xff, 0xff, 0xff], // capability length beyond the block
+        &[0x03, 0x02, 0xff, 0xfe],             // capability not UTF-8
+        &[0x7f, 0xff],                         // header block over the limit
+        &[0x1d, 0x00],                         // stream ends inside the header
     ];
     for raw in cases {
         let (status, message, _) = caller.request_raw(raw).await.unwrap();
@@ -167,7 +182,10 @@ async fn malformed_header_gets_bad_request_and_the_connection_lives_on() {
     let (status, _, payload) = caller.request_raw(&good).await.unwrap();
     assert_eq!(status, Status::Ok);
     assert_eq!(payload, Bytes::from_static(b"still here"));
-    assert!(caller.conn.close_reason().is_none(), "connection still open");
+    assert!(
+        caller.conn.close_reason().is_none(),
+        "connection still open"
+    );
     gw.shutdown(Duration::from_secs(1));
 }
 
@@ -191,7 +209,10 @@ async fn hop_limit_gives_loop_detected() {
     .unwrap();
     let (status, _, payload) = caller.request_raw(&spoof).await.unwrap();
     assert_eq!(status, Status::Ok);
-    assert_eq!(payload, Bytes::from_static(b"spiffe://test.local/agent/caller"));
+    assert_eq!(
+        payload,
+        Bytes::from_static(b"spiffe://test.local/agent/caller")
+    );
     gw.shutdown(Duration::from_secs(1));
 }
 
@@ -201,7 +222,9 @@ async fn untrusted_and_non_agent_certificates_are_refused_at_the_handshake() {
     let gw = gateway(&pki, 1, |_| {});
     // Chains to another CA (the client trusts the real CA for the server side).
     let other = CertificateAuthority::generate(DOMAIN).unwrap();
-    let stranger = other.issue(&SpiffeId::agent(DOMAIN, "stranger").unwrap(), &[]).unwrap();
+    let stranger = other
+        .issue(&SpiffeId::agent(DOMAIN, "stranger").unwrap(), &[])
+        .unwrap();
     let refused = match RawClient::connect(gw.local_addr(), &stranger, &pki.ca).await {
         Err(_) => true,
         // TLS 1.3 client auth fails after the client's handshake completes: the first use fails.
@@ -209,7 +232,10 @@ async fn untrusted_and_non_agent_certificates_are_refused_at_the_handshake() {
     };
     assert!(refused, "a certificate from another CA must be refused");
     // A valid certificate of the domain, but not an agent's.
-    let gw_id = pki.ca.issue(&SpiffeId::gateway(DOMAIN, "impostor").unwrap(), &[]).unwrap();
+    let gw_id = pki
+        .ca
+        .issue(&SpiffeId::gateway(DOMAIN, "impostor").unwrap(), &[])
+        .unwrap();
     let refused = match RawClient::connect(gw.local_addr(), &gw_id, &pki.ca).await {
         Err(_) => true,
         Ok(c) => c.attach(&card("s", &["x"])).await.is_err(),
@@ -223,7 +249,9 @@ async fn untrusted_and_non_agent_certificates_are_refused_at_the_handshake() {
 async fn malformed_card_is_refused_with_the_field_named() {
     let pki = Pki::new();
     let gw = gateway(&pki, 1, |_| {});
-    let client = RawClient::connect(gw.local_addr(), &pki.agent("bad"), &pki.ca).await.unwrap();
+    let client = RawClient::connect(gw.local_addr(), &pki.agent("bad"), &pki.ca)
+        .await
+        .unwrap();
     let (mut send, mut recv) = client.conn.open_bi().await.unwrap();
     let frame = ControlFrame::Attach {
         max_concurrent: 0,
@@ -238,7 +266,9 @@ async fn malformed_card_is_refused_with_the_field_named() {
         other => panic!("expected a refusal, got {other:?}"),
     }
     // Then the gateway closes the connection with ATTACH_REFUSED (0x3).
-    let closed = tokio::time::timeout(Duration::from_secs(5), client.conn.closed()).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), client.conn.closed())
+        .await
+        .unwrap();
     assert!(closed.to_string().contains("attach refused"), "{closed}");
     // The SDK reports the same refusal as an error naming the field.
     let config = agent_config(&pki, gw.local_addr(), "sdk", card("sdk", &["ok"]));
