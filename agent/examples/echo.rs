@@ -117,10 +117,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     if args.stay {
-        println!(
-            "serving echo with {} lane(s); Ctrl-C to leave",
-            agent.lanes()
-        );
+        println!("serving echo; Ctrl-C to leave");
         tokio::signal::ctrl_c().await?;
     }
     agent.detach().await?;

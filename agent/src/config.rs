@@ -37,8 +37,9 @@ pub struct AgentConfig {
     pub trust_anchors: Vec<CertificateDer<'static>>,
     /// The A2A agent card to attach with; its skill ids are the capabilities the agent serves.
     pub card: AgentCard,
-    /// Most invocations the agent serves at once on each of its connections to the gateway
-    /// (enforced as QUIC's limit on gateway-opened streams). At least 1; default 256.
+    /// Most invocations the agent serves at once through each gateway worker, that is on each
+    /// of its connections (primary and lanes), enforced as QUIC's limit on gateway-opened
+    /// streams and announced in `ATTACH`. At least 1; default 256.
     pub max_concurrent: u32,
     /// Whether to open per-core lane connections when the gateway offers them. Default true.
     pub lanes: bool,

@@ -877,7 +877,12 @@ async fn drive(
                 let frame = match frame {
                     Ok(frame) => frame,
                     Err(e) => {
-                        tracing::warn!(error = %e, "control stream failed");
+                        match &e {
+                            ControlError::ConnectionLost(error) => {
+                                tracing::warn!(%error, "connection to the gateway lost");
+                            }
+                            _ => tracing::warn!(error = %e, "control stream failed"),
+                        }
                         set.close(e.close_code(), b"control stream failed");
                         if let Some(d) = detaching.take() {
                             let _ = d.reply.send(Err(control_error(e)));
@@ -935,6 +940,10 @@ async fn drive(
             }
         }
     };
+    if end == End::Lost {
+        // Invocations wait for the next attachment instead of picking a dead connection.
+        shared.publish(Link::Connecting);
+    }
     // Stop the lane tasks, then close what they may have opened meanwhile.
     lane_tasks.shutdown().await;
     set.close(ConnectionCode::NoError, b"attachment ended");

@@ -57,7 +57,7 @@ fn header_codec(c: &mut Criterion) {
 /// capability offered by two agents (so selection really chooses).
 fn router(caps: usize) -> (Router<u32>, Vec<String>) {
     let names: Vec<String> = (0..caps).map(|i| format!("capability_{i:07}")).collect();
-    let mut r = Router::new(TableGeneration::standalone(), 42);
+    let mut r = Router::new(TableGeneration::standalone(), 42, 64);
     let agents = caps / 5;
     for a in 0..agents {
         let offered: Arc<[Box<str>]> = (0..10)
@@ -85,7 +85,7 @@ fn lookup_select(c: &mut Criterion) {
             b.iter(|| {
                 i = (i + 7919) % names.len();
                 match r.select("spiffe://dmsc.local/agent/caller", black_box(&names[i])) {
-                    Selection::Local(t) => {
+                    Selection::Local(t, _) => {
                         r.finish(t);
                         black_box(t)
                     }
@@ -94,6 +94,25 @@ fn lookup_select(c: &mut Criterion) {
             })
         });
     }
+    // The same 100,000-capability table, but requests concentrate on 1,000 hot capabilities
+    // (the usual skew of real traffic): the working set stays in cache.
+    let (mut r, names) = router(100_000);
+    let mut i = 0usize;
+    g.bench_function("100000_capabilities_hot_1000", |b| {
+        b.iter(|| {
+            i = (i + 7919) % 1000;
+            match r.select(
+                "spiffe://dmsc.local/agent/caller",
+                black_box(&names[i * 100]),
+            ) {
+                Selection::Local(t, _) => {
+                    r.finish(t);
+                    black_box(t)
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        })
+    });
     let (mut r, _) = router(1000);
     g.bench_function("no_route", |b| {
         b.iter(|| black_box(r.select("spiffe://dmsc.local/agent/caller", black_box("missing"))))

@@ -69,6 +69,9 @@ pub struct Config {
     pub key: Option<PathBuf>,
     /// The domain CA certificate(s) agents must chain to (PEM).
     pub ca: Option<PathBuf>,
+    /// Address of the admin HTTP endpoint (`/metrics`, `/agents`, `/healthz`); `None` turns
+    /// it off. Keep it on loopback or a management network: it is not authenticated.
+    pub admin_listen: Option<SocketAddr>,
     /// Limits on what peers may send and hold.
     pub limits: Limits,
 }
@@ -109,6 +112,9 @@ pub struct Limits {
     pub stream_window_bytes: u32,
     /// Capacity of each worker's inbox of cross-worker messages.
     pub handoff_queue: usize,
+    /// Capabilities that get metrics of their own (per worker); the rest are reported together
+    /// as `capability="_other"`.
+    pub max_metric_capabilities: usize,
 }
 
 impl Default for Config {
@@ -126,6 +132,7 @@ impl Default for Config {
             cert: None,
             key: None,
             ca: None,
+            admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 4480))),
             limits: Limits::default(),
         }
     }
@@ -149,6 +156,7 @@ impl Default for Limits {
             drain_timeout_ms: 10_000,
             stream_window_bytes: 1024 * 1024,
             handoff_queue: 8192,
+            max_metric_capabilities: 64,
         }
     }
 }
@@ -266,6 +274,9 @@ impl Config {
         }
         if !(16..=1_000_000).contains(&l.handoff_queue) {
             return invalid("limits.handoff_queue", "between 16 and 1000000");
+        }
+        if l.max_metric_capabilities > 10_000 {
+            return invalid("limits.max_metric_capabilities", "at most 10000");
         }
         Ok(())
     }

@@ -63,6 +63,7 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct GatewayHandle {
     addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -121,6 +122,15 @@ impl Gateway {
             sockets.push(pair);
         }
 
+        let admin = match config.admin_listen {
+            Some(addr) => Some(
+                std::net::TcpListener::bind(addr)
+                    .map_err(|source| StartError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
+        let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+
         let mut polls = Vec::with_capacity(workers);
         let mut senders = Vec::with_capacity(workers);
         let mut receivers = Vec::with_capacity(workers);
@@ -157,7 +167,7 @@ impl Gateway {
             let socks = socks
                 .into_iter()
                 .map(|s| {
-                    let io = mio::net::UdpSocket::from_std(s.into());
+                    let io = mio::net::UdpSocket::from_std(s);
                     Socket::new(io).map_err(|source| StartError::Worker { worker: w, source })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
@@ -189,8 +199,19 @@ impl Gateway {
                 .map_err(|source| StartError::Worker { worker: w, source })?;
             threads.push(thread);
         }
+        if let Some(listener) = admin {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("dmsc-admin".into())
+                .spawn(move || crate::admin::serve(listener, shared))
+                .map_err(|source| StartError::Worker {
+                    worker: workers,
+                    source,
+                })?;
+        }
         Ok(GatewayHandle {
             addr: listen,
+            admin_addr,
             shared,
             threads,
         })
@@ -201,6 +222,21 @@ impl GatewayHandle {
     /// The address agents connect to.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The admin HTTP endpoint's address, if enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// Per-worker metrics and agents, collected from the workers between their iterations.
+    pub fn snapshot(&self) -> Vec<crate::metrics::WorkerSnapshot> {
+        crate::admin::snapshots(&self.shared)
+    }
+
+    /// The Prometheus text the admin endpoint serves at `/metrics`.
+    pub fn metrics_text(&self) -> String {
+        crate::admin::render_metrics(&self.snapshot(), &self.stats())
     }
 
     /// The per-worker lane addresses offered to agents.

@@ -16,8 +16,10 @@
 pub mod config;
 pub mod routing;
 
+mod admin;
 mod bootstrap;
 mod gateway;
+mod metrics;
 mod msg;
 mod stats;
 mod tls;
@@ -26,4 +28,5 @@ mod worker;
 pub use bootstrap::{dev_identity, DevIdentityPaths};
 pub use config::{Config, ConfigError, Limits};
 pub use gateway::{Gateway, GatewayHandle, GatewayIdentity, StartError};
+pub use metrics::{AgentView, CapabilityMetrics, WorkerSnapshot};
 pub use stats::{StatsSnapshot, WorkerStats};

@@ -102,6 +102,15 @@ struct Args {
     /// Capacity of each worker's cross-worker inbox, messages [default: 8192].
     #[arg(long)]
     handoff_queue: Option<usize>,
+    /// Admin HTTP endpoint (/metrics, /agents, /healthz) [default: 127.0.0.1:4480].
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
+    /// Do not serve the admin endpoint.
+    #[arg(long)]
+    no_admin: bool,
+    /// Capabilities with metrics of their own, per worker [default: 64].
+    #[arg(long)]
+    max_metric_capabilities: Option<usize>,
     /// Print the effective configuration as TOML-like text and exit.
     #[arg(long)]
     print_config: bool,
@@ -148,6 +157,9 @@ fn run() -> anyhow::Result<()> {
     }
     let drain = Duration::from_millis(config.limits.drain_timeout_ms);
     let gateway = Gateway::start(config, identity)?;
+    if let Some(admin) = gateway.admin_addr() {
+        println!("admin endpoint:    http://{admin}/metrics  /agents  /healthz");
+    }
     println!(
         "dmsc-gateway listening on {} with {} workers (lanes: {})",
         gateway.local_addr(),
@@ -219,5 +231,12 @@ fn config_from(args: &Args) -> anyhow::Result<Config> {
     set!(limits.drain_timeout_ms <- args.drain_timeout_ms);
     set!(limits.stream_window_bytes <- args.stream_window_bytes);
     set!(limits.handoff_queue <- args.handoff_queue);
+    set!(limits.max_metric_capabilities <- args.max_metric_capabilities);
+    if args.admin_listen.is_some() {
+        c.admin_listen = args.admin_listen;
+    }
+    if args.no_admin {
+        c.admin_listen = None;
+    }
     Ok(c)
 }

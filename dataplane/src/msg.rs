@@ -85,4 +85,6 @@ pub(crate) enum WorkerMsg {
     Install(Arc<TableGeneration>),
     /// Stop accepting, tell agents to drain, close after `grace`.
     Drain { grace: Duration },
+    /// Send a copy of the worker's metrics and agents (read between iterations).
+    Snapshot(crossbeam_channel::Sender<crate::metrics::WorkerSnapshot>),
 }

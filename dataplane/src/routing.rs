@@ -64,13 +64,23 @@ impl TableGeneration {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AgentIdx(pub u32);
 
+/// The metrics slot of a capability: its index in [`Router::metric_names`], or
+/// [`MetricSlot::OTHER`] once the bounded set of named capabilities is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MetricSlot(pub u16);
+
+impl MetricSlot {
+    /// Capabilities beyond the cardinality bound share this slot (`capability="_other"`).
+    pub const OTHER: MetricSlot = MetricSlot(u16::MAX);
+}
+
 /// The outcome of [`Router::select`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Selection {
     /// Forward to this agent over a connection this worker holds.
-    Local(AgentIdx),
+    Local(AgentIdx, MetricSlot),
     /// Forward to this agent through its home worker (a cross-core hand-off).
-    Handoff(AgentIdx),
+    Handoff(AgentIdx, MetricSlot),
     /// No attached agent offers the capability.
     NoRoute,
     /// Policy forbids the call.
@@ -122,12 +132,14 @@ fn pick<C>(pool: &[AgentIdx], agents: &[Option<AgentEntry<C>>], rng: u64) -> Opt
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Candidates {
     /// Agents offering the capability; those reachable directly come first.
     agents: SmallVec<[AgentIdx; 4]>,
     /// How many of `agents` are reachable directly.
     direct: usize,
+    /// Where this capability's metrics go.
+    metric: MetricSlot,
 }
 
 /// The live overlay of attached agents on one worker, indexed by capability.
@@ -141,20 +153,33 @@ pub struct Router<C> {
     agents: Vec<Option<AgentEntry<C>>>,
     free: Vec<u32>,
     by_session: HashMap<SessionId, AgentIdx>,
+    metric_slots: HashMap<Box<str>, MetricSlot>,
+    metric_names: Vec<Box<str>>,
+    max_metric_names: usize,
     rng: u64,
 }
 
 impl<C: Copy> Router<C> {
-    /// An empty overlay under `table`; `seed` seeds the choice of candidates.
-    pub fn new(table: Arc<TableGeneration>, seed: u64) -> Self {
+    /// An empty overlay under `table`; `seed` seeds the choice of candidates. At most
+    /// `max_metric_names` capabilities get metrics of their own; the rest share
+    /// [`MetricSlot::OTHER`].
+    pub fn new(table: Arc<TableGeneration>, seed: u64, max_metric_names: usize) -> Self {
         Self {
             table,
             by_capability: HashMap::new(),
             agents: Vec::new(),
             free: Vec::new(),
             by_session: HashMap::new(),
+            metric_slots: HashMap::new(),
+            metric_names: Vec::new(),
+            max_metric_names: max_metric_names.min(u16::MAX as usize - 1),
             rng: seed | 1,
         }
+    }
+
+    /// Names of the capabilities with metrics of their own, by slot.
+    pub fn metric_names(&self) -> &[Box<str>] {
+        &self.metric_names
     }
 
     /// The installed table.
@@ -181,26 +206,23 @@ impl<C: Copy> Router<C> {
         self.rng ^= self.rng >> 7;
         self.rng ^= self.rng << 17;
         let rng = self.rng;
+        let metric = cands.metric;
         let (direct, remote) = cands.agents.split_at(cands.direct);
         // Direct targets first; a hand-off only when none of them has room.
         if let Some(idx) = pick(direct, &self.agents, rng) {
-            return self.take(idx, true);
+            self.take(idx);
+            return Selection::Local(idx, metric);
         }
         if let Some(idx) = pick(remote, &self.agents, rng) {
-            return self.take(idx, false);
+            self.take(idx);
+            return Selection::Handoff(idx, metric);
         }
         Selection::Overloaded
     }
 
-    fn take(&mut self, idx: AgentIdx, direct: bool) -> Selection {
-        let Some(entry) = self.agents[idx.0 as usize].as_mut() else {
-            return Selection::NoRoute;
-        };
-        entry.outstanding += 1;
-        if direct {
-            Selection::Local(idx)
-        } else {
-            Selection::Handoff(idx)
+    fn take(&mut self, idx: AgentIdx) {
+        if let Some(entry) = self.agents[idx.0 as usize].as_mut() {
+            entry.outstanding += 1;
         }
     }
 
@@ -302,8 +324,22 @@ impl<C: Copy> Router<C> {
         let direct = e.local.is_some();
         for cap in e.capabilities.iter() {
             if !self.by_capability.contains_key(&**cap) {
-                self.by_capability
-                    .insert(cap.clone(), Candidates::default());
+                let metric = match self.metric_slots.get(&**cap) {
+                    Some(&slot) => slot,
+                    None if self.metric_names.len() < self.max_metric_names => {
+                        let slot = MetricSlot(self.metric_names.len() as u16);
+                        self.metric_names.push(cap.clone());
+                        self.metric_slots.insert(cap.clone(), slot);
+                        slot
+                    }
+                    None => MetricSlot::OTHER,
+                };
+                let c = Candidates {
+                    agents: SmallVec::new(),
+                    direct: 0,
+                    metric,
+                };
+                self.by_capability.insert(cap.clone(), c);
             }
             let Some(c) = self.by_capability.get_mut(&**cap) else {
                 continue;
@@ -362,62 +398,87 @@ mod tests {
 
     #[test]
     fn unknown_capability_has_no_route() {
-        let mut r: Router<u8> = Router::new(TableGeneration::standalone(), 7);
+        let mut r: Router<u8> = Router::new(TableGeneration::standalone(), 7, 16);
         assert_eq!(r.select("c", "nope"), Selection::NoRoute);
         r.insert(entry(1, &["echo"], Some(0), 4));
         assert_eq!(r.select("c", "nope"), Selection::NoRoute);
-        assert_eq!(r.select("c", "echo"), Selection::Local(AgentIdx(0)));
+        assert_eq!(
+            r.select("c", "echo"),
+            Selection::Local(AgentIdx(0), MetricSlot(0))
+        );
     }
 
     #[test]
     fn direct_targets_are_preferred_over_handoff() {
-        let mut r: Router<u8> = Router::new(TableGeneration::standalone(), 7);
+        let mut r: Router<u8> = Router::new(TableGeneration::standalone(), 7, 16);
         let remote = r.insert(entry(1, &["echo"], None, 100));
         let local = r.insert(entry(2, &["echo"], Some(3), 100));
         for _ in 0..50 {
-            assert_eq!(r.select("c", "echo"), Selection::Local(local));
+            assert!(matches!(r.select("c", "echo"), Selection::Local(a, _) if a == local));
         }
         r.set_local(SessionId(2), None);
         assert!(
-            matches!(r.select("c", "echo"), Selection::Handoff(i) if i == remote || i == local)
+            matches!(r.select("c", "echo"), Selection::Handoff(i, _) if i == remote || i == local)
         );
     }
 
     #[test]
     fn a_full_direct_target_falls_back_to_a_handoff() {
-        let mut r: Router<u8> = Router::new(TableGeneration::standalone(), 5);
+        let mut r: Router<u8> = Router::new(TableGeneration::standalone(), 5, 16);
         let local = r.insert(entry(1, &["echo"], Some(0), 1));
         let remote = r.insert(entry(2, &["echo"], None, 1));
-        assert_eq!(r.select("c", "echo"), Selection::Local(local));
-        assert_eq!(r.select("c", "echo"), Selection::Handoff(remote));
+        assert!(matches!(r.select("c", "echo"), Selection::Local(a, _) if a == local));
+        assert!(matches!(r.select("c", "echo"), Selection::Handoff(x, _) if x == remote));
         assert_eq!(r.select("c", "echo"), Selection::Overloaded);
     }
 
     #[test]
     fn load_is_spread_and_limits_are_respected() {
-        let mut r: Router<u8> = Router::new(TableGeneration::standalone(), 99);
+        let mut r: Router<u8> = Router::new(TableGeneration::standalone(), 99, 16);
         let a = r.insert(entry(1, &["echo"], Some(0), 10));
         let b = r.insert(entry(2, &["echo"], Some(1), 10));
         for _ in 0..20 {
-            assert!(matches!(r.select("c", "echo"), Selection::Local(_)));
+            assert!(matches!(r.select("c", "echo"), Selection::Local(..)));
         }
         assert_eq!(r.agent(a).unwrap().outstanding, 10);
         assert_eq!(r.agent(b).unwrap().outstanding, 10);
         assert_eq!(r.select("c", "echo"), Selection::Overloaded);
         r.finish(b);
-        assert_eq!(r.select("c", "echo"), Selection::Local(b));
+        assert!(matches!(r.select("c", "echo"), Selection::Local(x, _) if x == b));
     }
 
     #[test]
     fn removal_and_card_update_reindex() {
-        let mut r: Router<u8> = Router::new(TableGeneration::standalone(), 1);
+        let mut r: Router<u8> = Router::new(TableGeneration::standalone(), 1, 16);
         r.insert(entry(1, &["a", "b"], Some(0), 4));
         r.insert(entry(1, &["b", "c"], Some(0), 4));
         assert_eq!(r.select("x", "a"), Selection::NoRoute);
-        assert!(matches!(r.select("x", "c"), Selection::Local(_)));
+        assert!(matches!(r.select("x", "c"), Selection::Local(..)));
         assert!(r.remove(SessionId(1)).is_some());
         assert_eq!(r.select("x", "b"), Selection::NoRoute);
         assert!(r.is_empty());
         assert_eq!(r.capabilities().count(), 0);
+    }
+
+    #[test]
+    fn metric_names_are_bounded() {
+        let mut r: Router<u8> = Router::new(TableGeneration::standalone(), 1, 2);
+        r.insert(entry(1, &["a", "b", "c"], Some(0), 4));
+        assert_eq!(r.metric_names().len(), 2);
+        let slots: Vec<MetricSlot> = ["a", "b", "c"]
+            .iter()
+            .map(|c| match r.select("x", c) {
+                Selection::Local(_, m) => m,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(slots, [MetricSlot(0), MetricSlot(1), MetricSlot::OTHER]);
+        // A capability that goes away and comes back keeps its slot.
+        r.remove(SessionId(1));
+        r.insert(entry(2, &["b"], Some(0), 4));
+        assert!(matches!(
+            r.select("x", "b"),
+            Selection::Local(_, MetricSlot(1))
+        ));
     }
 }

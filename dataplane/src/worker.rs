@@ -53,8 +53,9 @@ use dmsc_protocol::limits::{MAX_CONTROL_FRAME_BYTES, MAX_DISCOVERY_ENTRIES};
 use dmsc_protocol::{ConnectionCode, Status, StreamCode};
 
 use crate::config::Config;
+use crate::metrics::{AgentView, WorkerMetrics, WorkerSnapshot};
 use crate::msg::{AgentInfo, ExKey, HandoffEvent, HandoffId, WorkerMsg};
-use crate::routing::{AgentEntry, AgentIdx, Router, Selection, TableGeneration};
+use crate::routing::{AgentEntry, AgentIdx, MetricSlot, Router, Selection, TableGeneration};
 use crate::stats::WorkerStats;
 
 const WAKER: Token = Token(usize::MAX);
@@ -176,6 +177,12 @@ struct Exchange {
     up_send_closed: bool,
     up_recv_closed: bool,
     deadline: Option<Instant>,
+    /// Metrics slot of the capability, once routed.
+    metric: Option<MetricSlot>,
+    /// When the header arrived.
+    started: Option<Instant>,
+    /// The answer's status, once known.
+    status: Option<Status>,
 }
 
 /// One worker thread's state. See the module docs for the loop.
@@ -214,6 +221,11 @@ pub(crate) struct Worker {
     arena: BytesMut,
     drain_deadline: Option<Instant>,
     session_seq: u64,
+    metrics: WorkerMetrics,
+    /// Requests forwarded in this iteration, whose residence is recorded at its end.
+    residence_batch: Vec<MetricSlot>,
+    /// When this iteration's receive batch was taken.
+    iteration_start: Instant,
 }
 
 impl Worker {
@@ -252,7 +264,14 @@ impl Worker {
             ex_gens: Vec::new(),
             ex_free: Vec::new(),
             handoffs_in: HashMap::new(),
-            router: Router::new(table, u64::from_le_bytes(seed) ^ index as u64),
+            router: Router::new(
+                table,
+                u64::from_le_bytes(seed) ^ index as u64,
+                shared.config.limits.max_metric_capabilities,
+            ),
+            metrics: WorkerMetrics::default(),
+            residence_batch: Vec::new(),
+            iteration_start: Instant::now(),
             agents: HashMap::new(),
             detach_waiting: HashMap::new(),
             detach_watch: HashSet::new(),
@@ -307,6 +326,7 @@ impl Worker {
                 }
             }
             let now = Instant::now();
+            self.iteration_start = now;
             for ev in events.iter() {
                 match ev.token() {
                     WAKER => {}
@@ -325,6 +345,12 @@ impl Worker {
             self.fire_timers(now);
             self.run_pumps(now);
             self.drive_dirty(now);
+            if !self.residence_batch.is_empty() {
+                let residence = self.iteration_start.elapsed();
+                for slot in std::mem::take(&mut self.residence_batch) {
+                    self.metrics.residence(slot, residence);
+                }
+            }
             if self.finished_draining(now) {
                 return;
             }
@@ -1177,6 +1203,37 @@ impl Worker {
         );
     }
 
+    fn snapshot(&self) -> WorkerSnapshot {
+        let agents = self
+            .agents
+            .values()
+            .filter(|a| a.home == self.index)
+            .map(|a| {
+                let entry = self
+                    .router
+                    .find(a.session)
+                    .and_then(|i| self.router.agent(i));
+                AgentView {
+                    session: a.session.0,
+                    identity: a.identity.to_string(),
+                    name: a.card.name.clone(),
+                    capabilities: entry
+                        .map(|e| e.capabilities.iter().map(|c| c.to_string()).collect())
+                        .unwrap_or_default(),
+                    home_worker: a.home,
+                    max_concurrent: a.limit,
+                    detaching: self.detach_waiting.contains_key(&a.session),
+                }
+            })
+            .collect();
+        WorkerSnapshot {
+            worker: self.index,
+            generation: self.router.table().generation.0,
+            capabilities: self.metrics.snapshot(self.router.metric_names()),
+            agents,
+        }
+    }
+
     fn discover(&self, query_id: u64, prefix: &str, tag: &str) -> ControlFrame {
         let mut entries: Vec<DiscoveryEntry> = Vec::new();
         let mut truncated = false;
@@ -1412,6 +1469,9 @@ impl Worker {
                     self.on_handoff(id, to_home, event, now)
                 }
                 WorkerMsg::Install(table) => self.router.install(table),
+                WorkerMsg::Snapshot(reply) => {
+                    let _ = reply.try_send(self.snapshot());
+                }
                 WorkerMsg::Drain { grace } => self.start_drain(now, grace),
             }
         }
@@ -1489,6 +1549,9 @@ impl Worker {
             up_send_closed: false,
             up_recv_closed: false,
             deadline: None,
+            metric: None,
+            started: None,
+            status: None,
         };
         let idx = match self.ex_free.pop() {
             Some(i) => i,
@@ -1658,9 +1721,9 @@ impl Worker {
             return self.answer(key, Status::Denied, "no caller identity");
         };
         let selection = self.router.select(&caller, header.capability);
-        let (target, local) = match selection {
-            Selection::Local(t) => (t, true),
-            Selection::Handoff(t) => (t, false),
+        let (target, local, metric) = match selection {
+            Selection::Local(t, m) => (t, true, m),
+            Selection::Handoff(t, m) => (t, false, m),
             Selection::NoRoute => {
                 return self.answer(key, Status::NoRoute, "no agent offers this capability")
             }
@@ -1683,10 +1746,13 @@ impl Worker {
             return;
         };
         x.target = Some(target);
+        x.metric = Some(metric);
+        x.started = Some(now);
         if let Some(old) = x.deadline.replace(deadline) {
             self.deadlines.remove(&(old, key.idx, key.gen));
         }
         self.deadlines.insert((deadline, key.idx, key.gen));
+        self.residence_batch.push(metric);
         let Some(entry) = self.router.agent(target) else {
             return;
         };
@@ -1790,6 +1856,7 @@ impl Worker {
             loop {
                 match chunks.next(usize::MAX) {
                     Ok(Some(chunk)) => {
+                        note_response(x, &chunk.bytes);
                         x.response_started = true;
                         x.resp.queue.push_back(chunk.bytes);
                     }
@@ -1959,6 +2026,7 @@ impl Worker {
         let Some(x) = self.ex(key) else {
             return;
         };
+        x.status.get_or_insert(status);
         x.header_done = true;
         x.response_started = true;
         x.resp.queue.clear();
@@ -2044,19 +2112,17 @@ impl Worker {
                     mark_dirty(&mut self.dirty, c, conn);
                 }
             }
-            Some(Leg::Remote { worker, id }) => {
-                if send_open || recv_open {
-                    self.post(
-                        worker,
-                        WorkerMsg::Handoff {
-                            id,
-                            to_home: true,
-                            event: HandoffEvent::Cancel,
-                        },
-                    );
-                }
+            Some(Leg::Remote { worker, id }) if send_open || recv_open => {
+                self.post(
+                    worker,
+                    WorkerMsg::Handoff {
+                        id,
+                        to_home: true,
+                        event: HandoffEvent::Cancel,
+                    },
+                );
             }
-            None => {}
+            Some(Leg::Remote { .. }) | None => {}
         }
         self.pumps.push_back(key);
     }
@@ -2180,6 +2246,13 @@ impl Worker {
         if let Some(at) = x.deadline {
             self.deadlines.remove(&(at, key.idx, key.gen));
         }
+        if let (Some(slot), Some(started)) = (x.metric, x.started) {
+            self.metrics.finished(
+                slot,
+                x.status,
+                self.iteration_start.saturating_duration_since(started),
+            );
+        }
         self.ex_free.push(key.idx);
         for leg in [Some(x.down), x.up].into_iter().flatten() {
             match leg {
@@ -2250,6 +2323,7 @@ impl Worker {
             };
             match event {
                 HandoffEvent::Data(b) => {
+                    note_response(x, &b);
                     x.response_started = true;
                     x.resp.queue.push_back(b);
                 }
@@ -2331,6 +2405,19 @@ impl Worker {
             self.maybe_finish(key);
             fail(self, Status::Overloaded);
         }
+    }
+}
+
+/// Takes the status of the target's answer from its first chunk, when the header is whole in
+/// it (it practically always is; otherwise the status is recorded as unknown).
+fn note_response(x: &mut Exchange, chunk: &[u8]) {
+    if x.response_started || x.status.is_some() {
+        return;
+    }
+    if let Ok(Some((header, _))) =
+        ResponseHeader::decode(chunk, dmsc_protocol::limits::MAX_HEADER_BYTES)
+    {
+        x.status = Some(header.status);
     }
 }
 

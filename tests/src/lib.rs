@@ -71,6 +71,7 @@ pub fn gateway(pki: &Pki, workers: usize, tweak: impl FnOnce(&mut Config)) -> Ga
         pin_workers: false,
         domain: DOMAIN.into(),
         gateway_id: "gw-test".into(),
+        admin_listen: Some("127.0.0.1:0".parse().unwrap()),
         ..Config::default()
     };
     tweak(&mut config);

@@ -47,7 +47,7 @@ async fn lanes_keep_requests_on_core_and_both_workers_carry_traffic() {
 async fn without_lanes_requests_cross_cores_and_all_arrive() {
     let pki = Pki::new();
     let gw = gateway(&pki, 2, |c| c.lanes = false);
-    let target = attach(&pki, gw.local_addr(), "target", &["echo"]).await;
+    let _target = attach(&pki, gw.local_addr(), "target", &["echo"]).await;
     // Several callers, so the kernel spreads some of them onto the other worker.
     let mut callers: Vec<Agent> = Vec::new();
     for i in 0..10 {

@@ -1,0 +1,306 @@
+//! The admin HTTP endpoint: Prometheus metrics, attached agents, health.
+//!
+//! A deliberately small HTTP/1.1 server on its own thread (loopback by default): one request
+//! per connection, `GET` only, request heads of at most 8 KiB, 2-second socket timeouts, one
+//! connection at a time. It never touches the data plane's state directly: it asks each worker
+//! for a snapshot through its inbox and merges the answers.
+//!
+//! | path | content |
+//! |---|---|
+//! | `/metrics` | Prometheus text format (version 0.0.4) |
+//! | `/agents` | JSON array of attached agents |
+//! | `/healthz` | `ok` while the gateway runs |
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::bounded;
+
+use dmsc_protocol::Status;
+
+use crate::metrics::{CapabilityMetrics, WorkerSnapshot, STATUS_SLOTS};
+use crate::msg::WorkerMsg;
+use crate::stats::StatsSnapshot;
+use crate::worker::Shared;
+
+const MAX_HEAD: usize = 8 * 1024;
+
+/// Serves admin requests on `listener` until the process exits.
+pub(crate) fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else {
+            continue;
+        };
+        if let Err(e) = handle(stream, &shared) {
+            tracing::debug!(error = %e, "admin request failed");
+        }
+    }
+}
+
+fn handle(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+        if head.len() > MAX_HEAD {
+            return respond(
+                &mut stream,
+                "431 Request Header Fields Too Large",
+                "text/plain",
+                "request head too large\n",
+            );
+        }
+    }
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    if method != "GET" {
+        return respond(
+            &mut stream,
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET only\n",
+        );
+    }
+    let path = target.split('?').next().unwrap_or("");
+    match path {
+        "/metrics" => {
+            let body = render_metrics(&snapshots(shared), &StatsSnapshot::collect(&shared.stats));
+            respond(&mut stream, "200 OK", "text/plain; version=0.0.4", &body)
+        }
+        "/agents" => {
+            let body = render_agents(&snapshots(shared));
+            respond(&mut stream, "200 OK", "application/json", &body)
+        }
+        "/healthz" => respond(&mut stream, "200 OK", "text/plain", "ok\n"),
+        "/" => respond(
+            &mut stream,
+            "200 OK",
+            "text/plain",
+            "dmsc-gateway admin: /metrics /agents /healthz\n",
+        ),
+        _ => respond(&mut stream, "404 Not Found", "text/plain", "not found\n"),
+    }
+}
+
+fn respond(
+    stream: &mut TcpStream,
+    status: &str,
+    content_type: &str,
+    body: &str,
+) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body.as_bytes())?;
+    stream.flush()
+}
+
+/// Asks every worker for its snapshot; a worker that does not answer within a second is left
+/// out (the data plane is never blocked on the admin endpoint).
+pub(crate) fn snapshots(shared: &Shared) -> Vec<WorkerSnapshot> {
+    let (tx, rx) = bounded(shared.senders.len());
+    let mut asked = 0;
+    for (w, sender) in shared.senders.iter().enumerate() {
+        if sender
+            .send_timeout(WorkerMsg::Snapshot(tx.clone()), Duration::from_millis(200))
+            .is_ok()
+        {
+            let _ = shared.wakers[w].wake();
+            asked += 1;
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    let mut out = Vec::with_capacity(asked);
+    while out.len() < asked {
+        match rx.recv_deadline(deadline) {
+            Ok(s) => out.push(s),
+            Err(_) => break,
+        }
+    }
+    out.sort_by_key(|s| s.worker);
+    out
+}
+
+/// Merges per-worker capability metrics by capability name.
+pub(crate) fn merge(snaps: &[WorkerSnapshot]) -> Vec<(String, CapabilityMetrics)> {
+    let mut merged: Vec<(String, CapabilityMetrics)> = Vec::new();
+    for snap in snaps {
+        for (name, m) in &snap.capabilities {
+            match merged.iter_mut().find(|(n, _)| n == name) {
+                Some((_, acc)) => acc.merge(m),
+                None => merged.push((name.clone(), m.clone())),
+            }
+        }
+    }
+    merged.sort_by(|a, b| a.0.cmp(&b.0));
+    merged
+}
+
+fn status_label(slot: usize) -> &'static str {
+    Status::ALL.get(slot).map_or("UNKNOWN", |s| s.name())
+}
+
+pub(crate) fn render_metrics(snaps: &[WorkerSnapshot], stats: &StatsSnapshot) -> String {
+    let mut o = String::with_capacity(8192);
+    let counter = |o: &mut String, name: &str, help: &str, kind: &str| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    counter(
+        &mut o,
+        "dmsc_requests_total",
+        "Requests received from callers, by worker.",
+        "counter",
+    );
+    for (w, n) in stats.per_worker_requests.iter().enumerate() {
+        let _ = writeln!(o, "dmsc_requests_total{{worker=\"{w}\"}} {n}");
+    }
+    counter(
+        &mut o,
+        "dmsc_gateway_answers_total",
+        "Answers the gateway generated itself, by status.",
+        "counter",
+    );
+    for (code, n) in stats.answered.iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "dmsc_gateway_answers_total{{status=\"{}\"}} {n}",
+            status_label(code)
+        );
+    }
+    counter(
+        &mut o,
+        "dmsc_forwarded_local_total",
+        "Requests forwarded on the core they arrived on.",
+        "counter",
+    );
+    let _ = writeln!(o, "dmsc_forwarded_local_total {}", stats.forwarded_local);
+    counter(
+        &mut o,
+        "dmsc_handoffs_total",
+        "Requests handed to another worker (cross-core).",
+        "counter",
+    );
+    let _ = writeln!(o, "dmsc_handoffs_total {}", stats.handoffs);
+    counter(&mut o, "dmsc_attached_agents", "Agents attached.", "gauge");
+    let _ = writeln!(o, "dmsc_attached_agents {}", stats.agents);
+    counter(
+        &mut o,
+        "dmsc_connections",
+        "Open QUIC connections.",
+        "gauge",
+    );
+    let _ = writeln!(o, "dmsc_connections {}", stats.connections);
+    counter(&mut o, "dmsc_lanes", "Lane connections bound.", "gauge");
+    let _ = writeln!(o, "dmsc_lanes {}", stats.lanes);
+    counter(
+        &mut o,
+        "dmsc_send_drops_total",
+        "Datagrams dropped on full socket buffers.",
+        "counter",
+    );
+    let _ = writeln!(o, "dmsc_send_drops_total {}", stats.send_drops);
+    counter(
+        &mut o,
+        "dmsc_table_generation",
+        "Installed table generation, by worker.",
+        "gauge",
+    );
+    for s in snaps {
+        let _ = writeln!(
+            o,
+            "dmsc_table_generation{{worker=\"{}\"}} {}",
+            s.worker, s.generation
+        );
+    }
+
+    let caps = merge(snaps);
+    counter(
+        &mut o,
+        "dmsc_responses_total",
+        "Answers to routed requests, by capability and status.",
+        "counter",
+    );
+    for (name, m) in &caps {
+        for slot in 0..STATUS_SLOTS {
+            if m.statuses[slot] > 0 {
+                let _ = writeln!(
+                    o,
+                    "dmsc_responses_total{{capability=\"{}\",status=\"{}\"}} {}",
+                    escape(name),
+                    status_label(slot),
+                    m.statuses[slot]
+                );
+            }
+        }
+    }
+    for (metric, help, pick) in [
+        (
+            "dmsc_request_duration_seconds",
+            "From request header arrival to the end of the exchange, by capability.",
+            (|m: &CapabilityMetrics| &m.duration_us)
+                as fn(&CapabilityMetrics) -> &hdrhistogram::Histogram<u64>,
+        ),
+        (
+            "dmsc_residence_seconds",
+            "Time a request spends inside the gateway before it is forwarded, by capability.",
+            |m: &CapabilityMetrics| &m.residence_us,
+        ),
+    ] {
+        counter(&mut o, metric, help, "summary");
+        for (name, m) in &caps {
+            let h = pick(m);
+            let name = escape(name);
+            for q in [0.5, 0.9, 0.99, 0.999] {
+                let v = if h.is_empty() {
+                    0.0
+                } else {
+                    h.value_at_quantile(q) as f64 / 1e6
+                };
+                let _ = writeln!(o, "{metric}{{capability=\"{name}\",quantile=\"{q}\"}} {v}");
+            }
+            let sum = h.mean() * h.len() as f64 / 1e6;
+            let _ = writeln!(o, "{metric}_sum{{capability=\"{name}\"}} {sum}");
+            let _ = writeln!(o, "{metric}_count{{capability=\"{name}\"}} {}", h.len());
+        }
+    }
+    o
+}
+
+pub(crate) fn render_agents(snaps: &[WorkerSnapshot]) -> String {
+    let agents: Vec<serde_json::Value> = snaps
+        .iter()
+        .flat_map(|s| &s.agents)
+        .map(|a| {
+            serde_json::json!({
+                "session": a.session,
+                "identity": a.identity,
+                "name": a.name,
+                "capabilities": a.capabilities,
+                "home_worker": a.home_worker,
+                "max_concurrent": a.max_concurrent,
+                "detaching": a.detaching,
+            })
+        })
+        .collect();
+    serde_json::to_string_pretty(&agents).unwrap_or_else(|_| "[]".into()) + "\n"
+}
+
+/// Escapes a Prometheus label value.
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}

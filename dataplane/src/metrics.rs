@@ -1,0 +1,180 @@
+//! Per-capability request metrics, recorded by each worker into its own histograms and merged
+//! only when read.
+//!
+//! A worker records into plain (non-atomic) counters and HdrHistograms it alone owns, so the
+//! request path takes no lock and does no atomic read-modify-write. A reader (the admin
+//! endpoint) asks every worker for a [`WorkerSnapshot`] through its inbox; the worker clones its
+//! metrics between event-loop iterations and sends them back, and the reader merges them.
+
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+use dmsc_protocol::Status;
+
+use crate::routing::MetricSlot;
+
+/// Slots for status codes 0..=10 plus one for any other code.
+pub const STATUS_SLOTS: usize = 12;
+
+/// Metrics of one capability on one worker.
+#[derive(Debug, Clone)]
+pub struct CapabilityMetrics {
+    /// Answers by status (index = code, 11 = unknown codes).
+    pub statuses: [u64; STATUS_SLOTS],
+    /// From the request header's arrival to the end of the exchange, in microseconds.
+    pub duration_us: Histogram<u64>,
+    /// Time the request spent inside the gateway before being forwarded (from the receive batch
+    /// holding its header to the send of the forwarded header), in microseconds.
+    pub residence_us: Histogram<u64>,
+}
+
+impl Default for CapabilityMetrics {
+    fn default() -> Self {
+        Self {
+            statuses: [0; STATUS_SLOTS],
+            duration_us: new_histogram(),
+            residence_us: new_histogram(),
+        }
+    }
+}
+
+impl CapabilityMetrics {
+    /// Adds `other` into `self`.
+    pub fn merge(&mut self, other: &CapabilityMetrics) {
+        for (a, b) in self.statuses.iter_mut().zip(other.statuses) {
+            *a += b;
+        }
+        // Same bounds on both sides, so adding cannot fail.
+        let _ = self.duration_us.add(&other.duration_us);
+        let _ = self.residence_us.add(&other.residence_us);
+    }
+}
+
+fn new_histogram() -> Histogram<u64> {
+    // 1 us .. 1 hour at 2 significant digits: about 2.5 KiB per histogram. The bounds are
+    // constants, so construction cannot fail.
+    Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid histogram bounds")
+}
+
+/// A worker's metrics, indexed by [`MetricSlot`].
+#[derive(Debug, Default)]
+pub(crate) struct WorkerMetrics {
+    slots: Vec<CapabilityMetrics>,
+    other: CapabilityMetrics,
+}
+
+impl WorkerMetrics {
+    fn slot(&mut self, slot: MetricSlot) -> &mut CapabilityMetrics {
+        if slot == MetricSlot::OTHER {
+            return &mut self.other;
+        }
+        let i = slot.0 as usize;
+        if self.slots.len() <= i {
+            // Grows once per capability slot, bounded by the router's metric-name limit.
+            self.slots.resize_with(i + 1, CapabilityMetrics::default);
+        }
+        &mut self.slots[i]
+    }
+
+    pub(crate) fn finished(
+        &mut self,
+        slot: MetricSlot,
+        status: Option<Status>,
+        duration: Duration,
+    ) {
+        let m = self.slot(slot);
+        let code = status.map_or(STATUS_SLOTS as u64 - 1, Status::code);
+        m.statuses[(code as usize).min(STATUS_SLOTS - 1)] += 1;
+        m.duration_us
+            .saturating_record(duration.as_micros().max(1) as u64);
+    }
+
+    pub(crate) fn residence(&mut self, slot: MetricSlot, residence: Duration) {
+        self.slot(slot)
+            .residence_us
+            .saturating_record(residence.as_micros().max(1) as u64);
+    }
+
+    /// Copies out the metrics under their capability names (`names` = the router's metric
+    /// names by slot).
+    pub(crate) fn snapshot(&self, names: &[Box<str>]) -> Vec<(String, CapabilityMetrics)> {
+        let mut out: Vec<(String, CapabilityMetrics)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| Some((names.get(i)?.to_string(), m.clone())))
+            .collect();
+        if !self.other.duration_us.is_empty() || self.other.statuses.iter().any(|&n| n > 0) {
+            out.push(("_other".to_owned(), self.other.clone()));
+        }
+        out
+    }
+}
+
+/// One attached agent, as the admin endpoint shows it.
+#[derive(Debug, Clone)]
+pub struct AgentView {
+    /// Session id.
+    pub session: u64,
+    /// SPIFFE ID.
+    pub identity: String,
+    /// The card's name.
+    pub name: String,
+    /// Capabilities offered (empty while detaching).
+    pub capabilities: Vec<String>,
+    /// The worker holding the primary connection.
+    pub home_worker: usize,
+    /// Concurrency limit per worker.
+    pub max_concurrent: u32,
+    /// Whether the agent is detaching.
+    pub detaching: bool,
+}
+
+/// What one worker reports when asked.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerSnapshot {
+    /// The worker.
+    pub worker: usize,
+    /// Installed table generation.
+    pub generation: u64,
+    /// Per-capability metrics.
+    pub capabilities: Vec<(String, CapabilityMetrics)>,
+    /// Agents whose primary connection is on this worker.
+    pub agents: Vec<AgentView>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_merge_and_overflow_goes_to_other() {
+        let mut w = WorkerMetrics::default();
+        w.finished(MetricSlot(1), Some(Status::Ok), Duration::from_micros(150));
+        w.finished(
+            MetricSlot(1),
+            Some(Status::TargetFailed),
+            Duration::from_micros(50),
+        );
+        w.finished(
+            MetricSlot::OTHER,
+            Some(Status::Unknown(77)),
+            Duration::from_micros(10),
+        );
+        w.residence(MetricSlot(1), Duration::from_micros(7));
+        let names: Vec<Box<str>> = vec!["a".into(), "b".into()];
+        let snap = w.snapshot(&names);
+        let b = &snap.iter().find(|(n, _)| n == "b").unwrap().1;
+        assert_eq!(b.statuses[0], 1);
+        assert_eq!(b.statuses[6], 1);
+        assert_eq!(b.duration_us.len(), 2);
+        assert_eq!(b.residence_us.len(), 1);
+        let other = &snap.iter().find(|(n, _)| n == "_other").unwrap().1;
+        assert_eq!(other.statuses[STATUS_SLOTS - 1], 1);
+        let mut merged = b.clone();
+        merged.merge(b);
+        assert_eq!(merged.duration_us.len(), 4);
+        assert_eq!(merged.statuses[0], 2);
+    }
+}

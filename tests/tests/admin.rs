@@ -1,0 +1,99 @@
+//! The admin endpoint: Prometheus metrics merged from every worker, and the agents view.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use dmsc_agent::Status;
+use dmsc_tests::*;
+
+fn get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_owned(), body.to_owned())
+}
+
+fn value(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no series {series} in\n{metrics}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_agents_are_served() {
+    let pki = Pki::new();
+    let gw = gateway(&pki, 2, |_| {});
+    let admin = gw.admin_addr().unwrap();
+    let _target = attach(&pki, gw.local_addr(), "target", &["echo", "fail"]).await;
+    let caller = attach(&pki, gw.local_addr(), "caller", &["x"]).await;
+    for _ in 0..20 {
+        assert_eq!(caller.invoke("echo", "m").await.unwrap().status, Status::Ok);
+    }
+    assert_eq!(
+        caller.invoke("fail", "m").await.unwrap().status,
+        Status::ApplicationError
+    );
+    assert_eq!(
+        caller.invoke("nobody", "m").await.unwrap().status,
+        Status::NoRoute
+    );
+
+    let (status, body) = get(admin, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    // Counted on whichever worker served them, merged on read.
+    let ok = value(
+        &body,
+        "dmsc_responses_total{capability=\"echo\",status=\"OK\"}",
+    );
+    assert_eq!(ok, 20.0);
+    let failed = value(
+        &body,
+        "dmsc_responses_total{capability=\"fail\",status=\"APPLICATION_ERROR\"}",
+    );
+    assert_eq!(failed, 1.0);
+    assert_eq!(
+        value(&body, "dmsc_gateway_answers_total{status=\"NO_ROUTE\"}"),
+        1.0
+    );
+    assert_eq!(
+        value(&body, "dmsc_residence_seconds_count{capability=\"echo\"}"),
+        20.0
+    );
+    assert_eq!(
+        value(
+            &body,
+            "dmsc_request_duration_seconds_count{capability=\"echo\"}"
+        ),
+        20.0
+    );
+    assert!(
+        value(
+            &body,
+            "dmsc_residence_seconds{capability=\"echo\",quantile=\"0.99\"}"
+        ) > 0.0
+    );
+    assert_eq!(value(&body, "dmsc_attached_agents"), 2.0);
+    assert_eq!(value(&body, "dmsc_table_generation{worker=\"0\"}"), 0.0);
+    // Unrouted capability names never become label values (bounded cardinality).
+    assert!(!body.contains("capability=\"nobody\""));
+
+    let (status, body) = get(admin, "/agents");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let agents: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let ids: Vec<&str> = agents
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["identity"].as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&"spiffe://test.local/agent/target"), "{body}");
+    assert!(ids.contains(&"spiffe://test.local/agent/caller"), "{body}");
+
+    assert_eq!(get(admin, "/healthz").0, "HTTP/1.1 200 OK");
+    assert_eq!(get(admin, "/nope").0, "HTTP/1.1 404 Not Found");
+    gw.shutdown(Duration::from_secs(1));
+}
