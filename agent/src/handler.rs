@@ -117,6 +117,12 @@ pub struct Request {
     pub deadline: Option<Duration>,
     /// The caller's trace context (all zero if none).
     pub trace: TraceContext,
+    /// How many gateways this request has crossed. A handler that invokes other capabilities
+    /// on behalf of this request should pass it on ([`RequestBuilder::caused_by`]) so the
+    /// gateway can stop loops (`LOOP_DETECTED`).
+    ///
+    /// [`RequestBuilder::caused_by`]: crate::RequestBuilder::caused_by
+    pub hop_count: u8,
     body: Body,
     max_payload: usize,
     agent: Option<Agent>,
@@ -135,6 +141,7 @@ impl Request {
             content_type: header.content_type.to_owned(),
             deadline: (header.deadline_ms > 0).then(|| Duration::from_millis(header.deadline_ms)),
             trace: header.trace,
+            hop_count: header.hop_count,
             body,
             max_payload,
             agent,

@@ -131,6 +131,7 @@ pub struct RequestBuilder {
     deadline: Option<Duration>,
     content_type: String,
     trace: TraceContext,
+    hop_count: u8,
 }
 
 impl RequestBuilder {
@@ -141,6 +142,7 @@ impl RequestBuilder {
             deadline: None,
             content_type: String::new(),
             trace: TraceContext::default(),
+            hop_count: 0,
         }
     }
 
@@ -161,6 +163,15 @@ impl RequestBuilder {
     /// The W3C trace context to propagate.
     pub fn trace(mut self, trace: TraceContext) -> Self {
         self.trace = trace;
+        self
+    }
+
+    /// Marks this invocation as made on behalf of `request` (one a handler is serving): it
+    /// carries the request's hop count and trace context on, so a chain of agents calling each
+    /// other in a circle ends with `LOOP_DETECTED` instead of running forever.
+    pub fn caused_by(mut self, request: &crate::Request) -> Self {
+        self.hop_count = request.hop_count;
+        self.trace = request.trace;
         self
     }
 
@@ -337,7 +348,7 @@ impl RequestBuilder {
         RequestHeader {
             capability: &self.capability,
             deadline_ms,
-            hop_count: 0,
+            hop_count: self.hop_count,
             trace: self.trace,
             content_type: &self.content_type,
             caller: "",

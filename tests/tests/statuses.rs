@@ -281,3 +281,44 @@ async fn malformed_card_is_refused_with_the_field_named() {
     let _ = InvokeError::Closed;
     gw.shutdown(Duration::from_secs(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_calling_each_other_in_a_circle_end_with_loop_detected() {
+    use dmsc_agent::{HandlerError, Handlers, Request, Response};
+    let pki = Pki::new();
+    let gw = gateway(&pki, 1, |c| c.limits.max_hops = 4);
+    // "ping" calls "pong" and "pong" calls "ping", each on behalf of the request it serves,
+    // and answers with whatever status its own call got.
+    let relay = |next: &'static str| {
+        Handlers::new().on(
+            if next == "pong" { "ping" } else { "pong" },
+            move |req: Request| async move {
+                let agent = req.agent().expect("served by an agent").clone();
+                let reply = agent.request(next).caused_by(&req).send("").await;
+                let status = match reply {
+                    Ok(r) => r.status,
+                    Err(e) => e.status(),
+                };
+                Ok::<_, HandlerError>(Response::error(status, format!("{next} answered {status}")))
+            },
+        )
+    };
+    let a = Agent::attach(
+        agent_config(&pki, gw.local_addr(), "a", card("a", &["ping"])),
+        relay("pong"),
+    )
+    .await
+    .unwrap();
+    let b = Agent::attach(
+        agent_config(&pki, gw.local_addr(), "b", card("b", &["pong"])),
+        relay("ping"),
+    )
+    .await
+    .unwrap();
+    let caller = attach(&pki, gw.local_addr(), "caller", &["x"]).await;
+    let reply = caller.invoke("ping", "").await.unwrap();
+    assert_eq!(reply.status, Status::LoopDetected, "{}", reply.message);
+    assert_eq!(gw.stats().answered(Status::LoopDetected), 1);
+    drop((a, b));
+    gw.shutdown(Duration::from_secs(1));
+}
