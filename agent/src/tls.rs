@@ -67,7 +67,11 @@ pub(crate) fn client_config(
         .max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
             IDLE_TIMEOUT_MS,
         ))))
-        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(max_concurrent))
+        // Twice the concurrency limit in stream credit: the gateway enforces `max_concurrent`
+        // itself, and a finished stream's credit only returns once its FIN is acknowledged and
+        // MAX_STREAMS has arrived; without the headroom a target at its limit would see spurious
+        // OVERLOADED answers in that window.
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(max_concurrent.saturating_mul(2)))
         .max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     config.transport_config(Arc::new(transport));

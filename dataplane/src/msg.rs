@@ -56,9 +56,9 @@ pub(crate) enum HandoffEvent {
     Ack(usize),
     /// Home -> origin: the request failed with this status (before any response byte).
     Fail(Status),
-    /// Origin -> home: the request is abandoned; home -> origin: the target failed after the
-    /// response began.
-    Cancel,
+    /// Origin -> home: the request is abandoned (the code says why: the caller cancelled, or
+    /// the deadline passed); home -> origin: the target failed after the response began.
+    Cancel(dmsc_protocol::StreamCode),
     /// Home -> origin: the target stopped reading the request body; stop reading the caller's.
     StopRequest,
 }

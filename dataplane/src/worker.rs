@@ -2118,7 +2118,7 @@ impl Worker {
                     WorkerMsg::Handoff {
                         id,
                         to_home: true,
-                        event: HandoffEvent::Cancel,
+                        event: HandoffEvent::Cancel(code),
                     },
                 );
             }
@@ -2157,7 +2157,7 @@ impl Worker {
                         WorkerMsg::Handoff {
                             id,
                             to_home: false,
-                            event: HandoffEvent::Cancel,
+                            event: HandoffEvent::Cancel(code),
                         },
                     );
                 }
@@ -2305,13 +2305,13 @@ impl Worker {
                         x.resp.unacked = x.resp.unacked.saturating_sub(n);
                     }
                 }
-                HandoffEvent::Cancel => {
+                HandoffEvent::Cancel(code) => {
                     if let Some(x) = self.ex(key) {
                         x.down_send_closed = true;
                         x.down_recv_closed = true;
                         x.resp.queue.clear();
                     }
-                    self.cancel_up(key, StreamCode::Cancelled);
+                    self.cancel_up(key, code);
                 }
                 HandoffEvent::Open { .. } | HandoffEvent::Fail(_) | HandoffEvent::StopRequest => {}
             }
@@ -2341,7 +2341,7 @@ impl Worker {
                         self.close_down_send(key, StreamCode::TargetFailed);
                     }
                 }
-                HandoffEvent::Cancel => {
+                HandoffEvent::Cancel(_) => {
                     x.up_send_closed = true;
                     x.up_recv_closed = true;
                     self.target_failed(key);

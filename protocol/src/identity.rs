@@ -419,7 +419,9 @@ impl CertificateAuthority {
         for dns in dns_names {
             params.subject_alt_names.push(host_san(dns)?);
         }
-        params.is_ca = IsCa::ExplicitNoCa;
+        // No basicConstraints extension at all: an explicit `cA FALSE` is not valid DER (a
+        // DEFAULT value must be omitted) and strict parsers reject it.
+        params.is_ca = IsCa::NoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
