@@ -968,6 +968,17 @@ impl Worker {
             return;
         };
         match (role, frame) {
+            (Role::Pending, ControlFrame::Attach { .. } | ControlFrame::Lane { .. })
+                if self.drain_deadline.is_some() =>
+            {
+                self.refuse(
+                    ci,
+                    Refusal::Draining,
+                    "gateway is draining".into(),
+                    now,
+                    true,
+                )
+            }
             (
                 Role::Pending,
                 ControlFrame::Attach {
@@ -1077,15 +1088,6 @@ impl Worker {
         card: &[u8],
         now: Instant,
     ) {
-        if self.drain_deadline.is_some() {
-            return self.refuse(
-                ci,
-                Refusal::Draining,
-                "gateway is draining".into(),
-                now,
-                true,
-            );
-        }
         let card = match self.parse_card(card) {
             Ok(card) => card,
             Err(reason) => return self.refuse(ci, Refusal::BadCard, reason, now, true),
@@ -1159,15 +1161,6 @@ impl Worker {
         token: LaneToken,
         now: Instant,
     ) {
-        if self.drain_deadline.is_some() {
-            return self.refuse(
-                ci,
-                Refusal::Draining,
-                "gateway is draining".into(),
-                now,
-                true,
-            );
-        }
         let home = self.agents.get(&session).map(|a| a.home);
         let ok = self
             .agents
