@@ -381,7 +381,8 @@ impl ControlFrame {
                 let lane_token = LaneToken(r.array("lane_token")?);
                 let worker = r.varint("worker")?;
                 let count = r.count("lanes", MAX_LANES)?;
-                let mut lanes = Vec::with_capacity(count);
+                // Grow with what actually arrives, never preallocate what a peer announces.
+                let mut lanes = Vec::with_capacity(count.min(16));
                 for _ in 0..count {
                     lanes.push(r.str("lane address", MAX_ADDRESS_BYTES)?.to_owned());
                 }
@@ -432,7 +433,7 @@ impl ControlFrame {
                     }
                 };
                 let count = r.count("entries", MAX_DISCOVERY_ENTRIES)?;
-                let mut entries = Vec::with_capacity(count.min(64));
+                let mut entries = Vec::with_capacity(count.min(16));
                 for _ in 0..count {
                     let capability = r.str("capability", MAX_CAPABILITY_BYTES)?.to_owned();
                     let description = r.str("description", MAX_DISCOVERY_STRING_BYTES)?.to_owned();
