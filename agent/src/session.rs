@@ -613,9 +613,11 @@ async fn connect(shared: &Shared, addr: SocketAddr) -> Result<Connection, AgentE
 
 /// Lowers the limit of gateway-opened streams to what the gateway said it applies, when that
 /// is lower than ours.
+/// Lowers the stream credit to twice the gateway's per-worker limit when that is below ours
+/// (the headroom covers credit that is still on its way back; see `tls.rs`).
 fn limit_streams(connection: &Connection, ours: u32, gateway: u64) {
     if gateway > 0 && gateway < u64::from(ours) {
-        if let Ok(limit) = VarInt::from_u64(gateway) {
+        if let Ok(limit) = VarInt::from_u64(gateway.saturating_mul(2)) {
             connection.set_max_concurrent_bi_streams(limit);
         }
     }

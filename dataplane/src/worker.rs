@@ -894,7 +894,7 @@ impl Worker {
             self.on_control(ci, frame, now);
         }
         if finished {
-            if let Some(conn) = self.conns[ci].as_mut() {
+            if let Some(conn) = self.conns[ci].as_mut().filter(|c| c.close_after.is_none()) {
                 // The agent closed its control stream: it is leaving.
                 close(conn, now, ConnectionCode::NoError, "control stream closed");
             }
@@ -1451,7 +1451,12 @@ impl Worker {
                         .iter()
                         .position(|c| c.as_ref().is_some_and(|c| c.role == Role::Lane(session)));
                     self.agent_up(info);
-                    if let Some(ci) = lane {
+                    let routed = self
+                        .router
+                        .find(session)
+                        .and_then(|i| self.router.agent(i))
+                        .is_some_and(|a| a.local.is_some());
+                    if let (Some(ci), false) = (lane, routed) {
                         self.router.set_local(session, Some(ci));
                     }
                 }
@@ -2029,15 +2034,27 @@ impl Worker {
         let down = x.down;
         let recv_open = !x.down_recv_closed;
         x.down_recv_closed = true;
-        if let (Leg::Local { conn, stream }, true) = (down, recv_open) {
-            // The rest of the request body is not wanted.
-            if let Some(c) = self.conns.get_mut(conn).and_then(Option::as_mut) {
-                let _ = c
-                    .quic
-                    .recv_stream(stream)
-                    .stop(StreamCode::Cancelled.into_varint());
-                mark_dirty(&mut self.dirty, c, conn);
+        // The rest of the request body is not wanted.
+        match down {
+            Leg::Local { conn, stream } if recv_open => {
+                if let Some(c) = self.conns.get_mut(conn).and_then(Option::as_mut) {
+                    let _ = c
+                        .quic
+                        .recv_stream(stream)
+                        .stop(StreamCode::Cancelled.into_varint());
+                    mark_dirty(&mut self.dirty, c, conn);
+                }
             }
+            // Home side of a hand-off: the origin stops reading the caller.
+            Leg::Remote { worker, id } if recv_open => self.post(
+                worker,
+                WorkerMsg::Handoff {
+                    id,
+                    to_home: false,
+                    event: HandoffEvent::StopRequest,
+                },
+            ),
+            Leg::Local { .. } | Leg::Remote { .. } => {}
         }
         self.pumps.push_back(key);
     }
@@ -2329,7 +2346,11 @@ impl Worker {
                     x.up_send_closed = true;
                     x.up_recv_closed = true;
                     if !x.response_started {
-                        self.answer(key, status, "target failed");
+                        let message = match status {
+                            Status::Overloaded => "the target has no stream capacity",
+                            _ => "the target is no longer reachable",
+                        };
+                        self.answer(key, status, message);
                     } else {
                         self.close_down_send(key, StreamCode::TargetFailed);
                     }

@@ -1009,9 +1009,8 @@ class DmscConnection(QuicConnectionProtocol):
             return
         if end:
             if self.refused:
-                # Observed: after ATTACH_REFUSED the gateway finishes its half of the control
-                # stream, then closes with ATTACH_REFUSED. Section 4.1 says it never finishes
-                # it; tolerate it here so that the gateway's close code is the one we see.
+                # Section 4.5: after ATTACH_REFUSED the gateway finishes its half of the control
+                # stream, then closes with ATTACH_REFUSED; wait for that close.
                 log.debug("%s: gateway finished the control stream after a refusal", self.label)
                 return
             # The gateway never finishes its half (section 4.1): protocol violation.
@@ -1321,11 +1320,9 @@ class Agent:
         self.handlers = dict(handlers)
         self.name = name
         self.max_concurrent = max_concurrent
-        # initial_max_streams_bidi. Section 2.5 says it SHOULD equal max_concurrent, but the
-        # gateway frees its in-flight slot when the response ends while the QUIC stream credit
-        # only comes back once the gateway has acknowledged the response's FIN and our
-        # MAX_STREAMS has reached it; with equal values a caller that invokes again at once
-        # gets spurious OVERLOADED (step 7). Twice max_concurrent avoids that.
+        # initial_max_streams_bidi: section 2.5 recommends at least twice max_concurrent, since
+        # stream credit only comes back once the gateway has acknowledged the response's FIN
+        # and our MAX_STREAMS has reached it.
         self.stream_credit = stream_credit or 2 * max_concurrent
         self.max_request_bytes = max_request_bytes
         self.open_lanes = open_lanes
@@ -1625,12 +1622,13 @@ class Agent:
 
 
 def _status_for_reset(code: int) -> int:
-    """Section 13 / 7.4 rule 4: a reset from the gateway is a failure of the invocation, as
-    TARGET_FAILED unless the code says otherwise."""
+    """Section 7.4: the status a caller reports for a reset of its own invocation stream."""
     if code == StreamCode.DEADLINE_EXCEEDED:
         return Status.DEADLINE_EXCEEDED
     if code == StreamCode.PROTOCOL_VIOLATION:
         return Status.BAD_REQUEST  # stream opened before the connection was attached
+    if code == StreamCode.CANCELLED:
+        return Status.UNAVAILABLE
     return Status.TARGET_FAILED
 
 

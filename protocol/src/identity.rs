@@ -398,7 +398,7 @@ impl CertificateAuthority {
     ///
     /// The leaf carries `id` as its URI SAN plus the given DNS names (strings that parse as IP
     /// addresses, such as `127.0.0.1` or `::1`, become IP SANs), extended key usages serverAuth
-    /// and clientAuth, and `CA:FALSE`. Refuses an `id` of another trust domain.
+    /// and clientAuth, and no basicConstraints (an end entity). Refuses an `id` of another trust domain.
     pub fn issue(
         &self,
         id: &SpiffeId,
