@@ -1,0 +1,541 @@
+//! The command line: flags, their help text, and their validation into a [`Plan`].
+//!
+//! Everything is checked here, before a key is generated or a process started, so a bad flag
+//! costs nothing and says what is wrong.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::units::parse_duration;
+
+/// Largest request or response payload: both are held in memory whole.
+pub const MAX_PAYLOAD_BYTES: usize = 16 * 1024 * 1024;
+
+/// Load generator for the DMSC gateway.
+///
+/// With no arguments: creates a throwaway PKI, starts a gateway and echo agents as separate
+/// processes, drives 10 s of closed-loop load (64 requests in flight) through the gateway after
+/// a 2 s warm-up, prints throughput, errors, latency percentiles and CPU per request, and
+/// writes latency.hgrm, latency.hlog and latency.svg to loadgen-out/. Exits non-zero if any
+/// request failed or none completed. See docs/LOADGEN.md.
+#[derive(Debug, Parser)]
+#[command(name = "dmsc-loadgen", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    /// What to do; without a command, one run in the mode given by --mode.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// The load (used when no command is given).
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// An existing gateway to drive instead of starting one.
+    #[command(flatten)]
+    pub external: ExternalArgs,
+    /// Where requests go: `gateway` (through the gateway) or `direct` (straight to the echo
+    /// agents' own QUIC listeners, no gateway started).
+    #[arg(long, value_enum, default_value_t = Route::Gateway)]
+    pub mode: Route,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the same load through the gateway and directly to the same agents, in interleaved
+    /// rounds (gateway, direct, gateway, direct, ...), and print both summaries and their
+    /// ratios.
+    Compare(CompareArgs),
+    /// (internal) Run a gateway; prints `listening ADDR`; exits when stdin closes.
+    #[command(hide = true)]
+    ServeGateway(ServeGatewayArgs),
+    /// (internal) Run echo agents; prints `direct ADDR` per agent, then `ready`; exits when
+    /// stdin closes.
+    #[command(hide = true)]
+    ServeAgents(ServeAgentsArgs),
+}
+
+/// Where the load goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, ValueEnum)]
+pub enum Route {
+    /// Through the gateway, which routes each request by capability to an attached agent.
+    Gateway,
+    /// Straight to the agents' own QUIC listeners, round-robin over the agents.
+    Direct,
+}
+
+impl Route {
+    /// The name used in reports and file names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Route::Gateway => "gateway",
+            Route::Direct => "direct",
+        }
+    }
+}
+
+/// `compare` flags.
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    /// The load of each mode.
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// Rounds per mode; each round lasts --duration divided by --rounds, so each mode is
+    /// measured for --duration in total.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub rounds: u32,
+}
+
+/// The flags that select an existing gateway (a single run only).
+#[derive(Debug, Clone, Args)]
+pub struct ExternalArgs {
+    /// Drive an existing gateway at ADDR (host:port) instead of starting one; requires --cert,
+    /// --key and --ca. Requests go to whatever agents are attached.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        conflicts_with_all = ["agents", "gateway_workers", "pin_gateway"]
+    )]
+    pub gateway: Option<String>,
+    /// With --gateway: the callers' certificate (PEM), an agent identity
+    /// spiffe://<domain>/agent/<name>.
+    #[arg(long, value_name = "FILE", requires = "gateway")]
+    pub cert: Option<PathBuf>,
+    /// With --gateway: the private key of --cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "gateway")]
+    pub key: Option<PathBuf>,
+    /// With --gateway: the domain CA certificate(s) the gateway's certificate chains to (PEM).
+    #[arg(long, value_name = "FILE", requires = "gateway")]
+    pub ca: Option<PathBuf>,
+}
+
+/// The flags that describe a load, shared by a single run and `compare`.
+#[derive(Debug, Clone, Args)]
+pub struct LoadArgs {
+    /// Capability every request invokes.
+    #[arg(long, default_value = "echo", value_name = "NAME")]
+    pub capability: String,
+    /// Request payload size, bytes.
+    #[arg(long, default_value_t = 100, value_name = "BYTES")]
+    pub request_bytes: usize,
+    /// Response payload size, bytes (the started agents echo the request when both sizes are
+    /// equal, and answer this many bytes otherwise).
+    #[arg(long, default_value_t = 100, value_name = "BYTES")]
+    pub response_bytes: usize,
+    /// Echo agents to start (each is one SDK agent attached to the gateway, with its own direct
+    /// QUIC listener; all run in one agents process, one thread each).
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    pub agents: usize,
+    /// Caller threads, each with its own QUIC endpoint on a single-threaded runtime.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    pub callers: usize,
+    /// Connections per caller thread (and per mode). Through the gateway, connections come in
+    /// attached sessions with one connection per gateway worker (a primary and its lanes, as
+    /// the SDK opens them): the count is rounded up to whole sessions.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub connections: usize,
+    /// Closed loop: keep N requests in flight in total, each sent as soon as the previous one
+    /// on its slot completed [default: 64].
+    #[arg(long, value_name = "N", conflicts_with = "rate")]
+    pub concurrency: Option<u32>,
+    /// Open loop: send R requests per second in total on a fixed schedule; latency counts from
+    /// each request's intended send time (wrk2-style, no coordinated omission).
+    #[arg(long, value_name = "R")]
+    pub rate: Option<f64>,
+    /// Measured time (per mode, for `compare`): 500ms, 5s, 1m.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub duration: Duration,
+    /// Unmeasured load before measuring (per mode, for `compare`).
+    #[arg(long, default_value = "2s", value_parser = parse_duration, value_name = "DURATION")]
+    pub warmup: Duration,
+    /// Per-request timeout; also sent as the request's deadline. A request that times out is
+    /// an error.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub timeout: Duration,
+    /// Gateway worker threads [default: one per core].
+    #[arg(long, value_name = "N")]
+    pub gateway_workers: Option<usize>,
+    /// Pin gateway worker i to core i (the gateway's own default; off here because the
+    /// callers and agents share the cores with it).
+    #[arg(long)]
+    pub pin_gateway: bool,
+    /// Also write the summary as JSON to FILE (schema in docs/LOADGEN.md).
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Directory for latency.hgrm, latency.hlog and latency.svg (created if missing).
+    #[arg(long, default_value = "loadgen-out", value_name = "DIR")]
+    pub out: PathBuf,
+}
+
+/// `serve-gateway` flags.
+#[derive(Debug, Args)]
+pub struct ServeGatewayArgs {
+    /// Listen address.
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// Worker threads.
+    #[arg(long)]
+    pub workers: usize,
+    /// Gateway certificate (PEM).
+    #[arg(long)]
+    pub cert: PathBuf,
+    /// Gateway key (PEM).
+    #[arg(long)]
+    pub key: PathBuf,
+    /// Domain CA (PEM).
+    #[arg(long)]
+    pub ca: PathBuf,
+    /// Trust domain.
+    #[arg(long)]
+    pub domain: String,
+    /// Pin workers to cores.
+    #[arg(long)]
+    pub pin: bool,
+}
+
+/// `serve-agents` flags.
+#[derive(Debug, Args)]
+pub struct ServeAgentsArgs {
+    /// Number of agents.
+    #[arg(long)]
+    pub agents: usize,
+    /// Gateway to attach to; without it the agents only serve their direct listeners.
+    #[arg(long)]
+    pub gateway: Option<SocketAddr>,
+    /// Lanes each agent should have opened before `ready` is printed.
+    #[arg(long, default_value_t = 0)]
+    pub expect_lanes: usize,
+    /// Agent certificate (PEM).
+    #[arg(long)]
+    pub cert: PathBuf,
+    /// Agent key (PEM).
+    #[arg(long)]
+    pub key: PathBuf,
+    /// Domain CA (PEM).
+    #[arg(long)]
+    pub ca: PathBuf,
+    /// Capability served.
+    #[arg(long)]
+    pub capability: String,
+    /// Response payload size.
+    #[arg(long)]
+    pub response_bytes: usize,
+}
+
+/// How much load, and how it is paced.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Load {
+    /// Closed loop: this many requests in flight in total.
+    Closed {
+        /// Requests in flight.
+        concurrency: u32,
+    },
+    /// Open loop: this many requests per second in total, on a fixed schedule.
+    Open {
+        /// Requests per second.
+        rate: f64,
+    },
+}
+
+/// Where the gateway and agents come from.
+#[derive(Debug, Clone)]
+pub enum Deployment {
+    /// Started by the loadgen, as child processes, with a throwaway PKI.
+    SelfContained {
+        /// Echo agents.
+        agents: usize,
+        /// Gateway workers.
+        gateway_workers: usize,
+        /// Pin the gateway's workers.
+        pin_gateway: bool,
+    },
+    /// An existing gateway and the caller identity to use with it.
+    External {
+        /// The gateway.
+        gateway: SocketAddr,
+        /// Caller certificate.
+        cert: PathBuf,
+        /// Caller key.
+        key: PathBuf,
+        /// Domain CA.
+        ca: PathBuf,
+    },
+}
+
+/// What to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Runs {
+    /// One mode.
+    Single(Route),
+    /// Both modes, interleaved in this many rounds each.
+    Compare {
+        /// Rounds per mode.
+        rounds: u32,
+    },
+}
+
+/// A validated run.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Where the gateway and agents come from.
+    pub deployment: Deployment,
+    /// One mode or both.
+    pub runs: Runs,
+    /// Capability invoked.
+    pub capability: String,
+    /// Request payload bytes.
+    pub request_bytes: usize,
+    /// Response payload bytes.
+    pub response_bytes: usize,
+    /// Caller threads.
+    pub callers: usize,
+    /// Connections per caller thread.
+    pub connections: usize,
+    /// The load.
+    pub load: Load,
+    /// Measured time per mode.
+    pub duration: Duration,
+    /// Warm-up per mode.
+    pub warmup: Duration,
+    /// Per-request timeout.
+    pub timeout: Duration,
+    /// JSON summary file.
+    pub json: Option<PathBuf>,
+    /// Output directory.
+    pub out: PathBuf,
+}
+
+impl Plan {
+    /// Validates a single run's flags.
+    pub fn single(load: &LoadArgs, external: &ExternalArgs, route: Route) -> anyhow::Result<Plan> {
+        let plan = Plan::from_load(load, Some(external), Runs::Single(route))?;
+        if route == Route::Direct && matches!(plan.deployment, Deployment::External { .. }) {
+            bail!(
+                "--mode direct needs the loadgen's own agents (their direct listeners); it cannot \
+                 be combined with --gateway"
+            );
+        }
+        Ok(plan)
+    }
+
+    /// Validates `compare`'s flags.
+    pub fn compare(args: &CompareArgs) -> anyhow::Result<Plan> {
+        if args.rounds == 0 || args.rounds > 1000 {
+            bail!("--rounds must be between 1 and 1000");
+        }
+        let plan = Plan::from_load(
+            &args.load,
+            None,
+            Runs::Compare {
+                rounds: args.rounds,
+            },
+        )?;
+        if plan.duration / args.rounds < Duration::from_millis(100) {
+            bail!(
+                "--duration / --rounds must be at least 100ms (got {} / {})",
+                crate::units::format_duration(plan.duration),
+                args.rounds
+            );
+        }
+        Ok(plan)
+    }
+
+    /// Checks what both kinds of run share.
+    fn from_load(
+        a: &LoadArgs,
+        external: Option<&ExternalArgs>,
+        runs: Runs,
+    ) -> anyhow::Result<Plan> {
+        dmsc_protocol::card::validate_capability_name(&a.capability)
+            .map_err(|e| anyhow::anyhow!("--capability {:?}: {e}", a.capability))?;
+        for (flag, value) in [
+            ("--request-bytes", a.request_bytes),
+            ("--response-bytes", a.response_bytes),
+        ] {
+            if value > MAX_PAYLOAD_BYTES {
+                bail!("{flag} must be at most {MAX_PAYLOAD_BYTES} (16 MiB), got {value}");
+            }
+        }
+        in_range("--callers", a.callers, 1, 64)?;
+        in_range("--connections", a.connections, 1, 256)?;
+        in_range("--agents", a.agents, 1, 64)?;
+        let load = match (a.concurrency, a.rate) {
+            (_, Some(rate)) => {
+                if !rate.is_finite() || rate <= 0.0 || rate > 10_000_000.0 {
+                    bail!("--rate must be above 0 and at most 10000000 requests/s, got {rate}");
+                }
+                Load::Open { rate }
+            }
+            (concurrency, None) => {
+                let concurrency = concurrency.unwrap_or(64);
+                in_range("--concurrency", concurrency as usize, 1, 100_000)?;
+                Load::Closed { concurrency }
+            }
+        };
+        if a.duration < Duration::from_millis(100) {
+            bail!("--duration must be at least 100ms");
+        }
+        if a.warmup > Duration::from_secs(3600) {
+            bail!("--warmup must be at most 1h (60m)");
+        }
+        if a.timeout < Duration::from_millis(1) {
+            bail!("--timeout must be at least 1ms");
+        }
+        let deployment = match external.and_then(|e| e.gateway.as_ref().map(|g| (e, g))) {
+            Some((e, gateway)) => {
+                let (Some(cert), Some(key), Some(ca)) = (&e.cert, &e.key, &e.ca) else {
+                    bail!("--gateway needs the callers' identity: --cert, --key and --ca");
+                };
+                let gateway = gateway
+                    .to_socket_addrs()
+                    .with_context(|| format!("--gateway {gateway:?}: expected host:port"))?
+                    .next()
+                    .with_context(|| format!("--gateway {gateway:?}: no address"))?;
+                for (flag, path) in [("--cert", cert), ("--key", key), ("--ca", ca)] {
+                    if !path.is_file() {
+                        bail!("{flag} {}: no such file", path.display());
+                    }
+                }
+                Deployment::External {
+                    gateway,
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    ca: ca.clone(),
+                }
+            }
+            None => {
+                let gateway_workers = match a.gateway_workers {
+                    Some(n) => {
+                        in_range("--gateway-workers", n, 1, 256)?;
+                        n
+                    }
+                    None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                };
+                Deployment::SelfContained {
+                    agents: a.agents,
+                    gateway_workers,
+                    pin_gateway: a.pin_gateway,
+                }
+            }
+        };
+        if a.out.is_file() {
+            bail!("--out {}: is a file, expected a directory", a.out.display());
+        }
+        Ok(Plan {
+            deployment,
+            runs,
+            capability: a.capability.clone(),
+            request_bytes: a.request_bytes,
+            response_bytes: a.response_bytes,
+            callers: a.callers,
+            connections: a.connections,
+            load,
+            duration: a.duration,
+            warmup: a.warmup,
+            timeout: a.timeout,
+            json: a.json.clone(),
+            out: a.out.clone(),
+        })
+    }
+}
+
+fn in_range(flag: &str, value: usize, min: usize, max: usize) -> anyhow::Result<()> {
+    if value < min || value > max {
+        bail!("{flag} must be between {min} and {max}, got {value}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("dmsc-loadgen").chain(args.iter().copied()))
+    }
+
+    fn plan(args: &[&str]) -> anyhow::Result<Plan> {
+        let cli = parse(args).map_err(|e| anyhow::anyhow!("{e}"))?;
+        match &cli.command {
+            None => Plan::single(&cli.load, &cli.external, cli.mode),
+            Some(Command::Compare(c)) => Plan::compare(c),
+            Some(_) => unreachable!("internal commands are not planned"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_a_closed_loop_through_a_started_gateway() {
+        let p = plan(&[]).unwrap();
+        assert_eq!(p.runs, Runs::Single(Route::Gateway));
+        assert_eq!(p.load, Load::Closed { concurrency: 64 });
+        assert_eq!(p.duration, Duration::from_secs(10));
+        assert_eq!(p.warmup, Duration::from_secs(2));
+        assert_eq!((p.request_bytes, p.response_bytes), (100, 100));
+        assert_eq!((p.callers, p.connections), (2, 4));
+        assert!(matches!(
+            p.deployment,
+            Deployment::SelfContained { agents: 2, .. }
+        ));
+        assert_eq!(p.out, PathBuf::from("loadgen-out"));
+    }
+
+    #[test]
+    fn the_documented_compare_invocation_parses() {
+        let p = plan(&[
+            "compare",
+            "--concurrency",
+            "64",
+            "--request-bytes",
+            "100",
+            "--response-bytes",
+            "100",
+            "--duration",
+            "5s",
+            "--json",
+            "/tmp/x.json",
+        ])
+        .unwrap();
+        assert_eq!(p.runs, Runs::Compare { rounds: 3 });
+        assert_eq!(p.duration, Duration::from_secs(5));
+        assert_eq!(p.json, Some(PathBuf::from("/tmp/x.json")));
+    }
+
+    #[test]
+    fn rate_makes_an_open_loop_and_excludes_concurrency() {
+        let p = plan(&["--rate", "5000", "--duration", "500ms"]).unwrap();
+        assert_eq!(p.load, Load::Open { rate: 5000.0 });
+        assert!(parse(&["--rate", "5", "--concurrency", "3"]).is_err());
+    }
+
+    #[test]
+    fn bad_flags_are_refused_with_the_flag_named() {
+        for (args, needle) in [
+            (&["--callers", "0"][..], "--callers"),
+            (&["--concurrency", "0"], "--concurrency"),
+            (&["--rate", "0"], "--rate"),
+            (&["--request-bytes", "99999999"], "--request-bytes"),
+            (&["--capability", "has space"], "--capability"),
+            (&["--duration", "10ms"], "--duration"),
+            (
+                &["--mode", "direct", "--gateway", "127.0.0.1:1"],
+                "--gateway",
+            ),
+            (&["compare", "--rounds", "0"], "--rounds"),
+            (&["compare", "--gateway", "127.0.0.1:1"], "--gateway"),
+            (
+                &["compare", "--duration", "200ms", "--rounds", "3"],
+                "--rounds",
+            ),
+        ] {
+            let err = plan(args).unwrap_err().to_string();
+            assert!(err.contains(needle), "{args:?}: {err}");
+        }
+        // Durations without a unit are refused by the parser.
+        assert!(parse(&["--duration", "5"]).is_err());
+        // An identity only makes sense with an external gateway.
+        assert!(parse(&["--cert", "x.pem"]).is_err());
+        // Agents are whatever is attached to an external gateway.
+        assert!(parse(&["--gateway", "127.0.0.1:1", "--agents", "3"]).is_err());
+    }
+}

@@ -1,0 +1,499 @@
+//! Orchestration: start (or find) the gateway and agents, connect the callers, run the warm-up
+//! and measured phases, then report and write the files.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use dmsc_protocol::header::RequestHeader;
+
+use crate::caller::{CallerPool, CallerSetup, PhaseSpec};
+use crate::children::{ChildProcess, STARTUP_TIMEOUT};
+use crate::cli::{Deployment, Load, Plan, Route, Runs};
+use crate::cpu;
+use crate::output::{interval_log, percentile_distribution};
+use crate::pki::{TempPki, DOMAIN};
+use crate::report::{
+    errors_text, Comparison, ModeStats, PhaseMeasurement, RoleCpu, RunInfo, Summary,
+};
+use crate::svg::{percentile_spectrum, Series};
+use crate::tls::{client_config, Credentials, PeerKind};
+use crate::units::{format_duration, thousands};
+
+/// Pause between handing a phase to the callers and its start, so every thread starts
+/// together.
+const PHASE_LEAD: Duration = Duration::from_millis(20);
+
+/// How a run ended, for the exit code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// Failed requests, warm-up included.
+    pub failed: u64,
+    /// Requests completed in the measured windows of each mode.
+    pub completed: Vec<(Route, u64)>,
+    /// Child processes (`gateway`, `agents`) that exited during the run.
+    pub died: Vec<&'static str>,
+}
+
+impl Verdict {
+    /// Whether every request succeeded, every mode completed some, and no child died.
+    pub fn passed(&self) -> bool {
+        self.failed == 0 && self.completed.iter().all(|&(_, n)| n > 0) && self.died.is_empty()
+    }
+}
+
+/// Runs `plan` and reports; `Err` only for setup and runtime failures, failed requests are
+/// in the verdict.
+pub fn run(plan: &Plan) -> anyhow::Result<Verdict> {
+    let routes = match plan.runs {
+        Runs::Single(route) => vec![route],
+        Runs::Compare { .. } => vec![Route::Gateway, Route::Direct],
+    };
+    let mut env = Environment::start(plan, routes.contains(&Route::Gateway))?;
+    let setup = CallerSetup {
+        gateway: match env.gateway_addr {
+            Some(addr) if routes.contains(&Route::Gateway) => {
+                Some((addr, client_config(&env.caller, PeerKind::Gateway)?))
+            }
+            _ => None,
+        },
+        direct: if routes.contains(&Route::Direct) {
+            Some((
+                env.direct.clone(),
+                client_config(&env.caller, PeerKind::Agent)?,
+            ))
+        } else {
+            None
+        },
+        connections: plan.connections,
+        request: request_bytes(plan)?,
+        expected_response_bytes: env.self_contained().then_some(plan.response_bytes),
+        timeout: plan.timeout,
+    };
+    let pool = CallerPool::start(Arc::new(setup), plan.callers)?;
+    // Every process has loaded its certificates: the keys need not outlive this point, even
+    // if the run is interrupted.
+    env.pki = None;
+    eprintln!(
+        "dmsc-loadgen: {} caller threads x {} connections connected",
+        plan.callers, plan.connections
+    );
+
+    let mut stats: BTreeMap<Route, ModeStats> =
+        routes.iter().map(|&r| (r, ModeStats::new(r))).collect();
+    let mut warmup_errors: BTreeMap<String, u64> = BTreeMap::new();
+    if !plan.warmup.is_zero() {
+        for &route in &routes {
+            let m = phase(&pool, &env, plan, route, plan.warmup, "warm-up")?;
+            for r in &m.results {
+                for (name, n) in &r.errors {
+                    *warmup_errors.entry(name.clone()).or_default() += n;
+                }
+            }
+        }
+    }
+    match plan.runs {
+        Runs::Single(route) => {
+            let m = phase(&pool, &env, plan, route, plan.duration, "measure")?;
+            if let Some(s) = stats.get_mut(&route) {
+                s.add(m);
+            }
+        }
+        Runs::Compare { rounds } => {
+            let per_round = plan.duration / rounds;
+            for round in 1..=rounds {
+                for &route in &routes {
+                    let label = format!("round {round}/{rounds}");
+                    let m = phase(&pool, &env, plan, route, per_round, &label)?;
+                    if let Some(s) = stats.get_mut(&route) {
+                        s.add(m);
+                    }
+                }
+            }
+        }
+    }
+    pool.shutdown();
+    let died = env.exited();
+
+    let info = RunInfo {
+        load: plan.load,
+        request_bytes: plan.request_bytes,
+        response_bytes: plan.response_bytes,
+        callers: plan.callers,
+        connections: plan.connections,
+        agents: match plan.deployment {
+            Deployment::SelfContained { agents, .. } => Some(agents),
+            Deployment::External { .. } => None,
+        },
+        gateway_workers: env.gateway_workers,
+        self_contained: env.self_contained(),
+    };
+    let summaries: Vec<(Route, Summary)> = stats
+        .values()
+        .map(|s| (s.route, Summary::of(s, &info)))
+        .collect();
+    println!();
+    for (_, summary) in &summaries {
+        println!("{}", summary.text(&info));
+    }
+    let failed_warmup: u64 = warmup_errors.values().sum();
+    if failed_warmup > 0 {
+        println!(
+            "warm-up errors (not in the figures above, but they fail the run): {}\n",
+            errors_text(&warmup_errors)
+        );
+    }
+    let json = match (plan.runs, summaries.as_slice()) {
+        (Runs::Compare { rounds }, [(Route::Gateway, g), (Route::Direct, d)]) => {
+            let comparison = Comparison::of(g, d);
+            println!("{}", comparison.text(g, d, rounds));
+            comparison.to_json(g.to_json(&info), d.to_json(&info), rounds)
+        }
+        (_, [(_, s)]) => s.to_json(&info),
+        _ => bail!("internal error: unexpected set of summaries"),
+    };
+    let files = write_files(&plan.out, plan.runs, &stats)?;
+    if let Some(path) = &plan.json {
+        let text = serde_json::to_string_pretty(&json)? + "\n";
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!(
+        "files: {}{}",
+        files.join(", "),
+        plan.json
+            .as_ref()
+            .map_or_else(String::new, |p| format!(", {}", p.display()))
+    );
+    Ok(Verdict {
+        failed: failed_warmup + stats.values().map(ModeStats::failed).sum::<u64>(),
+        completed: stats.values().map(|s| (s.route, s.requests)).collect(),
+        died,
+    })
+}
+
+/// The request every caller sends: the header (empty caller, deadline = timeout) and the
+/// payload.
+fn request_bytes(plan: &Plan) -> anyhow::Result<Bytes> {
+    let mut request = Vec::with_capacity(64 + plan.request_bytes);
+    RequestHeader {
+        deadline_ms: u64::try_from(plan.timeout.as_millis()).unwrap_or(u64::MAX),
+        ..RequestHeader::new(&plan.capability)
+    }
+    .encode(&mut request)?;
+    request.resize(request.len() + plan.request_bytes, b'q');
+    Ok(Bytes::from(request))
+}
+
+/// Runs one phase on every caller thread, printing progress once a second, and measures the
+/// CPU of every role over it.
+fn phase(
+    pool: &CallerPool,
+    env: &Environment,
+    plan: &Plan,
+    route: Route,
+    duration: Duration,
+    label: &str,
+) -> anyhow::Result<PhaseMeasurement> {
+    let cpu_before = env.cpu();
+    let start = Instant::now() + PHASE_LEAD;
+    let wall_start = SystemTime::now() + PHASE_LEAD;
+    pool.begin(PhaseSpec {
+        route,
+        load: plan.load,
+        start,
+        duration,
+    })?;
+    // Requests started in the window may take up to the timeout; then the threads answer.
+    let deadline = start + duration + plan.timeout + Duration::from_secs(10);
+    let mut results = Vec::with_capacity(pool.threads());
+    let mut next_tick = start + Duration::from_secs(1);
+    let (mut last_completed, _) = pool.live();
+    while results.len() < pool.threads() {
+        let now = Instant::now();
+        if now >= deadline {
+            bail!("the caller threads did not finish the {label} phase in time");
+        }
+        if now >= next_tick {
+            let (completed, failed) = pool.live();
+            let second = (now - start).as_secs();
+            let total = duration.as_secs_f64().ceil() as u64;
+            if second <= total {
+                eprintln!(
+                    "  {:<7} {label:<11} {second:>3}/{total}s  {:>10} req/s  errors {}",
+                    route.name(),
+                    thousands(completed - last_completed),
+                    thousands(failed),
+                );
+            } else if second == total + 1 {
+                eprintln!(
+                    "  {:<7} {label:<11} waiting for the requests still in flight (at most \
+                     --timeout {})",
+                    route.name(),
+                    format_duration(plan.timeout)
+                );
+            }
+            last_completed = completed;
+            next_tick += Duration::from_secs(1);
+            continue;
+        }
+        if let Some(result) = pool.next_result(next_tick.min(deadline) - now)? {
+            results.push(result);
+        }
+    }
+    let elapsed = start.elapsed();
+    let cpu_after = env.cpu();
+    let delta =
+        |after: Option<cpu::CpuTime>, before: Option<cpu::CpuTime>| Some(after?.since(before?));
+    Ok(PhaseMeasurement {
+        wall_start,
+        duration,
+        elapsed,
+        results,
+        cpu: RoleCpu {
+            callers: delta(cpu_after.0, cpu_before.0),
+            gateway: delta(cpu_after.1, cpu_before.1),
+            agents: delta(cpu_after.2, cpu_before.2),
+        },
+    })
+}
+
+/// Writes the histogram files and the chart; returns their paths.
+fn write_files(
+    out: &Path,
+    runs: Runs,
+    stats: &BTreeMap<Route, ModeStats>,
+) -> anyhow::Result<Vec<String>> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut files = Vec::new();
+    let mut write = |name: String, bytes: &[u8]| -> anyhow::Result<()> {
+        let path = out.join(name);
+        std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+        files.push(path.display().to_string());
+        Ok(())
+    };
+    for s in stats.values() {
+        let stem = match runs {
+            Runs::Single(_) => "latency",
+            Runs::Compare { .. } => s.route.name(),
+        };
+        write(
+            format!("{stem}.hgrm"),
+            percentile_distribution(&s.latency).as_bytes(),
+        )?;
+        let comment = format!(
+            "[dmsc-loadgen {} mode: latency of successful requests in microseconds, one \
+             histogram per second of measurement]",
+            s.route.name()
+        );
+        write(
+            format!("{stem}.hlog"),
+            &interval_log(&s.intervals, &comment)?,
+        )?;
+    }
+    let series: Vec<Series<'_>> = stats
+        .values()
+        .map(|s| Series {
+            label: s.route.name(),
+            histogram: &s.latency,
+        })
+        .collect();
+    let title = match runs {
+        Runs::Single(route) => format!("dmsc-loadgen: latency by percentile ({})", route.name()),
+        Runs::Compare { .. } => "dmsc-loadgen: latency by percentile, gateway vs direct".into(),
+    };
+    write(
+        "latency.svg".into(),
+        percentile_spectrum(&title, &series).as_bytes(),
+    )?;
+    Ok(files)
+}
+
+/// The gateway and agents the callers talk to, and the callers' identity.
+struct Environment {
+    // Children first: fields drop in order, and the processes should go before their PKI.
+    agents: Option<ChildProcess>,
+    gateway: Option<ChildProcess>,
+    gateway_addr: Option<SocketAddr>,
+    gateway_workers: Option<usize>,
+    direct: Vec<SocketAddr>,
+    caller: Credentials,
+    pki: Option<TempPki>,
+}
+
+impl Environment {
+    fn start(plan: &Plan, with_gateway: bool) -> anyhow::Result<Environment> {
+        match &plan.deployment {
+            Deployment::External {
+                gateway,
+                cert,
+                key,
+                ca,
+            } => Ok(Environment {
+                agents: None,
+                gateway: None,
+                gateway_addr: Some(*gateway),
+                gateway_workers: None,
+                direct: Vec::new(),
+                caller: Credentials::load(cert, key, ca)
+                    .context("loading the callers' identity")?,
+                pki: None,
+            }),
+            Deployment::SelfContained {
+                agents,
+                gateway_workers,
+                pin_gateway,
+            } => {
+                let pki = TempPki::create()?;
+                let deadline = Instant::now() + STARTUP_TIMEOUT;
+                let mut env = Environment {
+                    agents: None,
+                    gateway: None,
+                    gateway_addr: None,
+                    gateway_workers: None,
+                    direct: Vec::new(),
+                    caller: Credentials::load(&pki.caller.cert, &pki.caller.key, &pki.ca)?,
+                    pki: None,
+                };
+                if with_gateway {
+                    let mut args = os_args(&[
+                        "serve-gateway",
+                        "--listen",
+                        "127.0.0.1:0",
+                        "--workers",
+                        &gateway_workers.to_string(),
+                        "--domain",
+                        DOMAIN,
+                    ]);
+                    push_files(&mut args, &pki.gateway.cert, &pki.gateway.key, &pki.ca);
+                    if *pin_gateway {
+                        args.push("--pin".into());
+                    }
+                    let mut gateway = ChildProcess::spawn("gateway", &args)?;
+                    let addr = gateway.expect("listening", deadline)?;
+                    env.gateway_addr = Some(addr.parse().context("gateway address")?);
+                    env.gateway_workers = Some(
+                        gateway
+                            .expect("workers", deadline)?
+                            .parse()
+                            .context("workers")?,
+                    );
+                    env.gateway = Some(gateway);
+                }
+                let mut args = os_args(&[
+                    "serve-agents",
+                    "--agents",
+                    &agents.to_string(),
+                    "--capability",
+                    &plan.capability,
+                    "--response-bytes",
+                    &plan.response_bytes.to_string(),
+                ]);
+                push_files(&mut args, &pki.agent.cert, &pki.agent.key, &pki.ca);
+                if let (Some(addr), Some(workers)) = (env.gateway_addr, env.gateway_workers) {
+                    args.extend(os_args(&[
+                        "--gateway",
+                        &addr.to_string(),
+                        "--expect-lanes",
+                        &workers.saturating_sub(1).to_string(),
+                    ]));
+                }
+                let mut child = ChildProcess::spawn("agents", &args)?;
+                loop {
+                    let line = child.next_line("ready", deadline)?;
+                    if let Some(addr) = line.strip_prefix("direct ") {
+                        env.direct
+                            .push(addr.trim().parse().context("direct listener address")?);
+                    } else if line == "ready" {
+                        break;
+                    } else {
+                        println!("agents: {line}");
+                    }
+                }
+                env.agents = Some(child);
+                eprintln!(
+                    "dmsc-loadgen: {}{agents} echo agents (pid {}), direct listeners {}",
+                    match (&env.gateway, env.gateway_addr, env.gateway_workers) {
+                        (Some(g), Some(addr), Some(w)) =>
+                            format!("gateway {addr} ({w} workers, pid {}), ", g.pid()),
+                        _ => String::new(),
+                    },
+                    env.agents.as_ref().map_or(0, ChildProcess::pid),
+                    env.direct
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                );
+                let _ = std::io::stderr().flush();
+                env.pki = Some(pki);
+                Ok(env)
+            }
+        }
+    }
+
+    fn self_contained(&self) -> bool {
+        self.agents.is_some()
+    }
+
+    /// CPU so far of this process, the gateway and the agents.
+    fn cpu(
+        &self,
+    ) -> (
+        Option<cpu::CpuTime>,
+        Option<cpu::CpuTime>,
+        Option<cpu::CpuTime>,
+    ) {
+        let of = |child: &Option<ChildProcess>| child.as_ref().and_then(|c| cpu::process(c.pid()));
+        (cpu::this_process(), of(&self.gateway), of(&self.agents))
+    }
+
+    /// The child processes that are no longer running.
+    fn exited(&mut self) -> Vec<&'static str> {
+        [&mut self.gateway, &mut self.agents]
+            .into_iter()
+            .flatten()
+            .filter_map(|child| (!child.is_running()).then(|| child.role()))
+            .collect()
+    }
+}
+
+fn os_args(args: &[&str]) -> Vec<OsString> {
+    args.iter().map(OsString::from).collect()
+}
+
+fn push_files(args: &mut Vec<OsString>, cert: &Path, key: &Path, ca: &Path) {
+    for (flag, path) in [("--cert", cert), ("--key", key), ("--ca", ca)] {
+        args.push(flag.into());
+        args.push(path.into());
+    }
+}
+
+/// A one-line description of the load, for messages.
+pub fn describe(load: Load) -> String {
+    match load {
+        Load::Closed { concurrency } => format!("{concurrency} in flight"),
+        Load::Open { rate } => format!("{rate} requests/s"),
+    }
+}
+
+/// Printed before the run starts.
+pub fn banner(plan: &Plan) -> String {
+    let what = match plan.runs {
+        Runs::Single(route) => format!("{} mode", route.name()),
+        Runs::Compare { rounds } => format!("compare, {rounds} rounds per mode"),
+    };
+    format!(
+        "dmsc-loadgen: {what}, {}, {} B -> {} B, warm-up {}, measure {}",
+        describe(plan.load),
+        plan.request_bytes,
+        plan.response_bytes,
+        format_duration(plan.warmup),
+        format_duration(plan.duration)
+    )
+}

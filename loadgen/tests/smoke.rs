@@ -1,0 +1,132 @@
+//! End-to-end runs of the built `dmsc-loadgen` binary: the short self-contained run CI does,
+//! a short `compare`, and a refused flag. They check outcomes and files, never timings.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+const LOADGEN: &str = env!("CARGO_BIN_EXE_dmsc-loadgen");
+
+/// A fresh directory under the system temporary directory.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("dmsc-loadgen-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn run(dir: &Path, args: &[&str]) -> Output {
+    let output = Command::new(LOADGEN)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("the loadgen runs");
+    eprintln!(
+        "--- stdout\n{}\n--- stderr\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn assert_clean(summary: &Value, mode: &str) {
+    assert_eq!(summary["mode"], mode);
+    assert!(summary["requests"].as_u64().unwrap() > 0, "{summary}");
+    assert_eq!(summary["errors"], serde_json::json!({}), "{summary}");
+    assert!(summary["p50_us"].as_u64().unwrap() > 0);
+    assert!(summary["p50_us"].as_u64() <= summary["p99_us"].as_u64());
+    assert!(summary["requests_per_sec"].as_f64().unwrap() > 0.0);
+}
+
+fn assert_written(path: PathBuf) {
+    let len = std::fs::metadata(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .len();
+    assert!(len > 0, "{} is empty", path.display());
+}
+
+#[test]
+fn a_short_self_contained_run_succeeds_and_writes_its_files() {
+    let dir = scratch("smoke");
+    let output = run(
+        &dir,
+        &[
+            "--duration",
+            "1s",
+            "--warmup",
+            "200ms",
+            "--json",
+            "summary.json",
+        ],
+    );
+    assert!(output.status.success(), "exit status {}", output.status);
+    let summary = read_json(&dir.join("summary.json"));
+    assert_clean(&summary, "gateway");
+    assert_eq!(summary["concurrency"], 64);
+    assert!(summary["rate"].is_null());
+    for file in ["latency.hgrm", "latency.hlog", "latency.svg"] {
+        assert_written(dir.join("loadgen-out").join(file));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn compare_runs_both_modes_against_the_same_agents() {
+    let dir = scratch("compare");
+    let output = run(
+        &dir,
+        &[
+            "compare",
+            "--concurrency",
+            "8",
+            "--duration",
+            "600ms",
+            "--rounds",
+            "2",
+            "--warmup",
+            "200ms",
+            "--json",
+            "compare.json",
+            "--out",
+            "out",
+        ],
+    );
+    assert!(output.status.success(), "exit status {}", output.status);
+    let doc = read_json(&dir.join("compare.json"));
+    assert_clean(&doc["gateway"], "gateway");
+    assert_clean(&doc["direct"], "direct");
+    assert!(doc["direct"]["cpu_us_per_request"]["gateway"].is_null());
+    assert!(doc["ratios"]["requests_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(doc["added_latency_us"]["p50"].is_i64());
+    for file in [
+        "gateway.hgrm",
+        "gateway.hlog",
+        "direct.hgrm",
+        "direct.hlog",
+        "latency.svg",
+    ] {
+        assert_written(dir.join("out").join(file));
+    }
+    let svg = std::fs::read_to_string(dir.join("out/latency.svg")).unwrap();
+    assert_eq!(svg.matches("<polyline class=\"series\"").count(), 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_bad_flag_is_a_usage_error_that_names_it() {
+    let dir = scratch("usage");
+    let output = run(&dir, &["--duration", "5"]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--duration"), "{stderr}");
+    assert!(stderr.contains("add a unit"), "{stderr}");
+    let output = run(&dir, &["--callers", "0"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--callers must be between"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
