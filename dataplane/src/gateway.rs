@@ -40,7 +40,7 @@ pub enum StartError {
     #[error("TLS setup: {0}")]
     Tls(String),
     /// A socket could not be created or bound.
-    #[error("cannot bind {addr}: {source}")]
+    #[error("cannot bind {addr}")]
     Bind {
         /// The address.
         addr: SocketAddr,
@@ -48,7 +48,7 @@ pub enum StartError {
         source: std::io::Error,
     },
     /// A worker's poller or thread could not be created.
-    #[error("cannot start worker {worker}: {source}")]
+    #[error("cannot start worker {worker}")]
     Worker {
         /// The worker index.
         worker: usize,
@@ -94,6 +94,11 @@ impl Gateway {
         server.migration(false);
         let server = Arc::new(server);
 
+        // SO_REUSEPORT would let a second gateway on the same address silently take half the
+        // connections: first check that nobody holds the address.
+        if config.listen.port() != 0 {
+            drop(bind(config.listen, false)?);
+        }
         // Bind everything first (worker 0 picks the port when the config says 0).
         let mut listen = config.listen;
         let mut sockets = Vec::with_capacity(workers);

@@ -118,7 +118,7 @@ struct Args {
 
 fn main() {
     if let Err(e) = run() {
-        eprintln!("dmsc-gateway: error: {e:#}");
+        eprintln!("dmsc-gateway: error: {}", chain(&e));
         std::process::exit(1);
     }
 }
@@ -182,6 +182,20 @@ fn run() -> anyhow::Result<()> {
     gateway.shutdown(drain);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The error and its causes on one line, leaving out causes a message already quotes (typed
+/// errors often include their source in their own text).
+fn chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 fn config_from(args: &Args) -> anyhow::Result<Config> {
