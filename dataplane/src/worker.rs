@@ -42,7 +42,7 @@ use quinn_proto::{
     StreamId, VarInt, WriteError,
 };
 use quinn_udp::{RecvMeta, UdpSocketState};
-use tracing::{debug, debug_span, info, warn};
+use tracing::{debug, debug_span, warn};
 
 use dmsc_protocol::card::AgentCard;
 use dmsc_protocol::control::{
@@ -943,7 +943,7 @@ impl Worker {
         close_conn: bool,
     ) {
         if let Some(conn) = self.conns[ci].as_ref() {
-            info!(parent: &conn.span, ?refusal, %reason, "attach refused");
+            debug!(parent: &conn.span, ?refusal, %reason, "attach refused");
         }
         self.write_control(ci, &ControlFrame::AttachRefused { refusal, reason });
         if close_conn {
@@ -1130,7 +1130,7 @@ impl Worker {
         if let Some(conn) = self.conns[ci].as_mut() {
             conn.role = Role::Primary(session);
             conn.attach_deadline = None;
-            info!(parent: &conn.span, ?session, identity = %info.identity, capabilities = info.capabilities.len(), "agent attached");
+            debug!(parent: &conn.span, ?session, identity = %info.identity, capabilities = info.capabilities.len(), "agent attached");
         }
         WorkerStats::add(&self.stats.agents, 1);
         self.broadcast(|| WorkerMsg::AgentUp(info.clone()));
@@ -1494,7 +1494,7 @@ impl Worker {
                 self.write_control(ci, &ControlFrame::Drain { grace_ms });
             }
         }
-        info!(worker = self.index, grace_ms, "draining");
+        debug!(worker = self.index, grace_ms, "draining");
     }
 
     fn finished_draining(&mut self, now: Instant) -> bool {
