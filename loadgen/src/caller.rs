@@ -175,7 +175,8 @@ impl CallerPool {
         Ok(pool)
     }
 
-    /// Starts a phase on every thread; collect the results with [`CallerPool::collect`].
+    /// Starts a phase on every thread; collect the results with
+    /// [`CallerPool::next_result`].
     pub fn begin(&self, spec: PhaseSpec) -> anyhow::Result<()> {
         for thread in &self.threads {
             thread
@@ -622,7 +623,7 @@ impl Recorder {
 }
 
 /// A latency in whole µs, at least 1 (the histograms' lowest value).
-fn micros(d: Duration) -> u64 {
+pub(crate) fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
 }
 
@@ -811,7 +812,7 @@ async fn connect(
 
 /// Opens the control stream, sends `frame`, and returns the stream with the first known frame
 /// of the answer.
-async fn open_control(
+pub(crate) async fn open_control(
     connection: &quinn::Connection,
     frame: &ControlFrame,
 ) -> anyhow::Result<((quinn::SendStream, quinn::RecvStream), ControlFrame)> {

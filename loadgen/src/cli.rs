@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
 use crate::units::parse_duration;
 
@@ -47,6 +47,10 @@ pub enum Command {
     /// rounds (gateway, direct, gateway, direct, ...), and print both summaries and their
     /// ratios.
     Compare(CompareArgs),
+    /// Measure the gateway's attach rate and its resident memory per idle attached agent:
+    /// open --agents connections that each attach (mutual TLS handshake, control stream,
+    /// ATTACH, ATTACH_OK) and then stay idle, and read the gateway's CPU and VmRSS.
+    Attach(AttachArgs),
     /// (internal) Run a gateway; prints `listening ADDR`; exits when stdin closes.
     #[command(hide = true)]
     ServeGateway(ServeGatewayArgs),
@@ -99,7 +103,7 @@ pub struct ExternalArgs {
     )]
     pub gateway: Option<String>,
     /// With --gateway: the callers' certificate (PEM), an agent identity
-    /// spiffe://<domain>/agent/<name>.
+    /// `spiffe://<domain>/agent/<name>`.
     #[arg(long, value_name = "FILE", requires = "gateway")]
     pub cert: Option<PathBuf>,
     /// With --gateway: the private key of --cert (PEM).
@@ -168,6 +172,58 @@ pub struct LoadArgs {
     pub out: PathBuf,
 }
 
+/// `attach` flags.
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    /// Agents to attach; each is one QUIC connection with one control stream, no lanes, kept
+    /// open (and idle) until the end.
+    #[arg(long, default_value_t = 10_000, value_name = "N")]
+    pub agents: usize,
+    /// Attaches in progress at once, in total (from the connect to ATTACH_OK).
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    pub concurrency: usize,
+    /// Threads opening the connections, each on a single-threaded runtime.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    pub callers: usize,
+    /// Client QUIC endpoints (one UDP socket each) in total, shared out over the threads; a
+    /// thread spreads its connections over its endpoints round-robin. The gateway's workers
+    /// share the port through SO_REUSEPORT, which sends all of one socket's connections to the
+    /// same worker: more endpoints spread the agents more evenly over the workers.
+    #[arg(long, default_value_t = 32, value_name = "N")]
+    pub endpoints: usize,
+    /// Give each agent a capability of its own (`cap_<i>`); with `false`, every agent offers
+    /// `cap_shared`.
+    #[arg(
+        long,
+        default_value_t = true,
+        action = ArgAction::Set,
+        value_name = "BOOL"
+    )]
+    pub distinct_capabilities: bool,
+    /// How long the agents stay idle after the last attach before the gateway's memory is read
+    /// again.
+    #[arg(long, default_value = "2s", value_parser = parse_duration, value_name = "DURATION")]
+    pub idle: Duration,
+    /// Bound on the attach phase: attaches not started by then count as NOT_STARTED, and
+    /// attaches still in progress are abandoned as TIMEOUT.
+    #[arg(long, default_value = "120s", value_parser = parse_duration, value_name = "DURATION")]
+    pub timeout: Duration,
+    /// Gateway worker threads [default: one per core].
+    #[arg(long, value_name = "N")]
+    pub gateway_workers: Option<usize>,
+    /// Pin gateway worker i to core i.
+    #[arg(long)]
+    pub pin_gateway: bool,
+    /// The gateway's `limits.max_streams_per_connection` [default: the gateway's, 1024]. QUIC
+    /// (quinn) sets up the state of every stream a peer may open when the connection starts, so
+    /// this limit weighs on the memory of every idle agent.
+    #[arg(long, value_name = "N")]
+    pub max_streams_per_connection: Option<u32>,
+    /// Also write the result as JSON to FILE (schema in docs/LOADGEN.md).
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
 /// `serve-gateway` flags.
 #[derive(Debug, Args)]
 pub struct ServeGatewayArgs {
@@ -192,6 +248,19 @@ pub struct ServeGatewayArgs {
     /// Pin workers to cores.
     #[arg(long)]
     pub pin: bool,
+    /// `limits.max_streams_per_connection` [default: the gateway's].
+    #[arg(long)]
+    pub max_streams_per_connection: Option<u32>,
+    /// `limits.max_agents` [default: the gateway's].
+    #[arg(long)]
+    pub max_agents: Option<usize>,
+    /// `limits.max_connections_per_worker` [default: the gateway's].
+    #[arg(long)]
+    pub max_connections_per_worker: Option<usize>,
+    /// `limits.max_connections_per_identity`: raised from the gateway's 64, because every
+    /// connection of the loadgen has the same identity.
+    #[arg(long, default_value_t = 1 << 16)]
+    pub max_connections_per_identity: usize,
 }
 
 /// `serve-agents` flags.
@@ -404,20 +473,11 @@ impl Plan {
                     ca: ca.clone(),
                 }
             }
-            None => {
-                let gateway_workers = match a.gateway_workers {
-                    Some(n) => {
-                        in_range("--gateway-workers", n, 1, 256)?;
-                        n
-                    }
-                    None => std::thread::available_parallelism().map_or(1, |n| n.get()),
-                };
-                Deployment::SelfContained {
-                    agents: a.agents,
-                    gateway_workers,
-                    pin_gateway: a.pin_gateway,
-                }
-            }
+            None => Deployment::SelfContained {
+                agents: a.agents,
+                gateway_workers: gateway_workers(a.gateway_workers)?,
+                pin_gateway: a.pin_gateway,
+            },
         };
         if a.out.is_file() {
             bail!("--out {}: is a file, expected a directory", a.out.display());
@@ -440,6 +500,103 @@ impl Plan {
     }
 }
 
+/// A validated `attach` run.
+#[derive(Debug, Clone)]
+pub struct AttachPlan {
+    /// Agents to attach.
+    pub agents: usize,
+    /// Attaches in progress at once, in total.
+    pub concurrency: usize,
+    /// Threads.
+    pub callers: usize,
+    /// Client endpoints in total.
+    pub endpoints: usize,
+    /// One capability per agent, or one shared by all.
+    pub distinct_capabilities: bool,
+    /// Idle time before the second memory reading.
+    pub idle: Duration,
+    /// Bound on the attach phase.
+    pub timeout: Duration,
+    /// Gateway workers.
+    pub gateway_workers: usize,
+    /// Pin the gateway's workers.
+    pub pin_gateway: bool,
+    /// The gateway's `limits.max_streams_per_connection`.
+    pub max_streams_per_connection: u32,
+    /// JSON result file.
+    pub json: Option<PathBuf>,
+}
+
+impl AttachPlan {
+    /// Validates `attach`'s flags.
+    pub fn new(a: &AttachArgs) -> anyhow::Result<AttachPlan> {
+        in_range("--agents", a.agents, 1, 100_000)?;
+        in_range("--callers", a.callers, 1, 64)?;
+        in_range("--concurrency", a.concurrency, 1, 10_000)?;
+        in_range("--endpoints", a.endpoints, 1, 1024)?;
+        for (flag, value) in [
+            ("--concurrency", a.concurrency),
+            ("--endpoints", a.endpoints),
+        ] {
+            if value < a.callers {
+                bail!(
+                    "{flag} ({value}) must be at least --callers ({}): each caller thread needs \
+                     one",
+                    a.callers
+                );
+            }
+        }
+        let max_streams_per_connection = a
+            .max_streams_per_connection
+            .unwrap_or(dmsc_dataplane::Limits::default().max_streams_per_connection);
+        in_range(
+            "--max-streams-per-connection",
+            max_streams_per_connection as usize,
+            1,
+            100_000,
+        )?;
+        if a.idle > Duration::from_secs(600) {
+            bail!("--idle must be at most 10m");
+        }
+        if a.timeout < Duration::from_secs(1) || a.timeout > Duration::from_secs(3600) {
+            bail!("--timeout must be between 1s and 1h (60m)");
+        }
+        if let Some(json) = &a.json {
+            let parent = json.parent().filter(|p| !p.as_os_str().is_empty());
+            if json.is_dir() || parent.is_some_and(|p| !p.is_dir()) {
+                bail!(
+                    "--json {}: not a file in an existing directory",
+                    json.display()
+                );
+            }
+        }
+        Ok(AttachPlan {
+            agents: a.agents,
+            concurrency: a.concurrency,
+            callers: a.callers,
+            endpoints: a.endpoints,
+            distinct_capabilities: a.distinct_capabilities,
+            idle: a.idle,
+            timeout: a.timeout,
+            gateway_workers: gateway_workers(a.gateway_workers)?,
+            pin_gateway: a.pin_gateway,
+            max_streams_per_connection,
+            json: a.json.clone(),
+        })
+    }
+}
+
+/// `--gateway-workers`, checked, or one per core.
+fn gateway_workers(flag: Option<usize>) -> anyhow::Result<usize> {
+    match flag {
+        Some(n) => {
+            in_range("--gateway-workers", n, 1, 256)?;
+            Ok(n)
+        }
+        None => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
+    }
+}
+
 fn in_range(flag: &str, value: usize, min: usize, max: usize) -> anyhow::Result<()> {
     if value < min || value > max {
         bail!("{flag} must be between {min} and {max}, got {value}");
@@ -455,12 +612,20 @@ mod tests {
         Cli::try_parse_from(std::iter::once("dmsc-loadgen").chain(args.iter().copied()))
     }
 
+    fn attach_plan(args: &[&str]) -> anyhow::Result<AttachPlan> {
+        let cli = parse(args).map_err(|e| anyhow::anyhow!("{e}"))?;
+        match &cli.command {
+            Some(Command::Attach(a)) => AttachPlan::new(a),
+            other => panic!("not attach: {other:?}"),
+        }
+    }
+
     fn plan(args: &[&str]) -> anyhow::Result<Plan> {
         let cli = parse(args).map_err(|e| anyhow::anyhow!("{e}"))?;
         match &cli.command {
             None => Plan::single(&cli.load, &cli.external, cli.mode),
             Some(Command::Compare(c)) => Plan::compare(c),
-            Some(_) => unreachable!("internal commands are not planned"),
+            Some(_) => unreachable!("attach and internal commands are not planned here"),
         }
     }
 
@@ -537,5 +702,58 @@ mod tests {
         assert!(parse(&["--cert", "x.pem"]).is_err());
         // Agents are whatever is attached to an external gateway.
         assert!(parse(&["--gateway", "127.0.0.1:1", "--agents", "3"]).is_err());
+    }
+
+    #[test]
+    fn attach_defaults_are_ten_thousand_agents_with_their_own_capabilities() {
+        let p = attach_plan(&["attach"]).unwrap();
+        assert_eq!(p.agents, 10_000);
+        assert_eq!((p.concurrency, p.callers, p.endpoints), (256, 2, 32));
+        assert!(p.distinct_capabilities);
+        assert_eq!(p.idle, Duration::from_secs(2));
+        assert_eq!(p.timeout, Duration::from_secs(120));
+        assert_eq!(p.max_streams_per_connection, 1024);
+        assert_eq!(p.json, None);
+        let p = attach_plan(&[
+            "attach",
+            "--distinct-capabilities",
+            "false",
+            "--max-streams-per-connection",
+            "64",
+        ])
+        .unwrap();
+        assert!(!p.distinct_capabilities);
+        assert_eq!(p.max_streams_per_connection, 64);
+    }
+
+    #[test]
+    fn bad_attach_flags_are_refused_with_the_flag_named() {
+        for (args, needle) in [
+            (&["attach", "--agents", "0"][..], "--agents"),
+            (&["attach", "--agents", "100001"], "--agents"),
+            (
+                &["attach", "--callers", "4", "--concurrency", "3"],
+                "--concurrency",
+            ),
+            (
+                &["attach", "--callers", "4", "--endpoints", "2"],
+                "--endpoints",
+            ),
+            (&["attach", "--timeout", "500ms"], "--timeout"),
+            (&["attach", "--idle", "11m"], "--idle"),
+            (&["attach", "--gateway-workers", "0"], "--gateway-workers"),
+            (&["attach", "--json", "/nonexistent-dir/x.json"], "--json"),
+            (&["attach", "--json", "/tmp"], "--json"),
+            (
+                &["attach", "--max-streams-per-connection", "0"],
+                "--max-streams-per-connection",
+            ),
+        ] {
+            let err = attach_plan(args).unwrap_err().to_string();
+            assert!(err.contains(needle), "{args:?}: {err}");
+        }
+        assert!(parse(&["attach", "--distinct-capabilities", "maybe"]).is_err());
+        // The top-level load flags belong to the default command.
+        assert!(parse(&["--duration", "1s", "attach"]).is_err());
     }
 }

@@ -1,10 +1,10 @@
 //! CPU time of processes and threads, from Linux's `/proc`.
 //!
-//! The one OS-specific module: `utime + stime` of `/proc/<pid>/stat` (a whole process, all its
-//! threads) or `/proc/thread-self/stat` (the calling thread). The kernel reports these in
-//! `USER_HZ` ticks, which is 100 per second on every Linux architecture in use (it is fixed by
-//! the kernel ABI, whatever the kernel's internal `HZ`), so the resolution is 10 ms: fine over
-//! measured windows of seconds, useless below that. Elsewhere than Linux every reading is
+//! With [`crate::memory`], the only OS-specific code: `utime + stime` of `/proc/<pid>/stat` (a
+//! whole process, all its threads) or `/proc/thread-self/stat` (the calling thread). The kernel
+//! reports these in `USER_HZ` ticks, which is 100 per second on every Linux architecture in use
+//! (it is fixed by the kernel ABI, whatever the kernel's internal `HZ`), so the resolution is
+//! 10 ms: fine over measured windows of seconds, useless below that. Elsewhere than Linux every reading is
 //! `None` and reports show CPU figures as unknown.
 
 use std::time::Duration;

@@ -7,20 +7,26 @@
 //! executable again, with the hidden `serve-gateway` and `serve-agents` commands), so the CPU
 //! of each role can be read from `/proc`. It can also drive an existing gateway.
 //!
+//! With `attach` it measures something else: the gateway's attach rate, and its resident
+//! memory per idle attached agent, with thousands of agent connections made from this process.
+//!
 //! What it does not do: start agents for an external gateway, retry failed requests, or
 //! assert on timings (it reports; the exit code only says whether every request succeeded).
 //!
 //! Layout: [`cli`] (flags and their validation), [`run`] (orchestration), [`caller`] (the
-//! caller threads and the per-request path), [`serve`] (the child processes), [`report`],
-//! [`output`] and [`svg`] (what is printed and written), [`children`], [`pki`], [`tls`],
-//! [`cpu`] and [`units`] (helpers). The user's guide is `docs/LOADGEN.md`.
+//! caller threads and the per-request path), [`attach`] (the `attach` command, whole),
+//! [`serve`] (the child processes), [`report`], [`output`] and [`svg`] (what is printed and
+//! written), [`children`], [`pki`], [`tls`], [`cpu`], [`memory`] and [`units`] (helpers). The
+//! user's guide is `docs/LOADGEN.md`.
 
 #![forbid(unsafe_code)]
 
+pub mod attach;
 pub mod caller;
 pub mod children;
 pub mod cli;
 pub mod cpu;
+pub mod memory;
 pub mod output;
 pub mod pki;
 pub mod report;
@@ -30,7 +36,7 @@ pub mod svg;
 pub mod tls;
 pub mod units;
 
-use cli::{Cli, Command, Plan};
+use cli::{AttachPlan, Cli, Command, Plan};
 
 /// Exit code of a command-line usage error (as clap's own).
 pub const EXIT_USAGE: i32 = 2;
@@ -44,6 +50,15 @@ pub fn main_with(cli: Cli) -> anyhow::Result<i32> {
     let plan = match &cli.command {
         Some(Command::ServeGateway(args)) => return serve::gateway(args).map(|()| 0),
         Some(Command::ServeAgents(args)) => return serve::agents(args).map(|()| 0),
+        Some(Command::Attach(args)) => {
+            return match AttachPlan::new(args) {
+                Ok(plan) => run_attach(&plan),
+                Err(e) => {
+                    eprintln!("dmsc-loadgen: error: {e:#}");
+                    Ok(EXIT_USAGE)
+                }
+            }
+        }
         Some(Command::Compare(args)) => Plan::compare(args),
         None => Plan::single(&cli.load, &cli.external, cli.mode),
     };
@@ -76,6 +91,27 @@ pub fn main_with(cli: Cli) -> anyhow::Result<i32> {
                 route.name()
             );
         }
+    }
+    Ok(EXIT_REQUESTS_FAILED)
+}
+
+/// `attach`: runs it, says why it failed if it did, and returns the exit code.
+fn run_attach(plan: &AttachPlan) -> anyhow::Result<i32> {
+    init_logging();
+    eprintln!("{}", attach::banner(plan));
+    let verdict = attach::run(plan)?;
+    if verdict.passed() {
+        return Ok(0);
+    }
+    if verdict.failed > 0 {
+        eprintln!(
+            "dmsc-loadgen: FAILED: {} agent(s) did not attach or did not stay attached (see \
+             the failures above)",
+            units::thousands(verdict.failed)
+        );
+    }
+    if verdict.gateway_died {
+        eprintln!("dmsc-loadgen: FAILED: the gateway process exited during the run");
     }
     Ok(EXIT_REQUESTS_FAILED)
 }

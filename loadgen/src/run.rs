@@ -23,7 +23,7 @@ use crate::report::{
     errors_text, Comparison, ModeStats, PhaseMeasurement, RoleCpu, RunInfo, Summary,
 };
 use crate::svg::{percentile_spectrum, Series};
-use crate::tls::{client_config, Credentials, PeerKind};
+use crate::tls::{client_config, Credentials, PeerKind, Resumption};
 use crate::units::{format_duration, thousands};
 
 /// Pause between handing a phase to the callers and its start, so every thread starts
@@ -58,15 +58,16 @@ pub fn run(plan: &Plan) -> anyhow::Result<Verdict> {
     let mut env = Environment::start(plan, routes.contains(&Route::Gateway))?;
     let setup = CallerSetup {
         gateway: match env.gateway_addr {
-            Some(addr) if routes.contains(&Route::Gateway) => {
-                Some((addr, client_config(&env.caller, PeerKind::Gateway)?))
-            }
+            Some(addr) if routes.contains(&Route::Gateway) => Some((
+                addr,
+                client_config(&env.caller, PeerKind::Gateway, Resumption::Allowed)?,
+            )),
             _ => None,
         },
         direct: if routes.contains(&Route::Direct) {
             Some((
                 env.direct.clone(),
-                client_config(&env.caller, PeerKind::Agent)?,
+                client_config(&env.caller, PeerKind::Agent, Resumption::Allowed)?,
             ))
         } else {
             None
@@ -361,29 +362,10 @@ impl Environment {
                     pki: None,
                 };
                 if with_gateway {
-                    let mut args = os_args(&[
-                        "serve-gateway",
-                        "--listen",
-                        "127.0.0.1:0",
-                        "--workers",
-                        &gateway_workers.to_string(),
-                        "--domain",
-                        DOMAIN,
-                    ]);
-                    push_files(&mut args, &pki.gateway.cert, &pki.gateway.key, &pki.ca);
-                    if *pin_gateway {
-                        args.push("--pin".into());
-                    }
-                    let mut gateway = ChildProcess::spawn("gateway", &args)?;
-                    let addr = gateway.expect("listening", deadline)?;
-                    env.gateway_addr = Some(addr.parse().context("gateway address")?);
-                    env.gateway_workers = Some(
-                        gateway
-                            .expect("workers", deadline)?
-                            .parse()
-                            .context("workers")?,
-                    );
-                    env.gateway = Some(gateway);
+                    let gateway = GatewayChild::start(&pki, *gateway_workers, *pin_gateway, &[])?;
+                    env.gateway_addr = Some(gateway.addr);
+                    env.gateway_workers = Some(gateway.workers);
+                    env.gateway = Some(gateway.process);
                 }
                 let mut args = os_args(&[
                     "serve-agents",
@@ -460,6 +442,62 @@ impl Environment {
             .flatten()
             .filter_map(|child| (!child.is_running()).then(|| child.role()))
             .collect()
+    }
+}
+
+/// A gateway process started with the loadgen's PKI (`serve-gateway`).
+#[derive(Debug)]
+pub struct GatewayChild {
+    /// The process.
+    pub process: ChildProcess,
+    /// Its listen address.
+    pub addr: SocketAddr,
+    /// Its worker threads.
+    pub workers: usize,
+}
+
+impl GatewayChild {
+    /// Starts a gateway on a free loopback port with `workers` workers (pinned if `pin`), with
+    /// the gateway identity of `pki`; `limits` are extra `serve-gateway` flags and their
+    /// values (`--max-agents` ...). Returns once it listens.
+    pub fn start(
+        pki: &TempPki,
+        workers: usize,
+        pin: bool,
+        limits: &[(&str, usize)],
+    ) -> anyhow::Result<GatewayChild> {
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        let mut args = os_args(&[
+            "serve-gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            &workers.to_string(),
+            "--domain",
+            DOMAIN,
+        ]);
+        push_files(&mut args, &pki.gateway.cert, &pki.gateway.key, &pki.ca);
+        if pin {
+            args.push("--pin".into());
+        }
+        for (flag, value) in limits {
+            args.push(flag.into());
+            args.push(value.to_string().into());
+        }
+        let mut process = ChildProcess::spawn("gateway", &args)?;
+        let addr = process
+            .expect("listening", deadline)?
+            .parse()
+            .context("gateway address")?;
+        let workers = process
+            .expect("workers", deadline)?
+            .parse()
+            .context("workers")?;
+        Ok(GatewayChild {
+            process,
+            addr,
+            workers,
+        })
     }
 }
 

@@ -45,9 +45,18 @@ pub fn gateway(args: &ServeGatewayArgs) -> anyhow::Result<()> {
         admin_listen: None,
         ..Config::default()
     };
-    // Every caller connection of the loadgen has the same identity; the default limit of 64
-    // per worker would cap --callers x --connections.
-    config.limits.max_connections_per_identity = 1 << 16;
+    // Every connection of the loadgen has the same identity; the default limit of 64 per
+    // worker would cap --callers x --connections, and `attach`'s agents.
+    config.limits.max_connections_per_identity = args.max_connections_per_identity;
+    if let Some(max) = args.max_streams_per_connection {
+        config.limits.max_streams_per_connection = max;
+    }
+    if let Some(max) = args.max_agents {
+        config.limits.max_agents = max;
+    }
+    if let Some(max) = args.max_connections_per_worker {
+        config.limits.max_connections_per_worker = max;
+    }
     config.validate()?;
     let (identity, _) = dev_identity(&config).context("loading the gateway identity")?;
     let gateway = Gateway::start(config, identity)?;

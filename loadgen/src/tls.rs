@@ -76,8 +76,22 @@ pub enum PeerKind {
     Agent,
 }
 
+/// Whether the connections of one client configuration resume TLS sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resumption {
+    /// rustls's default: a connection may resume the session of an earlier one from a ticket
+    /// the peer sent it (kept in memory), skipping certificates and signatures.
+    Allowed,
+    /// Every connection makes a full handshake, as agents attaching for the first time do.
+    Off,
+}
+
 /// The callers' QUIC client configuration for peers of `kind`.
-pub fn client_config(creds: &Credentials, kind: PeerKind) -> anyhow::Result<quinn::ClientConfig> {
+pub fn client_config(
+    creds: &Credentials,
+    kind: PeerKind,
+    resumption: Resumption,
+) -> anyhow::Result<quinn::ClientConfig> {
     let trust_domain = creds.trust_domain()?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = PeerVerifier::new(&creds.anchors, trust_domain, kind, &provider)?;
@@ -88,6 +102,9 @@ pub fn client_config(creds: &Credentials, kind: PeerKind) -> anyhow::Result<quin
         .with_client_auth_cert(creds.chain.clone(), creds.key.clone_key())
         .context("caller certificate and key")?;
     tls.alpn_protocols = vec![ALPN_AGENT.to_vec()];
+    if resumption == Resumption::Off {
+        tls.resumption = rustls::client::Resumption::disabled();
+    }
     let quic = QuicClientConfig::try_from(tls)?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     let mut transport = base_transport();

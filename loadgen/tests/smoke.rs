@@ -1,5 +1,6 @@
 //! End-to-end runs of the built `dmsc-loadgen` binary: the short self-contained run CI does,
-//! a short `compare`, and a refused flag. They check outcomes and files, never timings.
+//! a short `compare`, a small `attach`, and a refused flag. They check outcomes and files, never
+//! timings.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -118,6 +119,54 @@ fn compare_runs_both_modes_against_the_same_agents() {
 }
 
 #[test]
+fn attach_attaches_every_agent_and_reports_the_gateway_memory() {
+    let dir = scratch("attach");
+    let output = run(
+        &dir,
+        &[
+            "attach",
+            "--agents",
+            "50",
+            "--concurrency",
+            "8",
+            "--idle",
+            "200ms",
+            "--max-streams-per-connection",
+            "64",
+            "--json",
+            "attach.json",
+        ],
+    );
+    assert!(output.status.success(), "exit status {}", output.status);
+    let doc = read_json(&dir.join("attach.json"));
+    assert_eq!(doc["agents"], 50);
+    assert_eq!(doc["attached"], 50);
+    assert_eq!(doc["failures"], serde_json::json!({}), "{doc}");
+    assert!(doc["attaches_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(doc["attach_p50_us"].as_u64().unwrap() > 0);
+    assert!(doc["attach_p50_us"].as_u64() <= doc["attach_p99_us"].as_u64());
+    assert!(doc["duration_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(doc["max_streams_per_connection"], 64);
+    let per_worker: u64 = doc["agents_per_worker"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert_eq!(per_worker, 50);
+    if cfg!(target_os = "linux") {
+        assert!(doc["rss_before_bytes"].as_u64().unwrap() > 0);
+        assert!(doc["rss_after_bytes"].as_u64().unwrap() > 0);
+        assert!(doc["rss_per_agent_bytes"].is_i64(), "{doc}");
+        assert!(doc["gateway_cpu_us_per_attach"].is_f64(), "{doc}");
+        assert!(doc["loadgen_cpu_percent"].is_f64(), "{doc}");
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("B per idle attached agent"), "{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn a_bad_flag_is_a_usage_error_that_names_it() {
     let dir = scratch("usage");
     let output = run(&dir, &["--duration", "5"]);
@@ -128,5 +177,8 @@ fn a_bad_flag_is_a_usage_error_that_names_it() {
     let output = run(&dir, &["--callers", "0"]);
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("--callers must be between"));
+    let output = run(&dir, &["attach", "--agents", "0"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--agents must be between"));
     let _ = std::fs::remove_dir_all(&dir);
 }
