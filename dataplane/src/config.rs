@@ -85,7 +85,9 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Largest agent card accepted, in bytes (protocol ceiling: 65536).
     pub max_card_bytes: usize,
-    /// Most concurrent request streams an agent may open on one connection.
+    /// Most concurrent request streams an agent may open on one connection. quinn-proto keeps
+    /// state for every stream a peer may open (about 84 bytes each), so this is also the main
+    /// term of the memory an idle agent costs.
     pub max_streams_per_connection: u32,
     /// Most requests a worker keeps in flight to one agent (lower if the agent asks).
     pub max_inflight_per_agent: u32,
@@ -143,7 +145,7 @@ impl Default for Limits {
         Self {
             max_header_bytes: 4096,
             max_card_bytes: 64 * 1024,
-            max_streams_per_connection: 1024,
+            max_streams_per_connection: 100,
             max_inflight_per_agent: 1024,
             max_agents: 16_384,
             max_connections_per_worker: 32_768,

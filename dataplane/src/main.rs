@@ -63,7 +63,7 @@ struct Args {
     /// Largest agent card, bytes [default: 65536].
     #[arg(long)]
     max_card_bytes: Option<usize>,
-    /// Concurrent request streams per agent connection [default: 1024].
+    /// Concurrent request streams per agent connection [default: 100].
     #[arg(long)]
     max_streams_per_connection: Option<u32>,
     /// Requests in flight to one agent per worker [default: 1024].

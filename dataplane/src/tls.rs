@@ -39,6 +39,10 @@ pub fn server_crypto(
         .map_err(|e| anyhow::anyhow!("gateway certificate/key: {e}"))?;
     tls.alpn_protocols = vec![dmsc_protocol::ALPN_AGENT.to_vec()];
     tls.max_early_data_size = 0;
+    // Agents connect rarely and stay: resumption would save little, while issuing tickets costs
+    // every handshake and rustls's default session cache is one lock shared by all workers.
+    tls.send_tls13_tickets = 0;
+    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     Ok(quinn_proto::crypto::rustls::QuicServerConfig::try_from(
         Arc::new(tls),
     )?)

@@ -38,7 +38,8 @@ async fn payloads_arrive_byte_exact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_requests_in_flight_on_one_connection() {
     let pki = Pki::new();
-    let gw = gateway(&pki, 1, |_| {});
+    // The default allows 100 streams per connection (memory per idle agent); raise it.
+    let gw = gateway(&pki, 1, |c| c.limits.max_streams_per_connection = 1024);
     let mut config = agent_config(&pki, gw.local_addr(), "target", card("target", &["sleep"]));
     config.max_concurrent = 1024;
     let target = dmsc_agent::Agent::attach(config, test_handlers("target"))
