@@ -204,6 +204,9 @@ pub(crate) struct Worker {
     handoffs_in: HashMap<HandoffId, ExKey>,
     router: Router<ConnIdx>,
     agents: HashMap<SessionId, Arc<AgentInfo>>,
+    /// Connections of each session on this worker (its primary here, and its lanes), so that
+    /// per-session lookups never scan every connection.
+    session_conns: HashMap<SessionId, smallvec::SmallVec<[ConnIdx; 2]>>,
     /// Home worker: detaching sessions and how many workers have yet to report done.
     detach_waiting: HashMap<SessionId, usize>,
     /// Sessions detaching whose home waits for this worker's `DetachDone`.
@@ -273,6 +276,7 @@ impl Worker {
             residence_batch: Vec::new(),
             iteration_start: Instant::now(),
             agents: HashMap::new(),
+            session_conns: HashMap::new(),
             detach_waiting: HashMap::new(),
             detach_watch: HashSet::new(),
             conn_timers: BTreeSet::new(),
@@ -792,6 +796,14 @@ impl Worker {
         let role = conn.role;
         conn.role = Role::Pending;
         conn.control = None;
+        if let Role::Primary(session) | Role::Lane(session) = role {
+            if let Some(list) = self.session_conns.get_mut(&session) {
+                list.retain(|&mut c| c != ci);
+                if list.is_empty() {
+                    self.session_conns.remove(&session);
+                }
+            }
+        }
         for (stream, key) in keys {
             self.leg_failed(key, ci, stream);
         }
@@ -1127,6 +1139,7 @@ impl Worker {
             capabilities: card.capabilities().map(Box::from).collect(),
             card,
         });
+        self.session_conns.entry(session).or_default().push(ci);
         if let Some(conn) = self.conns[ci].as_mut() {
             conn.role = Role::Primary(session);
             conn.attach_deadline = None;
@@ -1175,6 +1188,7 @@ impl Worker {
                 true,
             );
         }
+        self.session_conns.entry(session).or_default().push(ci);
         if let Some(conn) = self.conns[ci].as_mut() {
             conn.role = Role::Lane(session);
             conn.attach_deadline = None;
@@ -1402,6 +1416,20 @@ impl Worker {
         }
     }
 
+    /// This worker's connection of `session` with `role`, if any.
+    fn session_conn(&self, session: SessionId, role: Role) -> Option<ConnIdx> {
+        self.session_conns
+            .get(&session)?
+            .iter()
+            .copied()
+            .find(|&ci| {
+                self.conns
+                    .get(ci)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|c| c.role == role)
+            })
+    }
+
     fn detach_done(&mut self, session: SessionId) {
         let Some(left) = self.detach_waiting.get_mut(&session) else {
             return;
@@ -1411,11 +1439,7 @@ impl Worker {
             return;
         }
         self.detach_waiting.remove(&session);
-        let primary = self
-            .conns
-            .iter()
-            .position(|c| c.as_ref().is_some_and(|c| c.role == Role::Primary(session)));
-        if let Some(ci) = primary {
+        if let Some(ci) = self.session_conn(session, Role::Primary(session)) {
             self.write_control(ci, &ControlFrame::Detached);
         }
     }
@@ -1423,7 +1447,7 @@ impl Worker {
     fn agent_down(&mut self, session: SessionId) {
         // The session is over: its lanes on this worker have nothing left to carry.
         let now = Instant::now();
-        for ci in 0..self.conns.len() {
+        for ci in self.session_conns.remove(&session).unwrap_or_default() {
             if let Some(conn) = self.conns[ci].as_mut() {
                 if conn.role == Role::Lane(session) {
                     close(conn, now, ConnectionCode::NoError, "session ended");
@@ -1446,10 +1470,7 @@ impl Worker {
             match msg {
                 WorkerMsg::AgentUp(info) => {
                     let session = info.session;
-                    let lane = self
-                        .conns
-                        .iter()
-                        .position(|c| c.as_ref().is_some_and(|c| c.role == Role::Lane(session)));
+                    let lane = self.session_conn(session, Role::Lane(session));
                     self.agent_up(info);
                     let routed = self
                         .router
