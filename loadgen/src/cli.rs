@@ -214,7 +214,7 @@ pub struct AttachArgs {
     /// Pin gateway worker i to core i.
     #[arg(long)]
     pub pin_gateway: bool,
-    /// The gateway's `limits.max_streams_per_connection` [default: the gateway's, 1024]. QUIC
+    /// The gateway's `limits.max_streams_per_connection` [default: the gateway's, 100]. QUIC
     /// (quinn) sets up the state of every stream a peer may open when the connection starts, so
     /// this limit weighs on the memory of every idle agent.
     #[arg(long, value_name = "N")]
@@ -712,7 +712,10 @@ mod tests {
         assert!(p.distinct_capabilities);
         assert_eq!(p.idle, Duration::from_secs(2));
         assert_eq!(p.timeout, Duration::from_secs(120));
-        assert_eq!(p.max_streams_per_connection, 1024);
+        assert_eq!(
+            p.max_streams_per_connection,
+            dmsc_dataplane::Limits::default().max_streams_per_connection
+        );
         assert_eq!(p.json, None);
         let p = attach_plan(&[
             "attach",
