@@ -2051,13 +2051,25 @@ impl Worker {
         x.resp.queue.clear();
         x.resp.queue.push_back(Bytes::from(out));
         x.resp.fin = true;
+        self.stop_request_body(key);
+        self.pumps.push_back(key);
+    }
+
+    /// The rest of the caller's request body is not wanted (the answer is already decided, or
+    /// the target stopped reading): STOP_SENDING on a local caller stream, or, on the home side
+    /// of a hand-off, a request to the origin to do so.
+    fn stop_request_body(&mut self, key: ExKey) {
+        let Some(x) = self.ex(key) else {
+            return;
+        };
+        x.up_send_closed = true;
         x.req.queue.clear();
-        let down = x.down;
-        let recv_open = !x.down_recv_closed;
+        if x.down_recv_closed {
+            return;
+        }
         x.down_recv_closed = true;
-        // The rest of the request body is not wanted.
-        match down {
-            Leg::Local { conn, stream } if recv_open => {
+        match x.down {
+            Leg::Local { conn, stream } => {
                 if let Some(c) = self.conns.get_mut(conn).and_then(Option::as_mut) {
                     let _ = c
                         .quic
@@ -2066,8 +2078,7 @@ impl Worker {
                     mark_dirty(&mut self.dirty, c, conn);
                 }
             }
-            // Home side of a hand-off: the origin stops reading the caller.
-            Leg::Remote { worker, id } if recv_open => self.post(
+            Leg::Remote { worker, id } => self.post(
                 worker,
                 WorkerMsg::Handoff {
                     id,
@@ -2075,9 +2086,7 @@ impl Worker {
                     event: HandoffEvent::StopRequest,
                 },
             ),
-            Leg::Local { .. } | Leg::Remote { .. } => {}
         }
-        self.pumps.push_back(key);
     }
 
     fn deadline_passed(&mut self, key: ExKey) {
@@ -2213,32 +2222,7 @@ impl Worker {
             self.close_down_send(key, StreamCode::Cancelled);
         } else {
             // The target stopped reading the request (it may answer without reading all of it).
-            x.up_send_closed = true;
-            x.req.queue.clear();
-            let down = x.down;
-            let recv_open = !x.down_recv_closed;
-            x.down_recv_closed = true;
-            match down {
-                // The origin must stop reading the caller's body too.
-                Leg::Remote { worker, id } => self.post(
-                    worker,
-                    WorkerMsg::Handoff {
-                        id,
-                        to_home: false,
-                        event: HandoffEvent::StopRequest,
-                    },
-                ),
-                Leg::Local { conn, stream } if recv_open => {
-                    if let Some(c) = self.conns.get_mut(conn).and_then(Option::as_mut) {
-                        let _ = c
-                            .quic
-                            .recv_stream(stream)
-                            .stop(StreamCode::Cancelled.into_varint());
-                        mark_dirty(&mut self.dirty, c, conn);
-                    }
-                }
-                Leg::Local { .. } => {}
-            }
+            self.stop_request_body(key);
             self.pumps.push_back(key);
         }
     }
@@ -2381,23 +2365,7 @@ impl Worker {
                     x.up_recv_closed = true;
                     self.target_failed(key);
                 }
-                HandoffEvent::StopRequest => {
-                    x.up_send_closed = true;
-                    x.req.queue.clear();
-                    let down = x.down;
-                    if !x.down_recv_closed {
-                        x.down_recv_closed = true;
-                        if let Leg::Local { conn, stream } = down {
-                            if let Some(c) = self.conns.get_mut(conn).and_then(Option::as_mut) {
-                                let _ = c
-                                    .quic
-                                    .recv_stream(stream)
-                                    .stop(StreamCode::Cancelled.into_varint());
-                                mark_dirty(&mut self.dirty, c, conn);
-                            }
-                        }
-                    }
-                }
+                HandoffEvent::StopRequest => self.stop_request_body(key),
                 HandoffEvent::Open { .. } => {}
             }
             self.pumps.push_back(key);
