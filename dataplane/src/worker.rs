@@ -381,8 +381,12 @@ impl Worker {
     ) {
         loop {
             let s = &self.sockets[socket];
-            let mut bufs: Vec<IoSliceMut<'_>> =
-                recv_bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            // A fixed array, not a Vec: no allocation per receive batch. `recv_bufs` holds
+            // exactly BATCH buffers (built so in `Worker::new`).
+            let mut slots = recv_bufs.iter_mut();
+            let mut bufs: [IoSliceMut<'_>; BATCH] = std::array::from_fn(|_| {
+                IoSliceMut::new(slots.next().expect("BATCH receive buffers"))
+            });
             let n = match s.state.recv((&s.io).into(), &mut bufs, metas) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
@@ -391,7 +395,6 @@ impl Worker {
                     return;
                 }
             };
-            drop(bufs);
             for (meta, buf) in metas.iter().zip(recv_bufs.iter()).take(n) {
                 let mut data = BytesMut::from(&buf[..meta.len]);
                 while !data.is_empty() {
