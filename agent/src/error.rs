@@ -174,6 +174,8 @@ pub(crate) fn status_for_reset(code: StreamCode) -> Status {
     match code {
         StreamCode::TargetFailed => Status::TargetFailed,
         StreamCode::DeadlineExceeded => Status::DeadlineExceeded,
+        // The gateway ended an exchange that made no progress for too long.
+        StreamCode::Stalled => Status::DeadlineExceeded,
         StreamCode::ProtocolViolation => Status::BadRequest,
         StreamCode::Cancelled => Status::Unavailable,
         StreamCode::Unknown(_) => Status::TargetFailed,

@@ -21,26 +21,27 @@ use crossbeam_channel::bounded;
 
 use dmsc_protocol::Status;
 
+use crate::core::Shared;
 use crate::metrics::{CapabilityMetrics, WorkerSnapshot, STATUS_SLOTS};
 use crate::msg::WorkerMsg;
 use crate::stats::StatsSnapshot;
-use crate::worker::Shared;
+use crate::worker::Mailboxes;
 
 const MAX_HEAD: usize = 8 * 1024;
 
 /// Serves admin requests on `listener` until the process exits.
-pub(crate) fn serve(listener: TcpListener, shared: Arc<Shared>) {
+pub(crate) fn serve(listener: TcpListener, shared: Arc<Shared>, mailboxes: Arc<Mailboxes>) {
     for stream in listener.incoming() {
         let Ok(stream) = stream else {
             continue;
         };
-        if let Err(e) = handle(stream, &shared) {
+        if let Err(e) = handle(stream, &shared, &mailboxes) {
             tracing::debug!(error = %e, "admin request failed");
         }
     }
 }
 
-fn handle(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+fn handle(mut stream: TcpStream, shared: &Shared, mailboxes: &Mailboxes) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     stream.set_write_timeout(Some(Duration::from_secs(2)))?;
     let mut head = Vec::with_capacity(1024);
@@ -75,11 +76,14 @@ fn handle(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
     let path = target.split('?').next().unwrap_or("");
     match path {
         "/metrics" => {
-            let body = render_metrics(&snapshots(shared), &StatsSnapshot::collect(&shared.stats));
+            let body = render_metrics(
+                &snapshots(mailboxes),
+                &StatsSnapshot::collect(&shared.stats),
+            );
             respond(&mut stream, "200 OK", "text/plain; version=0.0.4", &body)
         }
         "/agents" => {
-            let body = render_agents(&snapshots(shared));
+            let body = render_agents(&snapshots(mailboxes));
             respond(&mut stream, "200 OK", "application/json", &body)
         }
         "/healthz" => respond(&mut stream, "200 OK", "text/plain", "ok\n"),
@@ -110,15 +114,15 @@ fn respond(
 
 /// Asks every worker for its snapshot; a worker that does not answer within a second is left
 /// out (the data plane is never blocked on the admin endpoint).
-pub(crate) fn snapshots(shared: &Shared) -> Vec<WorkerSnapshot> {
-    let (tx, rx) = bounded(shared.senders.len());
+pub(crate) fn snapshots(mailboxes: &Mailboxes) -> Vec<WorkerSnapshot> {
+    let (tx, rx) = bounded(mailboxes.senders.len());
     let mut asked = 0;
-    for (w, sender) in shared.senders.iter().enumerate() {
+    for (w, sender) in mailboxes.senders.iter().enumerate() {
         if sender
             .send_timeout(WorkerMsg::Snapshot(tx.clone()), Duration::from_millis(200))
             .is_ok()
         {
-            let _ = shared.wakers[w].wake();
+            let _ = mailboxes.wakers[w].wake();
             asked += 1;
         }
     }
@@ -212,6 +216,59 @@ pub(crate) fn render_metrics(snaps: &[WorkerSnapshot], stats: &StatsSnapshot) ->
         "counter",
     );
     let _ = writeln!(o, "dmsc_send_drops_total {}", stats.send_drops);
+    for (name, help, kind, value) in [
+        (
+            "dmsc_datagrams_received_total",
+            "UDP datagrams received.",
+            "counter",
+            stats.datagrams_received,
+        ),
+        (
+            "dmsc_datagrams_sent_total",
+            "UDP datagrams (or GSO batches) sent.",
+            "counter",
+            stats.datagrams_sent,
+        ),
+        (
+            "dmsc_wakeups_total",
+            "Event-loop wake-ups of the workers.",
+            "counter",
+            stats.wakeups,
+        ),
+        (
+            "dmsc_retries_total",
+            "QUIC Retry packets sent to unvalidated addresses.",
+            "counter",
+            stats.retries,
+        ),
+        (
+            "dmsc_handshakes_refused_total",
+            "Handshakes refused by QUIC.",
+            "counter",
+            stats.handshakes_refused,
+        ),
+        (
+            "dmsc_identity_limit_refusals_total",
+            "Connections closed over max_connections_per_identity.",
+            "counter",
+            stats.identity_limit_refusals,
+        ),
+        (
+            "dmsc_unresponsive_peers_total",
+            "Connections closed because the peer stopped answering.",
+            "counter",
+            stats.unresponsive_peers,
+        ),
+        (
+            "dmsc_stalled_exchanges_total",
+            "Requests ended because a leg refused their bytes too long.",
+            "counter",
+            stats.stalled,
+        ),
+    ] {
+        counter(&mut o, name, help, kind);
+        let _ = writeln!(o, "{name} {value}");
+    }
     counter(
         &mut o,
         "dmsc_table_generation",

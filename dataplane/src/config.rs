@@ -101,6 +101,22 @@ pub struct Limits {
     pub idle_timeout_ms: u64,
     /// How long a new connection may take to send `ATTACH` or `LANE`, in milliseconds.
     pub attach_timeout_ms: u64,
+    /// How long a caller may take to send a whole request header once it opened the stream,
+    /// in milliseconds.
+    pub header_timeout_ms: u64,
+    /// An attached agent's connection that sends nothing (not even acknowledgements of the
+    /// gateway's keep-alives, sent every third of this) for this long is closed with
+    /// `UNRESPONSIVE` and its requests fail with `TARGET_FAILED`, in milliseconds; 0 turns the
+    /// check and the gateway's keep-alives off (the idle timeout still applies).
+    pub peer_timeout_ms: u64,
+    /// An exchange whose queued bytes a leg refuses (a caller that does not read its answer, a
+    /// target that does not read its request) for this long after the answer began is ended
+    /// on both legs with `STALLED`, in milliseconds.
+    pub stall_timeout_ms: u64,
+    /// Above this many connections on a worker, a new connection from an address that has not
+    /// proven it can receive there is answered with a QUIC Retry first (one extra round trip,
+    /// no state kept); 0 sends a Retry to every new connection.
+    pub retry_above_connections: usize,
     /// Deadline applied to requests that carry none, in milliseconds.
     pub default_deadline_ms: u64,
     /// Longest deadline honoured; longer ones are cut to this, in milliseconds.
@@ -110,7 +126,9 @@ pub struct Limits {
     /// How long a draining gateway waits for in-flight requests, in milliseconds.
     pub drain_timeout_ms: u64,
     /// Per-stream receive window, in bytes: how much of one request body a caller may send
-    /// ahead of the target.
+    /// ahead of the target. A connection's window is this times
+    /// `max_streams_per_connection`, so that no request can take another's share: a caller
+    /// connection may hold at most that many bytes unread in the gateway.
     pub stream_window_bytes: u32,
     /// Capacity of each worker's inbox of cross-worker messages.
     pub handoff_queue: usize,
@@ -152,11 +170,15 @@ impl Default for Limits {
             max_connections_per_identity: 64,
             idle_timeout_ms: 30_000,
             attach_timeout_ms: 5_000,
+            header_timeout_ms: 5_000,
+            peer_timeout_ms: 5_000,
+            stall_timeout_ms: 10_000,
+            retry_above_connections: 4_096,
             default_deadline_ms: 30_000,
             max_deadline_ms: 300_000,
             max_hops: 8,
             drain_timeout_ms: 10_000,
-            stream_window_bytes: 1024 * 1024,
+            stream_window_bytes: 256 * 1024,
             handoff_queue: 8192,
             max_metric_capabilities: 64,
         }
@@ -198,8 +220,8 @@ impl Config {
                 reason: reason.to_owned(),
             })
         };
-        if self.workers > 256 {
-            return invalid("workers", "at most 256");
+        if self.worker_count() > 256 {
+            return invalid("workers", "at most 256 (set it explicitly on larger hosts)");
         }
         if self.lane_base_port != 0
             && u32::from(self.lane_base_port) + self.worker_count() as u32 > 65_536
@@ -256,6 +278,18 @@ impl Config {
         if !(100..=600_000).contains(&l.attach_timeout_ms) {
             return invalid("limits.attach_timeout_ms", "between 100 and 600000");
         }
+        if !(100..=600_000).contains(&l.header_timeout_ms) {
+            return invalid("limits.header_timeout_ms", "between 100 and 600000");
+        }
+        if l.peer_timeout_ms != 0 && !(300..=3_600_000).contains(&l.peer_timeout_ms) {
+            return invalid(
+                "limits.peer_timeout_ms",
+                "0 (off) or between 300 and 3600000",
+            );
+        }
+        if !(100..=3_600_000).contains(&l.stall_timeout_ms) {
+            return invalid("limits.stall_timeout_ms", "between 100 and 3600000");
+        }
         if l.default_deadline_ms == 0 || l.default_deadline_ms > l.max_deadline_ms {
             return invalid(
                 "limits.default_deadline_ms",
@@ -288,6 +322,17 @@ impl Limits {
     /// The idle timeout.
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.idle_timeout_ms)
+    }
+
+    /// How often the gateway pings an agent connection: a third of the peer timeout, so two
+    /// pings may be lost before the peer counts as unresponsive; `None` when the check is off.
+    pub fn keep_alive_interval(&self) -> Option<Duration> {
+        (self.peer_timeout_ms > 0).then(|| Duration::from_millis(self.peer_timeout_ms / 3))
+    }
+
+    /// The receive window of a whole connection: every stream's full window at once.
+    pub fn connection_window_bytes(&self) -> u64 {
+        u64::from(self.stream_window_bytes) * u64::from(self.max_streams_per_connection)
     }
 }
 

@@ -14,10 +14,11 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use socket2::{Domain, Protocol, Socket as RawSocket, Type};
 
 use crate::config::Config;
+use crate::core::{Core, OsRandom, Shared, SocketCaps};
 use crate::msg::WorkerMsg;
 use crate::routing::TableGeneration;
 use crate::stats::{StatsSnapshot, WorkerStats};
-use crate::worker::{Shared, Socket, Worker};
+use crate::worker::{Mailboxes, Socket, Worker};
 
 /// The gateway's TLS identity and the trust anchors of its domain.
 #[derive(Debug)]
@@ -65,6 +66,7 @@ pub struct GatewayHandle {
     addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
+    mailboxes: Arc<Mailboxes>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -89,6 +91,12 @@ impl Gateway {
         let mut server = ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(Arc::new(transport(&config)));
         server.max_incoming(4096);
+        // Address-validation tokens are not used (Retry is stateless and NEW_TOKEN is not
+        // sent), and no token log is kept: the default log is a mutex shared by every worker
+        // when quinn's `bloom` feature is on, which any crate in the graph could turn on.
+        let mut tokens = quinn_proto::ValidationTokenConfig::default();
+        tokens.log(Arc::new(quinn_proto::NoneTokenLog)).sent(0);
+        server.validation_token_config(tokens);
         // The shared SO_REUSEPORT socket steers by address: a migrated connection's packets
         // could land on another worker, so migration is not offered.
         server.migration(false);
@@ -150,9 +158,8 @@ impl Gateway {
             receivers.push(rx);
             wakers.push(Arc::new(waker));
         }
+        let mailboxes = Arc::new(Mailboxes { senders, wakers });
         let shared = Arc::new(Shared {
-            senders,
-            wakers,
             stats: (0..workers)
                 .map(|_| Arc::new(WorkerStats::default()))
                 .collect(),
@@ -182,15 +189,29 @@ impl Gateway {
                 true,
                 None,
             );
-            let worker = Worker::new(
+            let caps = socks
+                .iter()
+                .map(|s| SocketCaps {
+                    max_gso_segments: s.state.max_gso_segments(),
+                })
+                .collect();
+            let core = Core::new(
                 w,
                 shared.clone(),
-                poll,
-                socks,
                 endpoint,
                 server.clone(),
-                inbox,
+                caps,
                 table.clone(),
+                Box::new(OsRandom),
+                std::time::Instant::now(),
+            );
+            let worker = Worker::new(
+                core,
+                shared.stats[w].clone(),
+                poll,
+                socks,
+                inbox,
+                mailboxes.clone(),
             );
             let core = (!cores.is_empty()).then(|| cores[w % cores.len()]);
             let thread = std::thread::Builder::new()
@@ -206,9 +227,10 @@ impl Gateway {
         }
         if let Some(listener) = admin {
             let shared = shared.clone();
+            let mailboxes = mailboxes.clone();
             std::thread::Builder::new()
                 .name("dmsc-admin".into())
-                .spawn(move || crate::admin::serve(listener, shared))
+                .spawn(move || crate::admin::serve(listener, shared, mailboxes))
                 .map_err(|source| StartError::Worker {
                     worker: workers,
                     source,
@@ -218,6 +240,7 @@ impl Gateway {
             addr: listen,
             admin_addr,
             shared,
+            mailboxes,
             threads,
         })
     }
@@ -236,7 +259,7 @@ impl GatewayHandle {
 
     /// Per-worker metrics and agents, collected from the workers between their iterations.
     pub fn snapshot(&self) -> Vec<crate::metrics::WorkerSnapshot> {
-        crate::admin::snapshots(&self.shared)
+        crate::admin::snapshots(&self.mailboxes)
     }
 
     /// The Prometheus text the admin endpoint serves at `/metrics`.
@@ -261,18 +284,17 @@ impl GatewayHandle {
 
     /// Installs a table generation on every worker (between their event-loop iterations).
     pub fn install(&self, table: Arc<TableGeneration>) {
-        for w in 0..self.shared.senders.len() {
-            let _ = self.shared.senders[w].send(WorkerMsg::Install(table.clone()));
-            let _ = self.shared.wakers[w].wake();
+        for w in 0..self.shared.workers() {
+            self.mailboxes
+                .send_blocking(w, WorkerMsg::Install(table.clone()));
         }
     }
 
     /// Starts draining: no new connections or requests; agents are told to go; in-flight
     /// requests get up to `grace` to finish; then connections close with `SHUTTING_DOWN`.
     pub fn drain(&self, grace: Duration) {
-        for w in 0..self.shared.senders.len() {
-            let _ = self.shared.senders[w].send(WorkerMsg::Drain { grace });
-            let _ = self.shared.wakers[w].wake();
+        for w in 0..self.shared.workers() {
+            self.mailboxes.send_blocking(w, WorkerMsg::Drain { grace });
         }
     }
 
@@ -309,9 +331,13 @@ fn transport(config: &Config) -> TransportConfig {
         .max_ack_delay(Some(std::time::Duration::from_millis(5)));
     t.ack_frequency_config(Some(ack));
     t.max_idle_timeout(IdleTimeout::try_from(l.idle_timeout()).ok());
+    // Every stream may fill its whole window without taking another's share of the
+    // connection's: one request whose reader stalls cannot block the others.
     t.stream_receive_window(VarInt::from_u32(l.stream_window_bytes));
-    t.receive_window(VarInt::from_u32(l.stream_window_bytes.saturating_mul(8)));
-    t.send_window(u64::from(l.stream_window_bytes) * 8);
+    t.receive_window(VarInt::from_u64(l.connection_window_bytes()).unwrap_or(VarInt::MAX));
+    t.send_window(l.connection_window_bytes());
+    // The gateway's own keep-alives make a silent agent visible within the peer timeout.
+    t.keep_alive_interval(l.keep_alive_interval());
     t
 }
 

@@ -18,6 +18,7 @@ pub mod routing;
 
 mod admin;
 mod bootstrap;
+mod core;
 mod gateway;
 mod metrics;
 mod msg;

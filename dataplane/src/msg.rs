@@ -12,6 +12,7 @@ use dmsc_protocol::card::AgentCard;
 use dmsc_protocol::control::{LaneToken, SessionId};
 use dmsc_protocol::Status;
 
+use crate::core::Chunks;
 use crate::routing::TableGeneration;
 
 /// What every worker learns of an attached agent.
@@ -43,23 +44,41 @@ pub(crate) struct ExKey {
     pub(crate) gen: u32,
 }
 
-/// One step of a handed-off request.
+/// One step of a handed-off request, by the direction it travels.
 #[derive(Debug)]
 pub(crate) enum HandoffEvent {
-    /// Origin -> home: open a stream to `session` and send `header` (already rewritten).
+    /// From the worker the request arrived on to the target's home worker.
+    ToHome(ToHome),
+    /// From the target's home worker back to the worker the request arrived on.
+    ToOrigin(ToOrigin),
+}
+
+/// Origin -> home.
+#[derive(Debug)]
+pub(crate) enum ToHome {
+    /// Open a stream to `session` and send `header` (already rewritten).
     Open { session: SessionId, header: Bytes },
-    /// Body bytes: request body (origin -> home) or response (home -> origin).
-    Data(Bytes),
-    /// End of the body in the direction of travel.
-    Fin,
-    /// The receiver wrote this many bytes into its QUIC stream: the sender may send more.
+    /// Request body bytes read together; `fin`: the body ends after them.
+    Data { chunks: Chunks, fin: bool },
+    /// The origin wrote this many response bytes to the caller: the home may send more.
     Ack(usize),
-    /// Home -> origin: the request failed with this status (before any response byte).
-    Fail(Status),
-    /// Origin -> home: the request is abandoned (the code says why: the caller cancelled, or
-    /// the deadline passed); home -> origin: the target failed after the response began.
+    /// The caller side abandoned the request (the code says why: the caller cancelled, or the
+    /// deadline passed).
     Cancel(dmsc_protocol::StreamCode),
-    /// Home -> origin: the target stopped reading the request body; stop reading the caller's.
+}
+
+/// Home -> origin.
+#[derive(Debug)]
+pub(crate) enum ToOrigin {
+    /// Response bytes read together; `fin`: the response ends after them.
+    Data { chunks: Chunks, fin: bool },
+    /// The home wrote this many request bytes to the target: the origin may send more.
+    Ack(usize),
+    /// The request failed with this status before any response byte.
+    Fail(Status),
+    /// The target failed after the response began (the caller's stream is reset with the code).
+    TargetFailed(dmsc_protocol::StreamCode),
+    /// The target stopped reading the request body; stop reading the caller's.
     StopRequest,
 }
 
@@ -75,12 +94,8 @@ pub(crate) enum WorkerMsg {
     DetachDone { session: SessionId },
     /// An agent's primary connection is gone.
     AgentDown { session: SessionId },
-    /// A step of a handed-off request; `to_home` tells which side the receiver plays.
-    Handoff {
-        id: HandoffId,
-        to_home: bool,
-        event: HandoffEvent,
-    },
+    /// A step of a handed-off request.
+    Handoff { id: HandoffId, event: HandoffEvent },
     /// Install a new table generation between iterations.
     Install(Arc<TableGeneration>),
     /// Stop accepting, tell agents to drain, close after `grace`.

@@ -60,9 +60,13 @@ impl TableGeneration {
     }
 }
 
-/// Index of an agent in a worker's [`Router`].
+/// Names an agent in a worker's [`Router`]: a slot and the generation of its occupant, so an
+/// index kept after the agent left (and another took the slot) is recognised as stale.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AgentIdx(pub u32);
+pub struct AgentIdx {
+    slot: u32,
+    generation: u32,
+}
 
 /// The metrics slot of a capability: its index in [`Router::metric_names`], or
 /// [`MetricSlot::OTHER`] once the bounded set of named capabilities is full.
@@ -110,8 +114,8 @@ pub struct AgentEntry<C> {
 /// requests wins; candidates at their limit are skipped (scanning the pool if both sampled are
 /// full). `None` when every candidate is full.
 #[inline]
-fn pick<C>(pool: &[AgentIdx], agents: &[Option<AgentEntry<C>>], rng: u64) -> Option<AgentIdx> {
-    let load = |i: AgentIdx| match &agents[i.0 as usize] {
+fn pick<C>(pool: &[AgentIdx], agents: &[Slot<C>], rng: u64) -> Option<AgentIdx> {
+    let load = |i: AgentIdx| match agents.get(i.slot as usize).and_then(|s| s.get(i)) {
         Some(e) if e.outstanding < e.limit => Some(e.outstanding),
         _ => None,
     };
@@ -134,12 +138,43 @@ fn pick<C>(pool: &[AgentIdx], agents: &[Option<AgentEntry<C>>], rng: u64) -> Opt
 
 #[derive(Debug)]
 struct Candidates {
-    /// Agents offering the capability; those reachable directly come first.
-    agents: SmallVec<[AgentIdx; 4]>,
-    /// How many of `agents` are reachable directly.
-    direct: usize,
+    /// Agents offering the capability that this worker reaches directly.
+    direct: SmallVec<[AgentIdx; 4]>,
+    /// Agents offering it that this worker reaches through a hand-off.
+    remote: SmallVec<[AgentIdx; 4]>,
     /// Where this capability's metrics go.
     metric: MetricSlot,
+}
+
+impl Candidates {
+    fn len(&self) -> usize {
+        self.direct.len() + self.remote.len()
+    }
+}
+
+/// One slot of the agent table.
+#[derive(Debug)]
+struct Slot<C> {
+    /// Bumped each time the slot is vacated.
+    generation: u32,
+    entry: Option<AgentEntry<C>>,
+    /// For each capability of `entry`, in order, the agent's position in that capability's
+    /// candidate list, so removal needs no search.
+    positions: SmallVec<[u32; 4]>,
+}
+
+impl<C> Slot<C> {
+    fn get(&self, idx: AgentIdx) -> Option<&AgentEntry<C>> {
+        self.entry
+            .as_ref()
+            .filter(|_| self.generation == idx.generation)
+    }
+
+    fn get_mut(&mut self, idx: AgentIdx) -> Option<&mut AgentEntry<C>> {
+        self.entry
+            .as_mut()
+            .filter(|_| self.generation == idx.generation)
+    }
 }
 
 /// The live overlay of attached agents on one worker, indexed by capability.
@@ -150,7 +185,7 @@ struct Candidates {
 pub struct Router<C> {
     table: Arc<TableGeneration>,
     by_capability: HashMap<Box<str>, Candidates>,
-    agents: Vec<Option<AgentEntry<C>>>,
+    agents: Vec<Slot<C>>,
     free: Vec<u32>,
     by_session: HashMap<SessionId, AgentIdx>,
     metric_slots: HashMap<Box<str>, MetricSlot>,
@@ -207,13 +242,12 @@ impl<C: Copy> Router<C> {
         self.rng ^= self.rng << 17;
         let rng = self.rng;
         let metric = cands.metric;
-        let (direct, remote) = cands.agents.split_at(cands.direct);
         // Direct targets first; a hand-off only when none of them has room.
-        if let Some(idx) = pick(direct, &self.agents, rng) {
+        if let Some(idx) = pick(&cands.direct, &self.agents, rng) {
             self.take(idx);
             return Selection::Local(idx, metric);
         }
-        if let Some(idx) = pick(remote, &self.agents, rng) {
+        if let Some(idx) = pick(&cands.remote, &self.agents, rng) {
             self.take(idx);
             return Selection::Handoff(idx, metric);
         }
@@ -221,29 +255,39 @@ impl<C: Copy> Router<C> {
     }
 
     fn take(&mut self, idx: AgentIdx) {
-        if let Some(entry) = self.agents[idx.0 as usize].as_mut() {
+        if let Some(entry) = self.entry_mut(idx) {
             entry.outstanding += 1;
         }
     }
 
-    /// Releases a request counted by [`Router::select`] or [`Router::begin`].
+    fn entry_mut(&mut self, idx: AgentIdx) -> Option<&mut AgentEntry<C>> {
+        self.agents.get_mut(idx.slot as usize)?.get_mut(idx)
+    }
+
+    /// Releases a request counted by [`Router::select`] or [`Router::begin`]; returns the
+    /// agent's session, or `None` if `idx` is stale (the agent left), when nothing is released.
     #[inline]
-    pub fn finish(&mut self, idx: AgentIdx) {
-        if let Some(Some(e)) = self.agents.get_mut(idx.0 as usize) {
-            e.outstanding = e.outstanding.saturating_sub(1);
+    pub fn finish(&mut self, idx: AgentIdx) -> Option<SessionId> {
+        let e = self.entry_mut(idx)?;
+        e.outstanding = e.outstanding.saturating_sub(1);
+        Some(e.session)
+    }
+
+    /// Counts a request as outstanding on `idx` without selection (hand-off arrivals); false,
+    /// counting nothing, when the agent is at its limit or gone.
+    pub fn begin(&mut self, idx: AgentIdx) -> bool {
+        match self.entry_mut(idx) {
+            Some(e) if e.outstanding < e.limit => {
+                e.outstanding += 1;
+                true
+            }
+            _ => false,
         }
     }
 
-    /// Counts a request as outstanding on `idx` without selection (hand-off arrivals).
-    pub fn begin(&mut self, idx: AgentIdx) {
-        if let Some(Some(e)) = self.agents.get_mut(idx.0 as usize) {
-            e.outstanding += 1;
-        }
-    }
-
-    /// The agent at `idx`.
+    /// The agent at `idx`, unless `idx` is stale.
     pub fn agent(&self, idx: AgentIdx) -> Option<&AgentEntry<C>> {
-        self.agents.get(idx.0 as usize)?.as_ref()
+        self.agents.get(idx.slot as usize)?.get(idx)
     }
 
     /// The agent of `session`.
@@ -263,32 +307,50 @@ impl<C: Copy> Router<C> {
 
     /// Every attached agent.
     pub fn agents(&self) -> impl Iterator<Item = (AgentIdx, &AgentEntry<C>)> {
-        self.agents
-            .iter()
-            .enumerate()
-            .filter_map(|(i, e)| Some((AgentIdx(i as u32), e.as_ref()?)))
+        self.agents.iter().enumerate().filter_map(|(i, s)| {
+            let idx = AgentIdx {
+                slot: i as u32,
+                generation: s.generation,
+            };
+            Some((idx, s.entry.as_ref()?))
+        })
     }
 
     /// Adds (or replaces) an agent and indexes its capabilities.
+    ///
+    /// Costs in proportion to the agent's capabilities, never to the number of agents that
+    /// share them.
     pub fn insert(&mut self, entry: AgentEntry<C>) -> AgentIdx {
         if let Some(old) = self.find(entry.session) {
             // A card update: keep the slot (and its outstanding count and lane), re-index.
             self.unindex(old);
-            let slot = self.agents[old.0 as usize].as_mut().expect("indexed agent");
-            slot.capabilities = entry.capabilities;
-            slot.limit = entry.limit;
+            if let Some(slot) = self.entry_mut(old) {
+                slot.capabilities = entry.capabilities;
+                slot.limit = entry.limit;
+            }
             self.index(old);
             return old;
         }
         let session = entry.session;
         let idx = match self.free.pop() {
             Some(i) => {
-                self.agents[i as usize] = Some(entry);
-                AgentIdx(i)
+                let slot = &mut self.agents[i as usize];
+                slot.entry = Some(entry);
+                AgentIdx {
+                    slot: i,
+                    generation: slot.generation,
+                }
             }
             None => {
-                self.agents.push(Some(entry));
-                AgentIdx(self.agents.len() as u32 - 1)
+                self.agents.push(Slot {
+                    generation: 0,
+                    entry: Some(entry),
+                    positions: SmallVec::new(),
+                });
+                AgentIdx {
+                    slot: self.agents.len() as u32 - 1,
+                    generation: 0,
+                }
             }
         };
         self.by_session.insert(session, idx);
@@ -296,12 +358,14 @@ impl<C: Copy> Router<C> {
         idx
     }
 
-    /// Removes the agent of `session`; returns its entry.
+    /// Removes the agent of `session`; returns its entry. Indices of it go stale.
     pub fn remove(&mut self, session: SessionId) -> Option<AgentEntry<C>> {
         let idx = self.by_session.remove(&session)?;
         self.unindex(idx);
-        let entry = self.agents[idx.0 as usize].take();
-        self.free.push(idx.0);
+        let slot = &mut self.agents[idx.slot as usize];
+        let entry = slot.entry.take();
+        slot.generation = slot.generation.wrapping_add(1);
+        self.free.push(idx.slot);
         entry
     }
 
@@ -311,65 +375,87 @@ impl<C: Copy> Router<C> {
             return;
         };
         self.unindex(idx);
-        if let Some(e) = self.agents[idx.0 as usize].as_mut() {
+        if let Some(e) = self.entry_mut(idx) {
             e.local = conn;
         }
         self.index(idx);
     }
 
     fn index(&mut self, idx: AgentIdx) {
-        let Some(e) = self.agents[idx.0 as usize].as_ref() else {
+        let Some(slot) = self.agents.get_mut(idx.slot as usize) else {
+            return;
+        };
+        let Some(e) = slot.entry.as_ref() else {
             return;
         };
         let direct = e.local.is_some();
+        slot.positions.clear();
         for cap in e.capabilities.iter() {
-            if !self.by_capability.contains_key(&**cap) {
-                let metric = match self.metric_slots.get(&**cap) {
-                    Some(&slot) => slot,
-                    None if self.metric_names.len() < self.max_metric_names => {
-                        let slot = MetricSlot(self.metric_names.len() as u16);
-                        self.metric_names.push(cap.clone());
-                        self.metric_slots.insert(cap.clone(), slot);
-                        slot
-                    }
-                    None => MetricSlot::OTHER,
-                };
-                let c = Candidates {
-                    agents: SmallVec::new(),
-                    direct: 0,
-                    metric,
-                };
-                self.by_capability.insert(cap.clone(), c);
-            }
-            let Some(c) = self.by_capability.get_mut(&**cap) else {
-                continue;
+            let c = match self.by_capability.get_mut(&**cap) {
+                Some(c) => c,
+                None => {
+                    let metric = match self.metric_slots.get(&**cap) {
+                        Some(&m) => m,
+                        None if self.metric_names.len() < self.max_metric_names => {
+                            let m = MetricSlot(self.metric_names.len() as u16);
+                            self.metric_names.push(cap.clone());
+                            self.metric_slots.insert(cap.clone(), m);
+                            m
+                        }
+                        None => MetricSlot::OTHER,
+                    };
+                    let c = Candidates {
+                        direct: SmallVec::new(),
+                        remote: SmallVec::new(),
+                        metric,
+                    };
+                    self.by_capability.entry(cap.clone()).or_insert(c)
+                }
             };
-            if direct {
-                c.agents.insert(c.direct, idx);
-                c.direct += 1;
-            } else {
-                c.agents.push(idx);
-            }
+            let list = if direct { &mut c.direct } else { &mut c.remote };
+            slot.positions.push(list.len() as u32);
+            list.push(idx);
         }
     }
 
     fn unindex(&mut self, idx: AgentIdx) {
-        let Some(e) = self.agents[idx.0 as usize].as_ref() else {
+        let Some(slot) = self.agents.get(idx.slot as usize) else {
             return;
         };
-        for cap in e.capabilities.iter() {
+        let Some(e) = slot.entry.as_ref() else {
+            return;
+        };
+        let direct = e.local.is_some();
+        let capabilities = e.capabilities.clone();
+        let positions = slot.positions.clone();
+        for (cap, &pos) in capabilities.iter().zip(&positions) {
             let Some(c) = self.by_capability.get_mut(&**cap) else {
                 continue;
             };
-            if let Some(pos) = c.agents.iter().position(|&a| a == idx) {
-                c.agents.remove(pos);
-                if pos < c.direct {
-                    c.direct -= 1;
+            let list = if direct { &mut c.direct } else { &mut c.remote };
+            let pos = pos as usize;
+            if list.get(pos) != Some(&idx) {
+                continue;
+            }
+            list.swap_remove(pos);
+            // The agent moved into `pos` records its new position for this capability.
+            if let Some(&moved) = list.get(pos) {
+                if let Some(m) = self.agents.get_mut(moved.slot as usize) {
+                    if let Some(me) = m.entry.as_ref() {
+                        if let Some(k) = me.capabilities.iter().position(|x| x == cap) {
+                            if let Some(p) = m.positions.get_mut(k) {
+                                *p = pos as u32;
+                            }
+                        }
+                    }
                 }
             }
-            if c.agents.is_empty() {
+            if c.len() == 0 {
                 self.by_capability.remove(&**cap);
             }
+        }
+        if let Some(slot) = self.agents.get_mut(idx.slot as usize) {
+            slot.positions.clear();
         }
     }
 
@@ -377,7 +463,7 @@ impl<C: Copy> Router<C> {
     pub fn capabilities(&self) -> impl Iterator<Item = (&str, usize)> {
         self.by_capability
             .iter()
-            .map(|(name, c)| (&**name, c.agents.len()))
+            .map(|(name, c)| (&**name, c.len()))
     }
 }
 
@@ -402,10 +488,10 @@ mod tests {
         assert_eq!(r.select("c", "nope"), Selection::NoRoute);
         r.insert(entry(1, &["echo"], Some(0), 4));
         assert_eq!(r.select("c", "nope"), Selection::NoRoute);
-        assert_eq!(
+        assert!(matches!(
             r.select("c", "echo"),
-            Selection::Local(AgentIdx(0), MetricSlot(0))
-        );
+            Selection::Local(_, MetricSlot(0))
+        ));
     }
 
     #[test]

@@ -28,6 +28,22 @@ pub struct WorkerStats {
     pub lanes: AtomicU64,
     /// Datagrams dropped because a socket's send buffer was full.
     pub send_drops: AtomicU64,
+    /// Datagrams received.
+    pub datagrams_received: AtomicU64,
+    /// Datagrams (or GSO batches) sent.
+    pub datagrams_sent: AtomicU64,
+    /// Event-loop wake-ups.
+    pub wakeups: AtomicU64,
+    /// QUIC Retry packets sent to unvalidated addresses.
+    pub retries: AtomicU64,
+    /// Handshakes quinn refused (malformed or unacceptable initial packets).
+    pub handshakes_refused: AtomicU64,
+    /// Connections closed for exceeding `max_connections_per_identity`.
+    pub identity_limit_refusals: AtomicU64,
+    /// Connections closed because the peer stopped answering (`UNRESPONSIVE`).
+    pub unresponsive_peers: AtomicU64,
+    /// Exchanges ended because a leg refused their bytes too long (`STALLED`).
+    pub stalled: AtomicU64,
 }
 
 impl WorkerStats {
@@ -65,6 +81,22 @@ pub struct StatsSnapshot {
     pub lanes: u64,
     /// Datagrams dropped on full send buffers.
     pub send_drops: u64,
+    /// Datagrams received.
+    pub datagrams_received: u64,
+    /// Datagrams (or GSO batches) sent.
+    pub datagrams_sent: u64,
+    /// Event-loop wake-ups.
+    pub wakeups: u64,
+    /// QUIC Retry packets sent.
+    pub retries: u64,
+    /// Handshakes refused by QUIC.
+    pub handshakes_refused: u64,
+    /// Connections closed over the per-identity limit.
+    pub identity_limit_refusals: u64,
+    /// Connections closed as unresponsive.
+    pub unresponsive_peers: u64,
+    /// Exchanges ended as stalled.
+    pub stalled: u64,
     /// Per worker: requests received.
     pub per_worker_requests: Vec<u64>,
 }
@@ -83,6 +115,14 @@ impl StatsSnapshot {
             s.agents += w.agents.load(Relaxed);
             s.lanes += w.lanes.load(Relaxed);
             s.send_drops += w.send_drops.load(Relaxed);
+            s.datagrams_received += w.datagrams_received.load(Relaxed);
+            s.datagrams_sent += w.datagrams_sent.load(Relaxed);
+            s.wakeups += w.wakeups.load(Relaxed);
+            s.retries += w.retries.load(Relaxed);
+            s.handshakes_refused += w.handshakes_refused.load(Relaxed);
+            s.identity_limit_refusals += w.identity_limit_refusals.load(Relaxed);
+            s.unresponsive_peers += w.unresponsive_peers.load(Relaxed);
+            s.stalled += w.stalled.load(Relaxed);
             s.per_worker_requests.push(w.requests.load(Relaxed));
         }
         s

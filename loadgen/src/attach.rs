@@ -659,6 +659,7 @@ fn connection_code_name(code: ConnectionCode) -> String {
         ConnectionCode::InternalError => "INTERNAL_ERROR".into(),
         ConnectionCode::Unauthenticated => "UNAUTHENTICATED".into(),
         ConnectionCode::AttachTimeout => "ATTACH_TIMEOUT".into(),
+        ConnectionCode::Unresponsive => "UNRESPONSIVE".into(),
         ConnectionCode::Unknown(code) => format!("{code:#x}"),
     }
 }

@@ -539,6 +539,7 @@ impl Failure {
                 StreamCode::TargetFailed => "RESET_TARGET_FAILED".into(),
                 StreamCode::DeadlineExceeded => "RESET_DEADLINE_EXCEEDED".into(),
                 StreamCode::ProtocolViolation => "RESET_PROTOCOL_VIOLATION".into(),
+                StreamCode::Stalled => "RESET_STALLED".into(),
                 StreamCode::Unknown(code) => format!("RESET({code:#x})"),
             },
             Failure::ConnectionLost => "CONNECTION_LOST".into(),

@@ -129,6 +129,10 @@ pub enum StreamCode {
     /// The stream broke the protocol (for example a malformed header on a stream the gateway
     /// opened).
     ProtocolViolation,
+    /// The exchange made no progress for longer than the gateway allows (a caller that does
+    /// not read its response, or a target that does not read its request or stops answering
+    /// mid-body), so the gateway ended both legs.
+    Stalled,
     /// A code this implementation does not know.
     Unknown(u64),
 }
@@ -141,6 +145,7 @@ impl StreamCode {
             Self::TargetFailed => 0x2,
             Self::DeadlineExceeded => 0x3,
             Self::ProtocolViolation => 0x4,
+            Self::Stalled => 0x5,
             Self::Unknown(code) => code,
         }
     }
@@ -152,6 +157,7 @@ impl StreamCode {
             0x2 => Self::TargetFailed,
             0x3 => Self::DeadlineExceeded,
             0x4 => Self::ProtocolViolation,
+            0x5 => Self::Stalled,
             other => Self::Unknown(other),
         }
     }
@@ -178,6 +184,9 @@ pub enum ConnectionCode {
     Unauthenticated,
     /// No attach or lane frame arrived within the attach timeout.
     AttachTimeout,
+    /// The peer sent nothing, not even an acknowledgement of the gateway's keep-alives, for
+    /// longer than the gateway's peer timeout; the gateway gave it up as gone.
+    Unresponsive,
     /// A code this implementation does not know.
     Unknown(u64),
 }
@@ -195,6 +204,7 @@ impl ConnectionCode {
             Self::InternalError => 0x6,
             Self::Unauthenticated => 0x7,
             Self::AttachTimeout => 0x8,
+            Self::Unresponsive => 0x9,
             Self::Unknown(code) => code,
         }
     }
@@ -211,6 +221,7 @@ impl ConnectionCode {
             0x6 => Self::InternalError,
             0x7 => Self::Unauthenticated,
             0x8 => Self::AttachTimeout,
+            0x9 => Self::Unresponsive,
             other => Self::Unknown(other),
         }
     }

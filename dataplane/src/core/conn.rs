@@ -1,0 +1,347 @@
+//! QUIC connections: accepting, events, removal, per-identity limits and liveness.
+//!
+//! A connection is closed by the gateway through [`Core::close_conn`], which also ends at once
+//! everything that depended on it (its exchanges, its route, its count against the identity's
+//! limit): quinn-proto reports no `ConnectionLost` for a close it was asked to make, and the
+//! connection lingers for three PTOs while it drains.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use hashbrown::HashMap;
+use quinn_proto::{ConnectionHandle, Dir, Event, StreamEvent, StreamId};
+use tracing::debug;
+
+use dmsc_protocol::control::{FrameBuffer, SessionId};
+use dmsc_protocol::{ConnectionCode, StreamCode};
+
+use super::exchange::Leg;
+use super::{after, close, mark_dirty, Core, IntoVarInt};
+use crate::msg::{ExKey, WorkerMsg};
+use crate::stats::WorkerStats;
+
+/// Index of a connection in the core's connection table (the quinn-proto connection handle).
+pub(crate) type ConnIdx = usize;
+
+/// What a connection is to the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Role {
+    /// Handshake done or in progress; no `ATTACH`/`LANE` yet (or no longer anything).
+    Pending,
+    /// The agent's primary connection.
+    Primary(SessionId),
+    /// A lane of the session.
+    Lane(SessionId),
+}
+
+/// One QUIC connection and the gateway's state for it.
+pub(super) struct Conn {
+    pub(super) quic: quinn_proto::Connection,
+    pub(super) socket: usize,
+    /// The verified SPIFFE ID, once the handshake completed.
+    pub(super) identity: Option<Arc<str>>,
+    /// Whether this connection counts against its identity's connection limit.
+    pub(super) counted: bool,
+    pub(super) role: Role,
+    pub(super) control: Option<StreamId>,
+    pub(super) ctl_in: FrameBuffer,
+    pub(super) ctl_out: Vec<u8>,
+    /// The control stream was not read because answers were waiting; read it once they
+    /// are out.
+    pub(super) control_stalled: bool,
+    /// The control stream waits in the core's deferred list (per-iteration budget).
+    pub(super) control_deferred: bool,
+    pub(super) streams: HashMap<StreamId, ExKey>,
+    /// When the connection is filed in the timer set.
+    pub(super) timer: Option<Instant>,
+    pub(super) attach_deadline: Option<Instant>,
+    /// When the peer last sent anything.
+    pub(super) last_heard: Instant,
+    /// Close with this code once the control stream's last frame is delivered (a refusal).
+    pub(super) close_after: Option<(ConnectionCode, &'static str)>,
+    /// The agent sent DETACH.
+    pub(super) detaching: bool,
+    pub(super) dirty: bool,
+    pub(super) span: tracing::Span,
+}
+
+impl Core {
+    pub(super) fn add_conn(
+        &mut self,
+        ch: ConnectionHandle,
+        quic: quinn_proto::Connection,
+        socket: usize,
+        now: Instant,
+    ) {
+        let span = debug_span_conn(ch.0, self.index, quic.remote_address());
+        if self.conns.len() <= ch.0 {
+            self.conns.resize_with(ch.0 + 1, || None);
+        }
+        let limits = &self.shared.config.limits;
+        self.conns[ch.0] = Some(Conn {
+            quic,
+            socket,
+            identity: None,
+            counted: false,
+            role: Role::Pending,
+            control: None,
+            ctl_in: FrameBuffer::new(limits.max_card_bytes + 1024),
+            ctl_out: Vec::new(),
+            control_stalled: false,
+            control_deferred: false,
+            streams: HashMap::new(),
+            timer: None,
+            attach_deadline: Some(after(now, limits.attach_timeout_ms)),
+            last_heard: now,
+            close_after: None,
+            detaching: false,
+            dirty: false,
+            span,
+        });
+        self.conn_count += 1;
+        WorkerStats::add(&self.stats.connections, 1);
+        if let Some(conn) = self.conns[ch.0].as_mut() {
+            mark_dirty(&mut self.dirty, conn, ch.0);
+        }
+    }
+
+    /// Closes connection `ci` with `code` and ends at once everything that relied on it.
+    pub(super) fn close_conn(
+        &mut self,
+        ci: ConnIdx,
+        now: Instant,
+        code: ConnectionCode,
+        reason: &'static str,
+    ) {
+        let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) else {
+            return;
+        };
+        close(conn, now, code, reason);
+        mark_dirty(&mut self.dirty, conn, ci);
+        self.connection_gone(ci, now);
+    }
+
+    pub(super) fn on_event(&mut self, ci: ConnIdx, ev: Event, now: Instant) {
+        match ev {
+            Event::Connected => self.connected(ci, now),
+            Event::HandshakeDataReady | Event::DatagramReceived | Event::DatagramsUnblocked => {}
+            Event::ConnectionLost { reason } => {
+                if let Some(conn) = self.conns[ci].as_ref() {
+                    debug!(parent: &conn.span, %reason, "connection lost");
+                }
+                self.connection_gone(ci, now);
+            }
+            Event::Stream(StreamEvent::Opened { dir: Dir::Bi }) => self.accept_streams(ci, now),
+            Event::Stream(StreamEvent::Opened { dir: Dir::Uni }) => {}
+            Event::Stream(StreamEvent::Readable { id } | StreamEvent::Writable { id }) => {
+                let Some(conn) = self.conns[ci].as_mut() else {
+                    return;
+                };
+                if conn.control == Some(id) {
+                    self.read_control(ci, now);
+                } else if let Some(&key) = conn.streams.get(&id) {
+                    self.pumps.push_back(key);
+                }
+            }
+            Event::Stream(StreamEvent::Stopped { id, error_code }) => {
+                let Some(conn) = self.conns[ci].as_mut() else {
+                    return;
+                };
+                if conn.control == Some(id) {
+                    self.close_conn(
+                        ci,
+                        now,
+                        ConnectionCode::ProtocolViolation,
+                        "control stream stopped",
+                    );
+                } else if let Some(&key) = conn.streams.get(&id) {
+                    self.stream_stopped(key, ci, id, error_code);
+                }
+            }
+            Event::Stream(StreamEvent::Finished { id }) => {
+                let Some(conn) = self.conns[ci].as_mut() else {
+                    return;
+                };
+                if conn.control == Some(id) {
+                    if let Some((code, reason)) = conn.close_after {
+                        self.close_conn(ci, now, code, reason);
+                    }
+                }
+            }
+            Event::Stream(StreamEvent::Available { .. }) => {}
+        }
+    }
+
+    fn connected(&mut self, ci: ConnIdx, now: Instant) {
+        let Some(conn) = self.conns[ci].as_mut() else {
+            return;
+        };
+        let Some(id) = crate::tls::peer_spiffe_id(&conn.quic) else {
+            // The verifier accepted the certificate, so this cannot happen; refuse anyway.
+            return self.close_conn(ci, now, ConnectionCode::Unauthenticated, "no identity");
+        };
+        let id: Arc<str> = id.into();
+        let count = self.per_identity.entry(id.clone()).or_insert(0);
+        *count += 1;
+        conn.counted = true;
+        let over = *count > self.shared.config.limits.max_connections_per_identity;
+        debug!(parent: &conn.span, identity = %id, "handshake complete");
+        conn.identity = Some(id);
+        if over {
+            debug!(parent: &conn.span, "too many connections for one identity");
+            WorkerStats::add(&self.stats.identity_limit_refusals, 1);
+            self.close_conn(
+                ci,
+                now,
+                ConnectionCode::LimitExceeded,
+                "too many connections",
+            );
+        }
+    }
+
+    fn accept_streams(&mut self, ci: ConnIdx, now: Instant) {
+        loop {
+            let Some(conn) = self.conns[ci].as_mut() else {
+                return;
+            };
+            let Some(id) = conn.quic.streams().accept(Dir::Bi) else {
+                return;
+            };
+            if conn.control.is_none() && conn.role == Role::Pending {
+                conn.control = Some(id);
+                self.read_control(ci, now);
+                continue;
+            }
+            if conn.role == Role::Pending {
+                // Invocations before ATTACH/LANE completes are refused.
+                let code = StreamCode::ProtocolViolation.into_varint();
+                let _ = conn.quic.recv_stream(id).stop(code);
+                let _ = conn.quic.send_stream(id).reset(code);
+                continue;
+            }
+            let key = self.new_exchange(
+                Leg::Local {
+                    conn: ci,
+                    stream: id,
+                },
+                now,
+            );
+            // The header must arrive within the header timeout; the request's own deadline
+            // replaces this once it has.
+            let header_by = after(now, self.shared.config.limits.header_timeout_ms);
+            self.set_deadline(key, header_by);
+            if let Some(conn) = self.conns[ci].as_mut() {
+                conn.streams.insert(id, key);
+            }
+            WorkerStats::add(&self.stats.requests, 1);
+            self.pumps.push_back(key);
+        }
+    }
+
+    /// Connection `ci` is closed or lost: fail its exchanges, end its role, release its count.
+    /// Idempotent.
+    pub(super) fn connection_gone(&mut self, ci: ConnIdx, now: Instant) {
+        let Some(conn) = self.conns[ci].as_mut() else {
+            return;
+        };
+        let keys: smallvec::SmallVec<[(StreamId, ExKey); 8]> = conn.streams.drain().collect();
+        let role = conn.role;
+        conn.role = Role::Pending;
+        conn.control = None;
+        conn.attach_deadline = None;
+        conn.ctl_out = Vec::new();
+        if std::mem::take(&mut conn.counted) {
+            if let Some(id) = conn.identity.as_ref() {
+                if let Some(n) = self.per_identity.get_mut(id) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.per_identity.remove(id);
+                    }
+                }
+            }
+        }
+        if let Role::Primary(session) | Role::Lane(session) = role {
+            if let Some(list) = self.session_conns.get_mut(&session) {
+                list.retain(|&mut c| c != ci);
+                if list.is_empty() {
+                    self.session_conns.remove(&session);
+                }
+            }
+        }
+        for (stream, key) in keys {
+            self.leg_failed(key, ci, stream);
+        }
+        match role {
+            Role::Primary(session) => {
+                self.broadcast(|| WorkerMsg::AgentDown { session });
+                self.agent_down(session, now);
+                self.shared.agents.fetch_sub(1, Ordering::Relaxed);
+                WorkerStats::sub(&self.stats.agents, 1);
+            }
+            Role::Lane(session) => {
+                let routed_here = self
+                    .router
+                    .find(session)
+                    .and_then(|i| self.router.agent(i)?.local)
+                    == Some(ci);
+                if routed_here {
+                    self.router.set_local(session, None);
+                }
+                WorkerStats::sub(&self.stats.lanes, 1);
+            }
+            Role::Pending => {}
+        }
+    }
+
+    /// Frees connection `ci` once quinn-proto has drained it.
+    pub(super) fn remove_conn(&mut self, ci: ConnIdx, now: Instant) {
+        self.connection_gone(ci, now);
+        if let Some(conn) = self.conns[ci].take() {
+            if let Some(t) = conn.timer {
+                self.timers.remove_conn(t, ci);
+            }
+            self.conn_count -= 1;
+            WorkerStats::sub(&self.stats.connections, 1);
+        }
+    }
+
+    /// Checks connection `ci`'s gateway-side deadlines at `now`: a refusal's close, the attach
+    /// deadline, and the peer timeout of an attached agent's connection.
+    pub(super) fn conn_deadlines(&mut self, ci: ConnIdx, now: Instant) {
+        let peer_timeout = self.shared.config.limits.peer_timeout_ms;
+        let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) else {
+            return;
+        };
+        let attach_due = conn.attach_deadline.is_some_and(|t| t <= now);
+        if let (Some((code, reason)), true) = (conn.close_after, attach_due) {
+            conn.attach_deadline = None;
+            return self.close_conn(ci, now, code, reason);
+        }
+        if conn.role == Role::Pending && attach_due {
+            conn.attach_deadline = None;
+            debug!(parent: &conn.span, "no ATTACH or LANE in time");
+            return self.close_conn(ci, now, ConnectionCode::AttachTimeout, "attach timeout");
+        }
+        if conn.role != Role::Pending && !conn.quic.is_closed() {
+            if let Some(silent_since) = conn.silent_deadline(peer_timeout) {
+                if silent_since <= now {
+                    debug!(parent: &conn.span, "peer unresponsive");
+                    WorkerStats::add(&self.stats.unresponsive_peers, 1);
+                    self.close_conn(ci, now, ConnectionCode::Unresponsive, "peer unresponsive");
+                }
+            }
+        }
+    }
+}
+
+impl Conn {
+    /// When this connection counts as silent, if the peer timeout is on (`timeout_ms` > 0).
+    pub(super) fn silent_deadline(&self, timeout_ms: u64) -> Option<Instant> {
+        (timeout_ms > 0 && self.role != Role::Pending).then(|| after(self.last_heard, timeout_ms))
+    }
+}
+
+fn debug_span_conn(id: usize, worker: usize, remote: std::net::SocketAddr) -> tracing::Span {
+    tracing::debug_span!("conn", id, worker, remote = %remote)
+}

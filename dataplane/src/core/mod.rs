@@ -1,0 +1,636 @@
+//! The sans-IO per-core gateway state machine.
+//!
+//! [`Core`] is everything one worker knows and decides: its QUIC endpoint and connections, the
+//! agent sessions whose control streams it serves, its copy of the cross-worker agent registry,
+//! the exchanges (requests) it relays, and its routing state. It opens no socket, reads no
+//! clock, draws no randomness of its own and touches no channel: the I/O shell
+//! ([`crate::worker`]) or the deterministic test harness feeds it inputs and carries out what it
+//! asks for. Submodules own its concerns:
+//!
+//! | module | concern |
+//! |---|---|
+//! | `conn` | QUIC connections: accepting, events, removal, per-identity limits, liveness |
+//! | `session` | the agent session on a connection's control stream: attach, lanes, cards, discovery |
+//! | `registry` | what this worker knows of agents attached anywhere; detach counting |
+//! | `exchange` | one request relayed between a caller leg and a target leg |
+//! | `handoff` | the legs that cross to another worker, with their credit window |
+//! | `drain` | graceful shutdown |
+//! | `timers` | connection timers, request deadlines |
+//! | `outbox` | bounded per-destination queues of messages to other workers |
+//!
+//! # Calling contract
+//!
+//! The methods come in four kinds, after `quinn_proto::Connection`:
+//!
+//! - **inputs**, `handle_*`: [`Core::handle_datagram`], [`Core::handle_message`],
+//!   [`Core::handle_timeout`] and [`Core::handle_writable`]. Each takes the current time;
+//!   times passed to a core must never go backwards (quinn-proto's rule, which the core passes
+//!   on to its connections).
+//! - **outputs**, `poll_*`: [`Core::poll_transmit`] (a datagram to send, and on which socket),
+//!   [`Core::poll_message`] (a message for another worker) and [`Core::poll_timeout`] (when
+//!   the core next needs [`Core::handle_timeout`], or the current time if work is left over).
+//! - **the iteration boundary**: [`Core::end_iteration`].
+//! - **getters**, for tests and the admin view.
+//!
+//! One iteration of the event loop, in this order:
+//!
+//! 1. wait until a socket is readable or writable, a message arrives, or `poll_timeout()`;
+//! 2. read `now`; feed at most [`RECV_BUDGET`] datagrams per socket to `handle_datagram`, call
+//!    `handle_writable` for a socket that can send again, feed at most [`INBOX_BUDGET`] inbox
+//!    messages to `handle_message`, then call `handle_timeout(now)` (it fires only what is due);
+//! 3. call `poll_transmit` until it returns `None`, sending each datagram (a socket that
+//!    reports "would block" keeps that one datagram and is excluded through the `sendable`
+//!    argument until it is writable again); then `poll_message` for each destination until
+//!    `None` or until that destination's channel is full (the message goes back with
+//!    [`Core::requeue_message`]);
+//! 4. call `end_iteration` with a fresh clock reading; stop the thread when it says so.
+//!
+//! # Budgets
+//!
+//! Work per iteration is bounded so that no input can starve the others (a flood of datagrams
+//! must not keep the worker from its timers, inbox or streams):
+//!
+//! - the shell reads at most [`RECV_BUDGET`] datagrams per socket and [`INBOX_BUDGET`] inbox
+//!   messages per iteration, and polls again at once (zero timeout) when it stopped short;
+//! - one sequence of `poll_transmit` calls drives at most [`DRIVE_BUDGET`] connections and
+//!   pumps at most [`PUMP_BUDGET`] exchanges; when a budget runs out it returns `None` early
+//!   and `poll_timeout` returns the current time, so the shell goes round again without
+//!   sleeping;
+//! - control-stream work is bounded: a connection's control stream is not read while an answer
+//!   written on it still waits to be handed to QUIC (so one `DISCOVER` or `UPDATE_CARD` is
+//!   outstanding at a time, and an agent that does not read its answers stops being read), at
+//!   most 16 frames are decoded per read, and a worker handles at most 256 frames' worth of
+//!   control work per iteration (a `DISCOVER` counts 32), deferring the rest.
+//!
+//! # Invariants
+//!
+//! - An [`ExKey`] may be stale (its exchange ended and the slot was reused); every handler
+//!   looks the exchange up again and ignores a key whose generation does not match.
+//! - An [`AgentIdx`](crate::routing::AgentIdx) carries a generation too: an exchange that ends
+//!   after its agent left (and another agent took the slot) releases nothing of the new one.
+//! - Only `handle_message` and control-stream handling change the routing overlay; selection
+//!   reads it while handling stream data.
+//! - A new table generation ([`WorkerMsg::Install`]) is installed by `handle_message`, that is,
+//!   between requests: a request routed before it finishes on the table it started with.
+//! - The core never blocks: messages to other workers wait in bounded per-destination outboxes
+//!   (`OVERLOADED` for new hand-offs when one is full); control broadcasts are never dropped.
+
+mod conn;
+mod drain;
+mod exchange;
+mod handoff;
+mod outbox;
+mod registry;
+mod session;
+mod timers;
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use hashbrown::{HashMap, HashSet};
+use quinn_proto::{ConnectionHandle, DatagramEvent, EcnCodepoint, Endpoint, ServerConfig, VarInt};
+use tracing::debug;
+
+use dmsc_protocol::control::SessionId;
+use dmsc_protocol::{ConnectionCode, StreamCode};
+
+use crate::config::Config;
+use crate::metrics::WorkerMetrics;
+use crate::msg::{AgentInfo, ExKey, HandoffId, WorkerMsg};
+use crate::routing::{MetricSlot, Router, TableGeneration};
+use crate::stats::WorkerStats;
+
+use conn::Conn;
+pub(crate) use conn::ConnIdx;
+use exchange::Exchange;
+pub(crate) use handoff::Chunks;
+use outbox::Outboxes;
+use timers::Timers;
+
+/// Datagrams the shell feeds per socket per iteration before it looks at other work.
+pub(crate) const RECV_BUDGET: usize = 256;
+/// Inbox messages the shell feeds per iteration.
+pub(crate) const INBOX_BUDGET: usize = 4096;
+/// Connections driven (events, then transmits) per sequence of `poll_transmit` calls.
+pub(crate) const DRIVE_BUDGET: usize = 4096;
+/// Exchange pumps per sequence of `poll_transmit` calls.
+pub(crate) const PUMP_BUDGET: usize = 65_536;
+/// Bytes of request headers encoded into one shared buffer before it is replaced.
+const HEADER_ARENA: usize = 64 * 1024;
+/// Endpoint-level answers (refusals, version negotiation, resets) kept for sending; more in one
+/// iteration are dropped (their peers retry).
+const MAX_ENDPOINT_RESPONSES: usize = 1024;
+
+/// What every worker's core shares: configuration and counters. Immutable apart from the
+/// attach-time agent count and the per-worker counters (each written by one worker only).
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) stats: Vec<Arc<WorkerStats>>,
+    /// Agents attached across the gateway (checked against `limits.max_agents` at attach).
+    pub(crate) agents: AtomicUsize,
+    /// Lane address of each worker, as sent in `ATTACH_OK`.
+    pub(crate) lane_addrs: Vec<String>,
+}
+
+impl Shared {
+    /// Number of workers.
+    pub(crate) fn workers(&self) -> usize {
+        self.stats.len()
+    }
+}
+
+/// Where a core gets unpredictable bytes (lane tokens, selection seeds). The shell passes the
+/// operating system's generator; tests pass a seeded one.
+pub(crate) trait Random: Send {
+    /// Fills `buf`; false when no randomness is available.
+    fn fill(&mut self, buf: &mut [u8]) -> bool;
+}
+
+/// The operating system's random generator.
+#[derive(Debug, Default)]
+pub(crate) struct OsRandom;
+
+impl Random for OsRandom {
+    fn fill(&mut self, buf: &mut [u8]) -> bool {
+        getrandom::getrandom(buf).is_ok()
+    }
+}
+
+/// What the shell knows of one socket that the core needs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SocketCaps {
+    /// Most GSO segments one transmit may carry.
+    pub(crate) max_gso_segments: usize,
+}
+
+/// A datagram for the shell to send.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Transmit {
+    /// Index of the socket to send on.
+    pub(crate) socket: usize,
+    /// Where to.
+    pub(crate) destination: SocketAddr,
+    /// Bytes of the caller's buffer that make up the transmit.
+    pub(crate) size: usize,
+    /// GSO segment size, when several datagrams are batched.
+    pub(crate) segment_size: Option<usize>,
+    /// ECN codepoint to set.
+    pub(crate) ecn: Option<EcnCodepoint>,
+    /// Source address to send from, when the socket is bound to a wildcard.
+    pub(crate) src_ip: Option<IpAddr>,
+}
+
+/// One worker's sans-IO state. See the module docs for the calling contract.
+pub(crate) struct Core {
+    index: usize,
+    shared: Arc<Shared>,
+    stats: Arc<WorkerStats>,
+    sockets: Vec<SocketCaps>,
+    endpoint: Endpoint,
+    server_config: Arc<ServerConfig>,
+    random: Box<dyn Random>,
+    accepting: bool,
+    conns: Vec<Option<Conn>>,
+    conn_count: usize,
+    per_identity: HashMap<Arc<str>, usize>,
+    exchanges: Vec<Option<Exchange>>,
+    ex_gens: Vec<u32>,
+    ex_free: Vec<u32>,
+    handoffs_in: HashMap<HandoffId, ExKey>,
+    router: Router<ConnIdx>,
+    agents: HashMap<SessionId, Arc<AgentInfo>>,
+    /// Connections of each session on this worker (its primary here, and its lanes), so that
+    /// per-session lookups never scan every connection.
+    session_conns: HashMap<SessionId, smallvec::SmallVec<[ConnIdx; 2]>>,
+    /// Home worker: detaching sessions and how many workers have yet to report done.
+    detach_waiting: HashMap<SessionId, usize>,
+    /// Sessions detaching whose home waits for this worker's `DetachDone`.
+    detach_watch: HashSet<SessionId>,
+    timers: Timers,
+    /// Connections with work to do (events to poll, data to transmit), in arrival order.
+    dirty: VecDeque<ConnIdx>,
+    /// The connection whose transmits `poll_transmit` is handing out.
+    transmitting: Option<ConnIdx>,
+    /// Exchanges with data to move.
+    pumps: VecDeque<ExKey>,
+    /// Connections whose control streams wait for the next iteration's control budget.
+    control_deferred: VecDeque<ConnIdx>,
+    /// Control work done in this iteration (see `session::CONTROL_BUDGET`).
+    control_work: usize,
+    /// Endpoint-level answers waiting to be sent: socket, transmit, bytes.
+    responses: VecDeque<(usize, quinn_proto::Transmit, Vec<u8>)>,
+    outboxes: Outboxes,
+    /// Scratch for encoding.
+    scratch: Vec<u8>,
+    arena: BytesMut,
+    drain_deadline: Option<Instant>,
+    session_seq: u64,
+    metrics: WorkerMetrics,
+    /// Requests forwarded in this iteration, whose residence is recorded at its end.
+    residence_batch: Vec<MetricSlot>,
+    /// When this iteration began (the first input's `now`).
+    iteration_start: Option<Instant>,
+    /// The latest time any input carried.
+    now: Instant,
+    /// Connections driven and exchanges pumped in the current `poll_transmit` sequence.
+    drives: usize,
+    pumped: usize,
+    /// A budget ran out: there is work left for the next iteration.
+    leftover: bool,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core")
+            .field("index", &self.index)
+            .field("connections", &self.conn_count)
+            .field("agents", &self.agents.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Core {
+    /// A core for worker `index` of `shared.workers()`, with its QUIC endpoint and sockets.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        index: usize,
+        shared: Arc<Shared>,
+        endpoint: Endpoint,
+        server_config: Arc<ServerConfig>,
+        sockets: Vec<SocketCaps>,
+        table: Arc<TableGeneration>,
+        mut random: Box<dyn Random>,
+        now: Instant,
+    ) -> Self {
+        let stats = shared.stats[index].clone();
+        let mut seed = [0u8; 8];
+        random.fill(&mut seed);
+        let workers = shared.workers();
+        let outbox_limit = shared.config.limits.handoff_queue;
+        Self {
+            index,
+            stats,
+            sockets,
+            endpoint,
+            server_config,
+            random,
+            accepting: true,
+            conns: Vec::new(),
+            conn_count: 0,
+            per_identity: HashMap::new(),
+            exchanges: Vec::new(),
+            ex_gens: Vec::new(),
+            ex_free: Vec::new(),
+            handoffs_in: HashMap::new(),
+            router: Router::new(
+                table,
+                u64::from_le_bytes(seed) ^ index as u64,
+                shared.config.limits.max_metric_capabilities,
+            ),
+            metrics: WorkerMetrics::default(),
+            residence_batch: Vec::new(),
+            iteration_start: None,
+            now,
+            agents: HashMap::new(),
+            session_conns: HashMap::new(),
+            detach_waiting: HashMap::new(),
+            detach_watch: HashSet::new(),
+            timers: Timers::default(),
+            dirty: VecDeque::new(),
+            transmitting: None,
+            pumps: VecDeque::new(),
+            control_deferred: VecDeque::new(),
+            control_work: 0,
+            responses: VecDeque::new(),
+            outboxes: Outboxes::new(workers, outbox_limit),
+            scratch: Vec::with_capacity(65_536),
+            arena: BytesMut::with_capacity(HEADER_ARENA),
+            drain_deadline: None,
+            session_seq: 0,
+            drives: 0,
+            pumped: 0,
+            leftover: false,
+            shared,
+        }
+    }
+
+    /// This worker's index.
+    pub(crate) fn index(&self) -> usize {
+        self.index
+    }
+
+    fn tick(&mut self, now: Instant) {
+        if now > self.now {
+            self.now = now;
+        }
+        self.iteration_start.get_or_insert(now);
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Inputs
+    // ---------------------------------------------------------------------------------------
+
+    /// A datagram arrived on `socket` from `remote` (addressed to `local_ip`, when known).
+    pub(crate) fn handle_datagram(
+        &mut self,
+        now: Instant,
+        socket: usize,
+        remote: SocketAddr,
+        local_ip: Option<IpAddr>,
+        ecn: Option<EcnCodepoint>,
+        data: BytesMut,
+    ) {
+        self.tick(now);
+        let mut buf = std::mem::take(&mut self.scratch);
+        buf.clear();
+        match self
+            .endpoint
+            .handle(now, remote, local_ip, ecn, data, &mut buf)
+        {
+            Some(DatagramEvent::ConnectionEvent(ch, ev)) => {
+                if let Some(conn) = self.conns.get_mut(ch.0).and_then(Option::as_mut) {
+                    conn.last_heard = now;
+                    conn.quic.handle_event(ev);
+                    mark_dirty(&mut self.dirty, conn, ch.0);
+                }
+            }
+            Some(DatagramEvent::NewConnection(incoming)) => {
+                self.incoming(now, socket, incoming, &mut buf);
+            }
+            Some(DatagramEvent::Response(t)) => self.respond(socket, t, &buf),
+            None => {}
+        }
+        self.scratch = buf;
+    }
+
+    /// A message from another worker (or from the gateway handle).
+    pub(crate) fn handle_message(&mut self, now: Instant, msg: WorkerMsg) {
+        self.tick(now);
+        match msg {
+            WorkerMsg::AgentUp(info) => self.remote_agent_up(info),
+            WorkerMsg::AgentDetaching { session } => self.agent_detaching(session),
+            WorkerMsg::DetachDone { session } => self.detach_done(session),
+            WorkerMsg::AgentDown { session } => self.agent_down(session, now),
+            WorkerMsg::Handoff { id, event } => self.on_handoff(id, event, now),
+            WorkerMsg::Install(table) => self.router.install(table),
+            WorkerMsg::Snapshot(reply) => {
+                let _ = reply.try_send(self.snapshot());
+            }
+            WorkerMsg::Drain { grace } => self.start_drain(now, grace),
+        }
+    }
+
+    /// Fires whatever is due at `now`: QUIC timers, attach and header deadlines, request
+    /// deadlines, silent peers. Cheap when nothing is due.
+    pub(crate) fn handle_timeout(&mut self, now: Instant) {
+        self.tick(now);
+        self.fire_timers(now);
+    }
+
+    /// `socket` can take transmits again: the connections that stopped on it go on.
+    pub(crate) fn handle_writable(&mut self, socket: usize) {
+        for (ci, conn) in self.conns.iter_mut().enumerate() {
+            if let Some(conn) = conn.as_mut().filter(|c| c.socket == socket) {
+                mark_dirty(&mut self.dirty, conn, ci);
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Outputs
+    // ---------------------------------------------------------------------------------------
+
+    /// The next datagram to send, written into `buf`, on a socket for which `sendable` is true.
+    ///
+    /// Drives connections with pending work (their events create and advance exchanges) as it
+    /// goes. `None` ends the sequence for this iteration: nothing is left, or a budget ran out
+    /// (then [`Core::poll_timeout`] returns the current time).
+    pub(crate) fn poll_transmit(
+        &mut self,
+        now: Instant,
+        buf: &mut Vec<u8>,
+        sendable: impl Fn(usize) -> bool,
+    ) -> Option<Transmit> {
+        self.tick(now);
+        if let Some((socket, t, bytes)) = self.responses.pop_front() {
+            buf.clear();
+            buf.extend_from_slice(&bytes[..t.size]);
+            return Some(transmit(socket, &t));
+        }
+        loop {
+            if let Some(ci) = self.transmitting {
+                if let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) {
+                    let socket = conn.socket;
+                    if sendable(socket) {
+                        buf.clear();
+                        let max_gso = self.sockets[socket].max_gso_segments;
+                        if let Some(t) = conn.quic.poll_transmit(now, max_gso, buf) {
+                            return Some(transmit(socket, &t));
+                        }
+                    }
+                }
+                self.transmitting = None;
+                self.update_conn_timer(ci);
+                if self.conns[ci].as_ref().is_some_and(|c| c.quic.is_drained()) {
+                    self.remove_conn(ci, now);
+                }
+            }
+            if self.drives >= DRIVE_BUDGET || self.pumped >= PUMP_BUDGET {
+                self.leftover = !self.dirty.is_empty() || !self.pumps.is_empty();
+                self.drives = 0;
+                self.pumped = 0;
+                return None;
+            }
+            if let Some(ci) = self.dirty.pop_front() {
+                self.drives += 1;
+                self.drive(ci, now);
+                self.transmitting = Some(ci);
+                continue;
+            }
+            if !self.pumps.is_empty() {
+                self.run_pumps(now);
+                continue;
+            }
+            if self.resume_control(now) {
+                continue;
+            }
+            self.drives = 0;
+            self.pumped = 0;
+            self.leftover = false;
+            return None;
+        }
+    }
+
+    /// The next message for worker `to`, if any.
+    pub(crate) fn poll_message(&mut self, to: usize) -> Option<WorkerMsg> {
+        self.outboxes.pop(to)
+    }
+
+    /// Puts back a message `poll_message` gave out that `to`'s channel could not take.
+    pub(crate) fn requeue_message(&mut self, to: usize, msg: WorkerMsg) {
+        self.outboxes.push_front(to, msg);
+    }
+
+    /// Whether any message waits for another worker.
+    pub(crate) fn has_messages(&self) -> bool {
+        !self.outboxes.is_empty()
+    }
+
+    /// When [`Core::handle_timeout`] should next be called: the current time if work was left
+    /// over by a budget, otherwise the earliest timer, `None` if none is set.
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        if self.leftover
+            || !self.control_deferred.is_empty()
+            || !self.dirty.is_empty()
+            || !self.pumps.is_empty()
+            || !self.responses.is_empty()
+        {
+            return Some(self.now);
+        }
+        [self.timers.next(), self.drain_deadline]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Ends an iteration: records how long this iteration's requests stayed in the gateway.
+    /// Returns true once the worker has drained and closed every connection (the thread ends).
+    pub(crate) fn end_iteration(&mut self, now: Instant) -> bool {
+        self.tick(now);
+        self.control_work = 0;
+        if let Some(start) = self.iteration_start.take() {
+            let residence = now.saturating_duration_since(start);
+            for slot in self.residence_batch.drain(..) {
+                self.metrics.residence(slot, residence);
+            }
+        }
+        self.finished_draining(now)
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Endpoint
+    // ---------------------------------------------------------------------------------------
+
+    fn incoming(
+        &mut self,
+        now: Instant,
+        socket: usize,
+        incoming: quinn_proto::Incoming,
+        buf: &mut Vec<u8>,
+    ) {
+        if !self.accepting
+            || self.conn_count >= self.shared.config.limits.max_connections_per_worker
+        {
+            let t = self.endpoint.refuse(incoming, buf);
+            return self.respond(socket, t, buf);
+        }
+        // Above the threshold, make unvalidated peers prove their address first (a Retry
+        // costs one round trip and no connection state).
+        let threshold = self.shared.config.limits.retry_above_connections;
+        if self.conn_count >= threshold && !incoming.remote_address_validated() {
+            match self.endpoint.retry(incoming, buf) {
+                Ok(t) => {
+                    WorkerStats::add(&self.stats.retries, 1);
+                    return self.respond(socket, t, buf);
+                }
+                Err(e) => {
+                    let t = self.endpoint.refuse(e.into_incoming(), buf);
+                    return self.respond(socket, t, buf);
+                }
+            }
+        }
+        match self
+            .endpoint
+            .accept(incoming, now, buf, Some(self.server_config.clone()))
+        {
+            Ok((ch, quic)) => self.add_conn(ch, quic, socket, now),
+            Err(e) => {
+                debug!(error = %e.cause, "handshake refused");
+                WorkerStats::add(&self.stats.handshakes_refused, 1);
+                if let Some(t) = e.response {
+                    self.respond(socket, t, buf);
+                }
+            }
+        }
+    }
+
+    fn respond(&mut self, socket: usize, t: quinn_proto::Transmit, buf: &[u8]) {
+        if self.responses.len() < MAX_ENDPOINT_RESPONSES {
+            let bytes = buf[..t.size].to_vec();
+            self.responses.push_back((socket, t, bytes));
+        }
+    }
+
+    /// Polls connection `ci`'s endpoint and application events.
+    fn drive(&mut self, ci: ConnIdx, now: Instant) {
+        let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) else {
+            return;
+        };
+        conn.dirty = false;
+        // Endpoint events (connection ids, draining) go through the endpoint and may come back.
+        while let Some(ev) = conn.quic.poll_endpoint_events() {
+            if let Some(back) = self.endpoint.handle_event(ConnectionHandle(ci), ev) {
+                conn.quic.handle_event(back);
+            }
+        }
+        loop {
+            let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) else {
+                return;
+            };
+            let Some(ev) = conn.quic.poll() else {
+                break;
+            };
+            self.on_event(ci, ev, now);
+        }
+        self.flush_control(ci, now);
+    }
+}
+
+fn transmit(socket: usize, t: &quinn_proto::Transmit) -> Transmit {
+    Transmit {
+        socket,
+        destination: t.destination,
+        size: t.size,
+        segment_size: t.segment_size,
+        ecn: t.ecn,
+        src_ip: t.src_ip,
+    }
+}
+
+fn mark_dirty(dirty: &mut VecDeque<ConnIdx>, conn: &mut Conn, ci: ConnIdx) {
+    if !conn.dirty {
+        conn.dirty = true;
+        dirty.push_back(ci);
+    }
+}
+
+fn close(conn: &mut Conn, now: Instant, code: ConnectionCode, reason: &'static str) {
+    if !conn.quic.is_closed() {
+        conn.quic.close(
+            now,
+            VarInt::from_u64(code.code()).unwrap_or(VarInt::from_u32(0)),
+            Bytes::from_static(reason.as_bytes()),
+        );
+    }
+}
+
+/// Conversion of protocol codes to QUIC varints.
+trait IntoVarInt {
+    fn into_varint(self) -> VarInt;
+}
+
+impl IntoVarInt for StreamCode {
+    fn into_varint(self) -> VarInt {
+        VarInt::from_u64(self.code()).unwrap_or(VarInt::from_u32(0))
+    }
+}
+
+/// Deadline for something a peer must do within `ms` milliseconds of `now`.
+fn after(now: Instant, ms: u64) -> Instant {
+    now + Duration::from_millis(ms)
+}

@@ -1,0 +1,58 @@
+//! Messages waiting for other workers, one queue per destination.
+//!
+//! A slow worker delays only the messages addressed to it. Each queue has a soft bound (the
+//! `limits.handoff_queue` setting): over it, new hand-offs to that worker are refused with
+//! `OVERLOADED` ([`Outboxes::has_room`]); messages of hand-offs already under way are bounded by
+//! their credit window, and registry broadcasts (attach, detach) are never dropped, since every
+//! worker must see every one of them.
+
+use std::collections::VecDeque;
+
+use crate::msg::WorkerMsg;
+
+#[derive(Debug)]
+pub(super) struct Outboxes {
+    queues: Vec<VecDeque<WorkerMsg>>,
+    limit: usize,
+    /// Messages waiting in all queues.
+    waiting: usize,
+}
+
+impl Outboxes {
+    pub(super) fn new(workers: usize, limit: usize) -> Self {
+        Self {
+            queues: (0..workers).map(|_| VecDeque::new()).collect(),
+            limit,
+            waiting: 0,
+        }
+    }
+
+    pub(super) fn push(&mut self, to: usize, msg: WorkerMsg) {
+        if let Some(q) = self.queues.get_mut(to) {
+            q.push_back(msg);
+            self.waiting += 1;
+        }
+    }
+
+    pub(super) fn push_front(&mut self, to: usize, msg: WorkerMsg) {
+        if let Some(q) = self.queues.get_mut(to) {
+            q.push_front(msg);
+            self.waiting += 1;
+        }
+    }
+
+    pub(super) fn pop(&mut self, to: usize) -> Option<WorkerMsg> {
+        let msg = self.queues.get_mut(to)?.pop_front()?;
+        self.waiting -= 1;
+        Some(msg)
+    }
+
+    /// Whether a new hand-off to `to` may start.
+    pub(super) fn has_room(&self, to: usize) -> bool {
+        self.queues.get(to).is_some_and(|q| q.len() < self.limit)
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.waiting == 0
+    }
+}

@@ -1,0 +1,572 @@
+//! The agent session on a connection's control stream: `ATTACH`, `LANE`, card updates,
+//! discovery, `DETACH`.
+//!
+//! Control work is bounded so that one agent cannot grow the gateway's memory or hold its
+//! worker: the gateway reads a connection's control stream only while nothing it wrote on that
+//! stream is still waiting to be handed to QUIC (an agent that does not read its answers stops
+//! being read, and QUIC flow control pushes back on it); it decodes at most
+//! [`FRAMES_PER_READ`] frames per read; and a worker handles at most [`CONTROL_BUDGET`] frames
+//! per iteration, deferring the rest to the next.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hashbrown::HashMap;
+use quinn_proto::{ReadError, WriteError};
+use tracing::{debug, warn};
+
+use dmsc_protocol::card::AgentCard;
+use dmsc_protocol::control::{ControlFrame, DiscoveryEntry, LaneToken, Refusal, SessionId};
+use dmsc_protocol::limits::{
+    MAX_CONTROL_FRAME_BYTES, MAX_DISCOVERY_ENTRIES, MAX_DISCOVERY_STRING_BYTES, MAX_LIST_ITEMS,
+};
+use dmsc_protocol::ConnectionCode;
+
+use super::conn::Role;
+use super::{mark_dirty, ConnIdx, Core};
+use crate::msg::{AgentInfo, WorkerMsg};
+use crate::stats::WorkerStats;
+
+/// Control frames decoded per read of one control stream.
+pub(super) const FRAMES_PER_READ: usize = 16;
+/// Control frames a worker handles per iteration; `DISCOVER` counts as [`DISCOVER_COST`].
+pub(super) const CONTROL_BUDGET: usize = 256;
+/// What one `DISCOVER` costs of [`CONTROL_BUDGET`] (it scans the worker's agents).
+const DISCOVER_COST: usize = 32;
+/// Bytes of control stream read per chunk.
+const CONTROL_READ_BYTES: usize = 16 * 1024;
+
+/// What follows an `ATTACH_REFUSED`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum AfterRefusal {
+    /// The connection stays (the refusal concerns one frame).
+    KeepOpen,
+    /// The connection closes once the refusal is delivered.
+    Close,
+}
+
+impl Core {
+    /// Reads and handles what arrived on connection `ci`'s control stream, within the bounds
+    /// described in the module docs.
+    pub(super) fn read_control(&mut self, ci: ConnIdx, now: Instant) {
+        let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) else {
+            return;
+        };
+        let Some(id) = conn.control else {
+            return;
+        };
+        if !conn.ctl_out.is_empty() {
+            // Answers are still waiting: read more once they are out (`flush_control`).
+            conn.control_stalled = true;
+            return;
+        }
+        if self.control_work >= CONTROL_BUDGET {
+            self.defer_control(ci);
+            return;
+        }
+        let mut frames: smallvec::SmallVec<[ControlFrame; 4]> = smallvec::SmallVec::new();
+        let mut finished = false;
+        let mut error = None;
+        let mut more = false;
+        let mut transmit = false;
+        // Frames already buffered come first.
+        loop {
+            if frames.len() >= FRAMES_PER_READ {
+                more = true;
+                break;
+            }
+            match conn.ctl_in.next_frame() {
+                Ok(Some(frame)) => frames.push(frame),
+                Ok(None) => break,
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            }
+        }
+        if !more && error.is_none() {
+            let mut recv = conn.quic.recv_stream(id);
+            let read = recv.read(true);
+            if let Ok(mut chunks) = read {
+                'read: loop {
+                    match chunks.next(CONTROL_READ_BYTES) {
+                        Ok(Some(chunk)) => {
+                            conn.ctl_in.extend(&chunk.bytes);
+                            loop {
+                                if frames.len() >= FRAMES_PER_READ {
+                                    more = true;
+                                    break 'read;
+                                }
+                                match conn.ctl_in.next_frame() {
+                                    Ok(Some(frame)) => frames.push(frame),
+                                    Ok(None) => break,
+                                    Err(e) => {
+                                        error = Some(e);
+                                        break 'read;
+                                    }
+                                }
+                            }
+                        }
+                        Ok(None) | Err(ReadError::Reset(_)) => {
+                            finished = true;
+                            break;
+                        }
+                        Err(ReadError::Blocked) => break,
+                    }
+                }
+                if chunks.finalize().should_transmit() {
+                    transmit = true;
+                }
+            }
+        }
+        if transmit {
+            mark_dirty(&mut self.dirty, conn, ci);
+        }
+        if let Some(e) = error {
+            debug!(parent: &conn.span, error = %e, "malformed control frame");
+            let code = if matches!(e, dmsc_protocol::DecodeError::TooLong { what: "frame", .. }) {
+                ConnectionCode::FrameTooLarge
+            } else {
+                ConnectionCode::ProtocolViolation
+            };
+            return self.close_conn(ci, now, code, "malformed control frame");
+        }
+        for frame in frames {
+            self.control_work += match frame {
+                ControlFrame::Discover { .. } => DISCOVER_COST,
+                _ => 1,
+            };
+            self.on_control(ci, frame, now);
+        }
+        if more {
+            self.defer_control(ci);
+        }
+        if finished {
+            let leaving = self.conns[ci]
+                .as_ref()
+                .is_some_and(|c| c.close_after.is_none());
+            if leaving {
+                // The agent closed its control stream: it is leaving.
+                self.close_conn(ci, now, ConnectionCode::NoError, "control stream closed");
+            }
+        }
+        self.flush_control(ci, now);
+    }
+
+    /// Reads connection `ci`'s control stream again in a later iteration.
+    fn defer_control(&mut self, ci: ConnIdx) {
+        if let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) {
+            if !conn.control_deferred {
+                conn.control_deferred = true;
+                self.control_deferred.push_back(ci);
+            }
+        }
+    }
+
+    /// Resumes control streams deferred by the per-iteration budget; true if any was read.
+    pub(super) fn resume_control(&mut self, now: Instant) -> bool {
+        let mut any = false;
+        while self.control_work < CONTROL_BUDGET {
+            let Some(ci) = self.control_deferred.pop_front() else {
+                break;
+            };
+            if let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) {
+                conn.control_deferred = false;
+                self.read_control(ci, now);
+                any = true;
+            }
+        }
+        any
+    }
+
+    pub(super) fn write_control(&mut self, ci: ConnIdx, frame: &ControlFrame) {
+        if let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) {
+            if let Err(e) = frame.encode(&mut conn.ctl_out) {
+                warn!(error = %e, "control frame not encodable");
+            }
+            mark_dirty(&mut self.dirty, conn, ci);
+        }
+    }
+
+    /// Hands what waits on connection `ci`'s control stream to QUIC; reads the stream again
+    /// if it had stopped for the backlog and the backlog is gone.
+    pub(super) fn flush_control(&mut self, ci: ConnIdx, now: Instant) {
+        let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) else {
+            return;
+        };
+        let Some(id) = conn.control else {
+            return;
+        };
+        if conn.ctl_out.is_empty() && conn.close_after.is_none() {
+            return;
+        }
+        match conn.quic.send_stream(id).write(&conn.ctl_out) {
+            Ok(n) => {
+                conn.ctl_out.drain(..n);
+            }
+            Err(WriteError::Blocked) => {}
+            Err(_) => conn.ctl_out.clear(),
+        }
+        if conn.ctl_out.is_empty() {
+            // Give back the memory of a large answer.
+            if conn.ctl_out.capacity() > 4096 {
+                conn.ctl_out = Vec::new();
+            }
+            if conn.close_after.is_some() {
+                // Nothing more will be said; the close follows when the peer has it all.
+                let _ = conn.quic.send_stream(id).finish();
+            } else if std::mem::take(&mut conn.control_stalled) {
+                self.read_control(ci, now);
+            }
+        }
+    }
+
+    pub(super) fn refuse(
+        &mut self,
+        ci: ConnIdx,
+        refusal: Refusal,
+        reason: String,
+        now: Instant,
+        after: AfterRefusal,
+    ) {
+        if let Some(conn) = self.conns[ci].as_ref() {
+            debug!(parent: &conn.span, ?refusal, %reason, "attach refused");
+        }
+        self.write_control(ci, &ControlFrame::AttachRefused { refusal, reason });
+        if after == AfterRefusal::Close {
+            if let Some(conn) = self.conns[ci].as_mut() {
+                // Close once the refusal has been delivered (or after a short bound), so the
+                // agent learns why.
+                conn.close_after = Some((ConnectionCode::AttachRefused, "attach refused"));
+                conn.attach_deadline = Some(now + Duration::from_secs(2));
+            }
+        }
+        self.flush_control(ci, now);
+    }
+
+    fn on_control(&mut self, ci: ConnIdx, frame: ControlFrame, now: Instant) {
+        let Some(conn) = self.conns[ci].as_mut() else {
+            return;
+        };
+        if conn.quic.is_closed() {
+            return;
+        }
+        let role = conn.role;
+        let detaching = conn.detaching;
+        let Some(identity) = conn.identity.clone() else {
+            return self.close_conn(ci, now, ConnectionCode::Unauthenticated, "no identity");
+        };
+        match (role, frame) {
+            (Role::Pending, ControlFrame::Attach { .. } | ControlFrame::Lane { .. })
+                if self.drain_deadline.is_some() =>
+            {
+                self.refuse(
+                    ci,
+                    Refusal::Draining,
+                    "gateway is draining".into(),
+                    now,
+                    AfterRefusal::Close,
+                )
+            }
+            (
+                Role::Pending,
+                ControlFrame::Attach {
+                    max_concurrent,
+                    card,
+                },
+            ) => self.attach(ci, identity, max_concurrent, &card, now),
+            (
+                Role::Pending,
+                ControlFrame::Lane {
+                    session,
+                    lane_token,
+                },
+            ) => self.bind_lane(ci, identity, session, lane_token, now),
+            (Role::Primary(_), ControlFrame::UpdateCard { .. }) if detaching => {
+                self.write_control(
+                    ci,
+                    &ControlFrame::UpdateResult {
+                        refusal: Some(Refusal::NotPermitted),
+                        reason: "the agent is detaching".into(),
+                    },
+                );
+            }
+            (Role::Primary(session), ControlFrame::UpdateCard { card }) => {
+                let (refusal, reason) = match self.parse_card(&card) {
+                    Ok(card) => {
+                        if let Some(old) = self.agents.get(&session) {
+                            let info = Arc::new(AgentInfo {
+                                session,
+                                home: self.index,
+                                identity: old.identity.clone(),
+                                lane_token: old.lane_token,
+                                limit: old.limit,
+                                capabilities: card.capabilities().map(Box::from).collect(),
+                                card,
+                            });
+                            self.broadcast(|| WorkerMsg::AgentUp(info.clone()));
+                            self.agent_up(info);
+                        }
+                        (None, String::new())
+                    }
+                    Err(reason) => (Some(Refusal::BadCard), reason),
+                };
+                self.write_control(ci, &ControlFrame::UpdateResult { refusal, reason });
+            }
+            (
+                Role::Primary(_) | Role::Lane(_),
+                ControlFrame::Discover {
+                    query_id,
+                    prefix,
+                    tag,
+                },
+            ) => {
+                let frame = self.discover(query_id, &prefix, &tag);
+                self.write_control(ci, &frame);
+            }
+            (Role::Primary(session), ControlFrame::Detach) => {
+                if detaching {
+                    return;
+                }
+                if let Some(conn) = self.conns[ci].as_mut() {
+                    conn.detaching = true;
+                    debug!(parent: &conn.span, ?session, "detaching");
+                }
+                let workers = self.shared.workers();
+                self.detach_waiting.insert(session, workers);
+                self.broadcast(|| WorkerMsg::AgentDetaching { session });
+                self.agent_detaching(session);
+            }
+            (_, ControlFrame::Unknown { .. }) => {}
+            (_, ControlFrame::Attach { .. } | ControlFrame::Lane { .. }) => self.refuse(
+                ci,
+                Refusal::AlreadyAttached,
+                "already attached".into(),
+                now,
+                AfterRefusal::KeepOpen,
+            ),
+            (_, _) => self.close_conn(
+                ci,
+                now,
+                ConnectionCode::ProtocolViolation,
+                "unexpected control frame",
+            ),
+        }
+    }
+
+    fn parse_card(&self, json: &[u8]) -> Result<AgentCard, String> {
+        let max = self.shared.config.limits.max_card_bytes;
+        if json.len() > max {
+            return Err(format!(
+                "card is {} bytes, over the gateway's limit of {max} (limits.max_card_bytes)",
+                json.len(),
+            ));
+        }
+        AgentCard::from_json(json).map_err(|e| e.to_string())
+    }
+
+    fn attach(
+        &mut self,
+        ci: ConnIdx,
+        identity: Arc<str>,
+        max_concurrent: u64,
+        card: &[u8],
+        now: Instant,
+    ) {
+        let card = match self.parse_card(card) {
+            Ok(card) => card,
+            Err(reason) => {
+                return self.refuse(ci, Refusal::BadCard, reason, now, AfterRefusal::Close)
+            }
+        };
+        let limits = &self.shared.config.limits;
+        let attached = self.shared.agents.fetch_add(1, Ordering::Relaxed);
+        if attached >= limits.max_agents {
+            self.shared.agents.fetch_sub(1, Ordering::Relaxed);
+            let reason = format!("gateway holds its maximum of {} agents", limits.max_agents);
+            return self.refuse(ci, Refusal::GatewayFull, reason, now, AfterRefusal::Close);
+        }
+        let limit = match max_concurrent {
+            0 => limits.max_inflight_per_agent,
+            n => n.min(u64::from(limits.max_inflight_per_agent)) as u32,
+        };
+        self.session_seq += 1;
+        let session = SessionId(((self.index as u64) << 48) | self.session_seq);
+        let mut token = [0u8; 16];
+        if !self.random.fill(&mut token) {
+            self.shared.agents.fetch_sub(1, Ordering::Relaxed);
+            return self.close_conn(ci, now, ConnectionCode::InternalError, "no randomness");
+        }
+        let info = Arc::new(AgentInfo {
+            session,
+            home: self.index,
+            identity,
+            lane_token: LaneToken(token),
+            limit,
+            capabilities: card.capabilities().map(Box::from).collect(),
+            card,
+        });
+        self.session_conns.entry(session).or_default().push(ci);
+        if let Some(conn) = self.conns[ci].as_mut() {
+            conn.role = Role::Primary(session);
+            conn.attach_deadline = None;
+            debug!(parent: &conn.span, ?session, identity = %info.identity,
+                capabilities = info.capabilities.len(), "agent attached");
+        }
+        WorkerStats::add(&self.stats.agents, 1);
+        self.broadcast(|| WorkerMsg::AgentUp(info.clone()));
+        self.agent_up(info);
+        self.router.set_local(session, Some(ci));
+        let lanes = if self.shared.config.lanes {
+            self.shared.lane_addrs.clone()
+        } else {
+            Vec::new()
+        };
+        self.write_control(
+            ci,
+            &ControlFrame::AttachOk {
+                session,
+                lane_token: LaneToken(token),
+                worker: self.index as u64,
+                lanes,
+                max_concurrent: u64::from(limit),
+            },
+        );
+        self.update_conn_timer(ci);
+    }
+
+    fn bind_lane(
+        &mut self,
+        ci: ConnIdx,
+        identity: Arc<str>,
+        session: SessionId,
+        token: LaneToken,
+        now: Instant,
+    ) {
+        let home = self.agents.get(&session).map(|a| a.home);
+        let ok = self
+            .agents
+            .get(&session)
+            .is_some_and(|a| constant_time_eq(&a.lane_token.0, &token.0) && a.identity == identity);
+        if !ok {
+            let reason = "no such session for this identity".into();
+            return self.refuse(
+                ci,
+                Refusal::UnknownSession,
+                reason,
+                now,
+                AfterRefusal::Close,
+            );
+        }
+        self.session_conns.entry(session).or_default().push(ci);
+        if let Some(conn) = self.conns[ci].as_mut() {
+            conn.role = Role::Lane(session);
+            conn.attach_deadline = None;
+            debug!(parent: &conn.span, ?session, "lane bound");
+        }
+        WorkerStats::add(&self.stats.lanes, 1);
+        // On the agent's home worker the primary connection stays the route.
+        if home != Some(self.index)
+            && !self.detach_watch.contains(&session)
+            && !self.detach_waiting.contains_key(&session)
+        {
+            self.router.set_local(session, Some(ci));
+        }
+        self.write_control(
+            ci,
+            &ControlFrame::LaneOk {
+                worker: self.index as u64,
+            },
+        );
+        self.update_conn_timer(ci);
+    }
+
+    fn discover(&self, query_id: u64, prefix: &str, tag: &str) -> ControlFrame {
+        let mut entries: Vec<DiscoveryEntry> = Vec::new();
+        let mut truncated = false;
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        for info in self.agents.values() {
+            let routable = self
+                .router
+                .find(info.session)
+                .and_then(|i| self.router.agent(i))
+                .is_some_and(|a| !a.capabilities.is_empty());
+            if !routable {
+                continue;
+            }
+            for skill in &info.card.skills {
+                if !skill.id.starts_with(prefix)
+                    || (!tag.is_empty() && !skill.tags.iter().any(|t| t == tag))
+                {
+                    continue;
+                }
+                if let Some(&i) = seen.get(skill.id.as_str()) {
+                    entries[i].providers += 1;
+                    continue;
+                }
+                if entries.len() >= MAX_DISCOVERY_ENTRIES {
+                    truncated = true;
+                    continue;
+                }
+                seen.insert(&skill.id, entries.len());
+                let clip = |v: &[String]| -> Vec<String> {
+                    v.iter()
+                        .take(MAX_LIST_ITEMS)
+                        .map(|s| truncate(s, MAX_DISCOVERY_STRING_BYTES))
+                        .collect()
+                };
+                entries.push(DiscoveryEntry {
+                    capability: skill.id.clone(),
+                    description: truncate(&skill.description, MAX_DISCOVERY_STRING_BYTES),
+                    providers: 1,
+                    tags: clip(&skill.tags),
+                    input_modes: clip(skill.effective_input_modes(&info.card)),
+                    output_modes: clip(skill.effective_output_modes(&info.card)),
+                });
+            }
+        }
+        // Keep the frame under the control-frame limit.
+        let mut size = 0;
+        let mut keep = entries.len();
+        for (i, e) in entries.iter().enumerate() {
+            size += 16
+                + e.capability.len()
+                + e.description.len()
+                + e.tags
+                    .iter()
+                    .chain(&e.input_modes)
+                    .chain(&e.output_modes)
+                    .map(|s| s.len() + 4)
+                    .sum::<usize>();
+            if size > MAX_CONTROL_FRAME_BYTES - 1024 {
+                keep = i;
+                truncated = true;
+                break;
+            }
+        }
+        entries.truncate(keep);
+        entries.sort_by(|a, b| a.capability.cmp(&b.capability));
+        ControlFrame::DiscoverResult {
+            query_id,
+            truncated,
+            entries,
+        }
+    }
+}
+
+/// Compares two lane tokens without an early exit, so timing does not reveal a prefix.
+fn constant_time_eq(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
