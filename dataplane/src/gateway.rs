@@ -317,7 +317,7 @@ impl GatewayHandle {
     }
 }
 
-fn transport(config: &Config) -> TransportConfig {
+pub(crate) fn transport(config: &Config) -> TransportConfig {
     let l = &config.limits;
     let mut t = TransportConfig::default();
     t.max_concurrent_bidi_streams(VarInt::from_u32(l.max_streams_per_connection));

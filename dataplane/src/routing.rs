@@ -567,4 +567,70 @@ mod tests {
             Selection::Local(_, MetricSlot(1))
         ));
     }
+
+    /// Defect 5: an index kept after its agent left (and another took the slot) is stale.
+    #[test]
+    fn a_stale_index_releases_nothing_of_the_agent_that_took_the_slot() {
+        let mut r: Router<u8> = Router::new(TableGeneration::standalone(), 3, 16);
+        r.insert(entry(1, &["echo"], Some(0), 4));
+        let Selection::Local(old, _) = r.select("c", "echo") else {
+            panic!("routed")
+        };
+        r.remove(SessionId(1));
+        let new = r.insert(entry(2, &["echo"], Some(0), 4));
+        assert!(matches!(r.select("c", "echo"), Selection::Local(x, _) if x == new));
+        assert_eq!(r.agent(new).unwrap().outstanding, 1);
+        assert!(r.agent(old).is_none());
+        assert_eq!(r.finish(old), None, "the stale index releases nothing");
+        assert_eq!(r.agent(new).unwrap().outstanding, 1);
+        assert_eq!(r.finish(new), Some(SessionId(2)));
+        assert!(!r.begin(old));
+    }
+
+    /// Defect 9: many agents sharing capabilities come and go in any order; every candidate
+    /// list stays exact (removal swaps in O(1) and records the moved agent's new position).
+    #[test]
+    fn many_agents_sharing_capabilities_index_and_unindex_exactly() {
+        let mut r: Router<u8> = Router::new(TableGeneration::standalone(), 11, 16);
+        let n = 2_000u64;
+        for s in 0..n {
+            let local = (s % 3 == 0).then_some(0);
+            r.insert(entry(
+                s,
+                &["shared", if s % 2 == 0 { "even" } else { "odd" }],
+                local,
+                1,
+            ));
+        }
+        // Remove in a scrambled order, move some between direct and hand-off, re-card others.
+        let mut order: Vec<u64> = (0..n).collect();
+        order.sort_by_key(|s| (s * 7919) % n);
+        for (i, &s) in order.iter().enumerate() {
+            match i % 4 {
+                0 => {
+                    r.remove(SessionId(s));
+                }
+                1 => r.set_local(SessionId(s), Some(1)),
+                2 => {
+                    r.insert(entry(s, &["shared"], None, 1));
+                }
+                _ => {}
+            }
+        }
+        let mut expect: HashMap<String, usize> = HashMap::new();
+        for (_, e) in r.agents() {
+            for c in e.capabilities.iter() {
+                *expect.entry(c.to_string()).or_default() += 1;
+            }
+        }
+        let got: HashMap<String, usize> =
+            r.capabilities().map(|(c, n)| (c.to_owned(), n)).collect();
+        assert_eq!(got, expect);
+        // Every agent is selectable exactly up to its limit of one.
+        let mut picked = 0;
+        while let Selection::Local(..) | Selection::Handoff(..) = r.select("c", "shared") {
+            picked += 1;
+        }
+        assert_eq!(picked, expect["shared"]);
+    }
 }

@@ -91,6 +91,8 @@ pub(crate) struct Worker {
     send_buf: Vec<u8>,
     /// Which workers were sent a message in this iteration (to wake each once).
     woken: Vec<bool>,
+    /// Datagrams fed to the core per socket per iteration.
+    recv_budget: usize,
 }
 
 impl std::fmt::Debug for Worker {
@@ -126,6 +128,7 @@ impl Worker {
             recv_copy: BytesMut::new(),
             send_buf: Vec::with_capacity(65_536),
             woken: vec![false; workers],
+            recv_budget: RECV_BUDGET,
         }
     }
 
@@ -194,7 +197,7 @@ impl Worker {
     fn receive(&mut self, i: usize, now: Instant) {
         let mut metas = [RecvMeta::default(); BATCH];
         let mut fed = 0;
-        while fed < RECV_BUDGET {
+        while fed < self.recv_budget {
             let s = &self.sockets[i];
             // A fixed array, not a Vec: no allocation per receive batch. `recv_bufs` holds
             // exactly BATCH buffers (built so in `Worker::new`).
@@ -347,5 +350,53 @@ fn ecn_out(e: quinn_proto::EcnCodepoint) -> quinn_udp::EcnCodepoint {
         quinn_proto::EcnCodepoint::Ect0 => quinn_udp::EcnCodepoint::Ect0,
         quinn_proto::EcnCodepoint::Ect1 => quinn_udp::EcnCodepoint::Ect1,
         quinn_proto::EcnCodepoint::Ce => quinn_udp::EcnCodepoint::Ce,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering::Relaxed;
+
+    use super::*;
+
+    /// Defect 6: under a flood, one iteration reads at most the budget from a socket and the
+    /// loop comes back for the rest without waiting for a new readiness event.
+    #[test]
+    fn receive_stops_at_its_budget_and_the_socket_stays_marked_readable() {
+        let (core, stats) = crate::core::tests::single_core();
+        let std_socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        std_socket.set_nonblocking(true).unwrap();
+        let addr = std_socket.local_addr().unwrap();
+        let socket = Socket::new(UdpSocket::from_std(std_socket)).unwrap();
+        let (tx, rx) = crossbeam_channel::bounded(16);
+        let poll = Poll::new().unwrap();
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER).unwrap());
+        let mailboxes = Arc::new(Mailboxes {
+            senders: vec![tx],
+            wakers: vec![waker],
+        });
+        let mut worker = Worker::new(core, stats.clone(), poll, vec![socket], rx, mailboxes);
+        worker.recv_budget = 32;
+        let flood = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for _ in 0..100 {
+            flood.send_to(&[0u8; 8], addr).unwrap();
+        }
+        worker.sockets[0].readable = true;
+        let now = Instant::now();
+        worker.receive(0, now);
+        let first = stats.datagrams_received.load(Relaxed);
+        assert!(
+            (32..32 + BATCH as u64).contains(&first),
+            "{first} read in one go"
+        );
+        assert!(worker.sockets[0].readable, "more is waiting");
+        for _ in 0..10 {
+            if !worker.sockets[0].readable {
+                break;
+            }
+            worker.receive(0, now);
+        }
+        assert_eq!(stats.datagrams_received.load(Relaxed), 100);
+        assert!(!worker.sockets[0].readable);
     }
 }

@@ -62,3 +62,16 @@ impl Core {
         !open || now >= deadline + CLOSE_LINGER
     }
 }
+
+impl Core {
+    /// When the drain next needs the core: the end of the grace period, then the end of the
+    /// linger after it.
+    pub(super) fn drain_timer(&self) -> Option<Instant> {
+        let deadline = self.drain_deadline?;
+        Some(if self.now < deadline {
+            deadline
+        } else {
+            deadline + CLOSE_LINGER
+        })
+    }
+}

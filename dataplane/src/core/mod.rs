@@ -84,6 +84,9 @@ mod registry;
 mod session;
 mod timers;
 
+#[cfg(test)]
+pub(crate) mod tests;
+
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::AtomicUsize;
@@ -250,6 +253,10 @@ impl std::fmt::Debug for Core {
             .field("index", &self.index)
             .field("connections", &self.conn_count)
             .field("agents", &self.agents.len())
+            .field("dirty", &self.dirty.len())
+            .field("pumps", &self.pumps.len())
+            .field("control_deferred", &self.control_deferred.len())
+            .field("leftover", &self.leftover)
             .finish_non_exhaustive()
     }
 }
@@ -322,6 +329,12 @@ impl Core {
     /// This worker's index.
     pub(crate) fn index(&self) -> usize {
         self.index
+    }
+
+    /// Bytes of control-stream answers waiting to be handed to QUIC, over all connections.
+    #[cfg(test)]
+    pub(crate) fn control_backlog(&self) -> usize {
+        self.conns.iter().flatten().map(|c| c.ctl_out.len()).sum()
     }
 
     fn tick(&mut self, now: Instant) {
@@ -492,7 +505,7 @@ impl Core {
         {
             return Some(self.now);
         }
-        [self.timers.next(), self.drain_deadline]
+        [self.timers.next(), self.drain_timer()]
             .into_iter()
             .flatten()
             .min()
