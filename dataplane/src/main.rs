@@ -39,7 +39,7 @@ struct Args {
     /// Do not pin workers to cores.
     #[arg(long)]
     no_pin: bool,
-    /// Gateway id, as in spiffe://<domain>/gateway/<id> [default: gw1].
+    /// Gateway id, as in `spiffe://<domain>/gateway/<id>` [default: gw1].
     #[arg(long)]
     gateway_id: Option<String>,
     /// Trust domain [default: dmsc.local].
