@@ -6,7 +6,7 @@ use bytes::Bytes;
 use dmsc_agent::{Agent, InvokeError, Status};
 use dmsc_protocol::control::{ControlFrame, Refusal};
 use dmsc_protocol::header::RequestHeader;
-use dmsc_protocol::identity::{CertificateAuthority, SpiffeId};
+use dmsc_protocol::identity::{CertificateAuthority, IssuedIdentity, SpiffeId};
 use dmsc_tests::*;
 
 fn header(capability: &str, deadline_ms: u64, hop_count: u8) -> Vec<u8> {
@@ -241,6 +241,80 @@ async fn untrusted_and_non_agent_certificates_are_refused_at_the_handshake() {
         Ok(c) => c.attach(&card("s", &["x"])).await.is_err(),
     };
     assert!(refused, "a non-agent SPIFFE ID must be refused");
+    assert_eq!(gw.stats().agents, 0);
+    gw.shutdown(Duration::from_secs(1));
+}
+
+/// The `CRYPTO_ERROR` code (`0x0100` + TLS alert) of the gateway's close of a connection whose
+/// client certificate it refuses. With TLS 1.3 the client's handshake completes first, so the
+/// close arrives after the agent has sent `ATTACH` (docs/PROTOCOL.md section 2.4).
+async fn refusal_code(pki: &Pki, gw: std::net::SocketAddr, id: &IssuedIdentity) -> u64 {
+    let error = match RawClient::connect(gw, id, &pki.ca).await {
+        Ok(c) => {
+            assert!(
+                c.attach(&card("s", &["x"])).await.is_err(),
+                "the gateway must not answer the ATTACH"
+            );
+            c.conn.closed().await
+        }
+        Err(e) => e
+            .downcast::<quinn::ConnectionError>()
+            .expect("a QUIC connection error"),
+    };
+    match error {
+        quinn::ConnectionError::ConnectionClosed(close) => u64::from(close.error_code),
+        other => panic!("expected a transport close, got {other:?}"),
+    }
+}
+
+/// Like [`refusal_code`], for a client that presents no certificate.
+async fn no_certificate_code(pki: &Pki, gw: std::net::SocketAddr) -> u64 {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca.cert_der()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![dmsc_protocol::ALPN_AGENT.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(crypto)));
+    let error = match endpoint.connect(gw, "localhost").unwrap().await {
+        Ok(conn) => conn.closed().await,
+        Err(e) => e,
+    };
+    match error {
+        quinn::ConnectionError::ConnectionClosed(close) => u64::from(close.error_code),
+        other => panic!("expected a transport close, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_client_certificates_close_with_the_documented_alerts() {
+    let pki = Pki::new();
+    let gw = gateway(&pki, 1, |_| {});
+    // Another CA: unknown_ca (48).
+    let foreign = CertificateAuthority::generate("other.example").unwrap();
+    let stranger = foreign
+        .issue(&SpiffeId::agent("other.example", "stranger").unwrap(), &[])
+        .unwrap();
+    assert_eq!(refusal_code(&pki, gw.local_addr(), &stranger).await, 0x130);
+    // A CA with the trusted CA's name but another key: its signature fails, decrypt_error (51).
+    let lookalike = CertificateAuthority::generate(DOMAIN).unwrap();
+    let stranger = lookalike
+        .issue(&SpiffeId::agent(DOMAIN, "stranger").unwrap(), &[])
+        .unwrap();
+    assert_eq!(refusal_code(&pki, gw.local_addr(), &stranger).await, 0x133);
+    let gw_id = pki
+        .ca
+        .issue(&SpiffeId::gateway(DOMAIN, "impostor").unwrap(), &[])
+        .unwrap();
+    // handshake_failure (40): the SPIFFE ID does not name an agent.
+    assert_eq!(refusal_code(&pki, gw.local_addr(), &gw_id).await, 0x128);
+    // No certificate at all: certificate_required (116).
+    assert_eq!(no_certificate_code(&pki, gw.local_addr()).await, 0x174);
     assert_eq!(gw.stats().agents, 0);
     gw.shutdown(Duration::from_secs(1));
 }
