@@ -356,6 +356,104 @@ async fn malformed_card_is_refused_with_the_field_named() {
     gw.shutdown(Duration::from_secs(1));
 }
 
+/// An `UPDATE_CARD` frame carrying `len` bytes of card, built by hand (the encoder refuses cards
+/// over the protocol ceiling).
+fn update_card_frame(len: usize) -> Vec<u8> {
+    let mut payload = Vec::new();
+    dmsc_protocol::varint::encode(len as u64, &mut payload);
+    payload.resize(payload.len() + len, b' ');
+    let mut wire = vec![0x06];
+    dmsc_protocol::varint::encode(payload.len() as u64, &mut wire);
+    wire.extend_from_slice(&payload);
+    wire
+}
+
+/// Attaches, sends an `UPDATE_CARD` with a card of `len` bytes, and returns the application
+/// error code the gateway closes the connection with.
+async fn update_card_close_code(pki: &Pki, gw: std::net::SocketAddr, len: usize) -> u64 {
+    let client = RawClient::connect(gw, &pki.agent("big"), &pki.ca)
+        .await
+        .unwrap();
+    let (mut send, _recv, answer) = client.attach(&card("big", &["big"])).await.unwrap();
+    assert!(
+        matches!(answer, ControlFrame::AttachOk { .. }),
+        "{answer:?}"
+    );
+    send.write_all(&update_card_frame(len)).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), client.conn.closed())
+        .await
+        .unwrap();
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(close) => close.error_code.into_inner(),
+        other => panic!("expected an application close, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_cards_get_bad_card_or_a_close_as_section_5_4_says() {
+    let pki = Pki::new();
+    // Default limits.max_card_bytes = 65536: frame limit 66560.
+    let gw = gateway(&pki, 1, |_| {});
+    let protocol_violation = dmsc_protocol::ConnectionCode::ProtocolViolation.code();
+    let frame_too_large = dmsc_protocol::ConnectionCode::FrameTooLarge.code();
+    assert_eq!(
+        update_card_close_code(&pki, gw.local_addr(), 65_537).await,
+        protocol_violation
+    );
+    assert_eq!(
+        update_card_close_code(&pki, gw.local_addr(), 66_556).await,
+        protocol_violation
+    );
+    assert_eq!(
+        update_card_close_code(&pki, gw.local_addr(), 66_557).await,
+        frame_too_large
+    );
+    gw.shutdown(Duration::from_secs(1));
+
+    // limits.max_card_bytes = 4096: frame limit 5120.
+    let gw = gateway(&pki, 1, |c| c.limits.max_card_bytes = 4096);
+    let client = RawClient::connect(gw.local_addr(), &pki.agent("big"), &pki.ca)
+        .await
+        .unwrap();
+    let (mut send, mut recv, answer) = client.attach(&card("big", &["big"])).await.unwrap();
+    assert!(
+        matches!(answer, ControlFrame::AttachOk { .. }),
+        "{answer:?}"
+    );
+    send.write_all(&update_card_frame(5_000)).await.unwrap();
+    match read_frame(&mut recv).await.unwrap() {
+        ControlFrame::UpdateResult { refusal, reason } => {
+            assert_eq!(refusal, Some(Refusal::BadCard));
+            assert_eq!(
+                reason,
+                "card is 5000 bytes, over the gateway's limit of 4096 (limits.max_card_bytes)"
+            );
+        }
+        other => panic!("expected UPDATE_RESULT, got {other:?}"),
+    }
+    // The connection stays: the largest refusable card still gets an answer...
+    send.write_all(&update_card_frame(5_118)).await.unwrap();
+    assert!(matches!(
+        read_frame(&mut recv).await.unwrap(),
+        ControlFrame::UpdateResult {
+            refusal: Some(Refusal::BadCard),
+            ..
+        }
+    ));
+    // ...and one byte more closes it.
+    send.write_all(&update_card_frame(5_119)).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), client.conn.closed())
+        .await
+        .unwrap();
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code.into_inner(), frame_too_large)
+        }
+        other => panic!("expected an application close, got {other:?}"),
+    }
+    gw.shutdown(Duration::from_secs(1));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_calling_each_other_in_a_circle_end_with_loop_detected() {
     use dmsc_agent::{HandlerError, Handlers, Request, Response};
