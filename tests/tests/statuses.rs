@@ -5,8 +5,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use dmsc_agent::{Agent, InvokeError, Status};
 use dmsc_protocol::control::{ControlFrame, Refusal};
-use dmsc_protocol::header::RequestHeader;
+use dmsc_protocol::header::{RequestHeader, ResponseHeader};
 use dmsc_protocol::identity::{CertificateAuthority, IssuedIdentity, SpiffeId};
+use dmsc_protocol::limits::MAX_HEADER_BYTES;
 use dmsc_tests::*;
 
 fn header(capability: &str, deadline_ms: u64, hop_count: u8) -> Vec<u8> {
@@ -156,6 +157,90 @@ async fn target_failed_when_the_target_resets_or_vanishes() {
     };
     assert_eq!(status, Status::TargetFailed);
     assert!(started.elapsed() < Duration::from_secs(5), "no hang");
+    gw.shutdown(Duration::from_secs(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handed_off_target_failure_stops_the_callers_request() {
+    // PROTOCOL.md 7.9: with the target on another worker (no lanes, so a hand-off), a target
+    // that fails before answering gets the caller TARGET_FAILED and, while it is still sending,
+    // STOP_SENDING(CANCELLED), as with a local target.
+    let pki = Pki::new();
+    let gw = gateway(&pki, 2, |c| c.lanes = false);
+    let target = RawClient::connect(gw.local_addr(), &pki.agent("resetter"), &pki.ca)
+        .await
+        .unwrap();
+    let (send, recv, answer) = target
+        .attach(&card("resetter", &["reset_me"]))
+        .await
+        .unwrap();
+    let ControlFrame::AttachOk {
+        worker: target_worker,
+        ..
+    } = answer
+    else {
+        panic!("{answer:?}")
+    };
+    std::mem::forget((send, recv));
+    let conn = target.conn.clone();
+    tokio::spawn(async move {
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            let mut buf = [0u8; 64];
+            let _ = recv.read(&mut buf).await;
+            let _ = send.reset(2u32.into());
+            let _ = recv.stop(2u32.into());
+        }
+    });
+    // A caller on the other worker (the kernel picks the worker by address: try a few).
+    let mut caller = None;
+    for i in 0..64 {
+        let name = format!("caller{i}");
+        let c = RawClient::connect(gw.local_addr(), &pki.agent(&name), &pki.ca)
+            .await
+            .unwrap();
+        let (send, recv, answer) = c.attach(&card(&name, &["x"])).await.unwrap();
+        if let ControlFrame::AttachOk { worker, .. } = answer {
+            if worker != target_worker {
+                std::mem::forget((send, recv));
+                caller = Some(c);
+                break;
+            }
+        }
+        c.conn.close(0u32.into(), b"same worker");
+    }
+    let caller = caller.expect("a caller on the other worker");
+    let started = std::time::Instant::now();
+    loop {
+        let (mut send, mut recv) = caller.conn.open_bi().await.unwrap();
+        send.write_all(&header("reset_me", 5_000, 0)).await.unwrap();
+        // Part of a request body, no FIN: the caller is still sending.
+        send.write_all(&[7u8; 16 * 1024]).await.unwrap();
+        let all = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(1 << 16))
+            .await
+            .unwrap()
+            .unwrap();
+        let (response, _) = ResponseHeader::decode(&all, MAX_HEADER_BYTES)
+            .unwrap()
+            .unwrap();
+        if response.status == Status::NoRoute && started.elapsed() < Duration::from_secs(5) {
+            // The other worker has not learnt of the target yet (section 6.1).
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        assert_eq!(
+            response.status,
+            Status::TargetFailed,
+            "{}",
+            response.message
+        );
+        let stopped = tokio::time::timeout(Duration::from_secs(5), send.stopped())
+            .await
+            .expect("STOP_SENDING for the caller's request")
+            .unwrap();
+        assert_eq!(stopped, Some(1u32.into()), "STOP_SENDING(CANCELLED)");
+        break;
+    }
+    assert!(gw.stats().handoffs > 0, "{:?}", gw.stats());
     gw.shutdown(Duration::from_secs(1));
 }
 
