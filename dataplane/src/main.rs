@@ -39,7 +39,7 @@ struct Args {
     /// Do not pin workers to cores.
     #[arg(long)]
     no_pin: bool,
-    /// Gateway id, as in spiffe://<domain>/gateway/<id> [default: gw1].
+    /// Gateway id, as in `spiffe://<domain>/gateway/<id>` [default: gw1].
     #[arg(long)]
     gateway_id: Option<String>,
     /// Trust domain [default: dmsc.local].
@@ -116,15 +116,32 @@ struct Args {
     print_config: bool,
 }
 
+/// Exit code for an invalid command line or configuration (`EX_USAGE` of sysexits.h).
+const EX_USAGE: i32 = 64;
+
 fn main() {
-    if let Err(e) = run() {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            // --help and --version go to stdout and succeed; anything else is a usage error.
+            let _ = e.print();
+            std::process::exit(if e.use_stderr() { EX_USAGE } else { 0 });
+        }
+    };
+    let config = match config_from(&args) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("dmsc-gateway: error: {}", chain(&e));
+            std::process::exit(EX_USAGE);
+        }
+    };
+    if let Err(e) = run(&args, config) {
         eprintln!("dmsc-gateway: error: {}", chain(&e));
         std::process::exit(1);
     }
 }
 
-fn run() -> anyhow::Result<()> {
-    let args = Args::parse();
+fn run(args: &Args, config: Config) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("DMSC_LOG")
@@ -132,8 +149,6 @@ fn run() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let config = config_from(&args)?;
-    config.validate()?;
     if args.print_config {
         println!("{config:#?}");
         return Ok(());
@@ -198,6 +213,7 @@ fn chain(e: &anyhow::Error) -> String {
     out
 }
 
+/// The configuration from the file and the flags, validated: any error here is a usage error.
 fn config_from(args: &Args) -> anyhow::Result<Config> {
     let mut c = match &args.config {
         Some(path) => Config::from_file(path)?,
@@ -252,5 +268,6 @@ fn config_from(args: &Args) -> anyhow::Result<Config> {
     if args.no_admin {
         c.admin_listen = None;
     }
+    c.validate()?;
     Ok(c)
 }

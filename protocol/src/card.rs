@@ -827,4 +827,23 @@ mod tests {
             }
         );
     }
+
+    #[test]
+    fn card_that_is_not_utf8_is_a_json_error() {
+        // docs/PROTOCOL.md section 5.3: a card that is not UTF-8 gets the "Not JSON" reason.
+        let reason = |bytes: &[u8]| AgentCard::from_json(bytes).unwrap_err().to_string();
+        assert_eq!(
+            reason(b"{\"name\":\"a\xff\",\"skills\":[]}"),
+            "invalid JSON at line 1, column 11: invalid unicode code point"
+        );
+        assert_eq!(
+            reason(b"\xff{}"),
+            "invalid JSON at line 1, column 1: expected value"
+        );
+        // A UTF-8 byte order mark is not accepted either.
+        assert_eq!(
+            reason(b"\xef\xbb\xbf{}"),
+            "invalid JSON at line 1, column 1: expected value"
+        );
+    }
 }

@@ -632,6 +632,52 @@ mod tests {
         ));
     }
 
+    /// A card frame of `card_len` bytes, built by hand (the encoder refuses oversize cards).
+    fn card_frame(ty: u64, max_concurrent: Option<u64>, card_len: usize) -> Vec<u8> {
+        let mut payload = Vec::new();
+        if let Some(n) = max_concurrent {
+            varint::encode(n, &mut payload);
+        }
+        varint::encode(card_len as u64, &mut payload);
+        payload.resize(payload.len() + card_len, b' ');
+        let mut wire = Vec::new();
+        varint::encode(ty, &mut wire);
+        varint::encode(payload.len() as u64, &mut wire);
+        wire.extend_from_slice(&payload);
+        wire
+    }
+
+    /// What a gateway whose `limits.max_card_bytes` is `max_card` makes of a card frame: `Ok`
+    /// (the card goes on to the size check and validation, `BAD_CARD` if over `max_card`), or
+    /// the decode error (`frame`: `FRAME_TOO_LARGE`; anything else: `PROTOCOL_VIOLATION`).
+    fn gateway_reads(max_card: usize, wire: &[u8]) -> Result<(), &'static str> {
+        let mut fb = FrameBuffer::new(max_card + 1024);
+        fb.extend(wire);
+        match fb.next_frame() {
+            Ok(Some(ControlFrame::Attach { .. } | ControlFrame::UpdateCard { .. })) => Ok(()),
+            Err(DecodeError::TooLong { what, .. }) => Err(what),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn oversize_card_outcomes_match_the_spec() {
+        // docs/PROTOCOL.md section 5.4 (card size): default limits.max_card_bytes = 65536.
+        let update = |len| card_frame(frame_type::UPDATE_CARD, None, len);
+        let attach = |len| card_frame(frame_type::ATTACH, Some(100), len);
+        assert_eq!(gateway_reads(65_536, &update(65_536)), Ok(()));
+        assert_eq!(gateway_reads(65_536, &update(65_537)), Err("card"));
+        assert_eq!(gateway_reads(65_536, &update(66_556)), Err("card"));
+        assert_eq!(gateway_reads(65_536, &update(66_557)), Err("frame"));
+        assert_eq!(gateway_reads(65_536, &attach(66_554)), Err("card"));
+        assert_eq!(gateway_reads(65_536, &attach(66_555)), Err("frame"));
+        // limits.max_card_bytes = 4096: frame limit 5120.
+        assert_eq!(gateway_reads(4_096, &update(5_118)), Ok(()));
+        assert_eq!(gateway_reads(4_096, &update(5_119)), Err("frame"));
+        assert_eq!(gateway_reads(4_096, &attach(5_116)), Ok(()));
+        assert_eq!(gateway_reads(4_096, &attach(5_117)), Err("frame"));
+    }
+
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {

@@ -5,8 +5,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use dmsc_agent::{Agent, InvokeError, Status};
 use dmsc_protocol::control::{ControlFrame, Refusal};
-use dmsc_protocol::header::RequestHeader;
-use dmsc_protocol::identity::{CertificateAuthority, SpiffeId};
+use dmsc_protocol::header::{RequestHeader, ResponseHeader};
+use dmsc_protocol::identity::{CertificateAuthority, IssuedIdentity, SpiffeId};
+use dmsc_protocol::limits::MAX_HEADER_BYTES;
 use dmsc_tests::*;
 
 fn header(capability: &str, deadline_ms: u64, hop_count: u8) -> Vec<u8> {
@@ -160,6 +161,90 @@ async fn target_failed_when_the_target_resets_or_vanishes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handed_off_target_failure_stops_the_callers_request() {
+    // PROTOCOL.md 7.9: with the target on another worker (no lanes, so a hand-off), a target
+    // that fails before answering gets the caller TARGET_FAILED and, while it is still sending,
+    // STOP_SENDING(CANCELLED), as with a local target.
+    let pki = Pki::new();
+    let gw = gateway(&pki, 2, |c| c.lanes = false);
+    let target = RawClient::connect(gw.local_addr(), &pki.agent("resetter"), &pki.ca)
+        .await
+        .unwrap();
+    let (send, recv, answer) = target
+        .attach(&card("resetter", &["reset_me"]))
+        .await
+        .unwrap();
+    let ControlFrame::AttachOk {
+        worker: target_worker,
+        ..
+    } = answer
+    else {
+        panic!("{answer:?}")
+    };
+    std::mem::forget((send, recv));
+    let conn = target.conn.clone();
+    tokio::spawn(async move {
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            let mut buf = [0u8; 64];
+            let _ = recv.read(&mut buf).await;
+            let _ = send.reset(2u32.into());
+            let _ = recv.stop(2u32.into());
+        }
+    });
+    // A caller on the other worker (the kernel picks the worker by address: try a few).
+    let mut caller = None;
+    for i in 0..64 {
+        let name = format!("caller{i}");
+        let c = RawClient::connect(gw.local_addr(), &pki.agent(&name), &pki.ca)
+            .await
+            .unwrap();
+        let (send, recv, answer) = c.attach(&card(&name, &["x"])).await.unwrap();
+        if let ControlFrame::AttachOk { worker, .. } = answer {
+            if worker != target_worker {
+                std::mem::forget((send, recv));
+                caller = Some(c);
+                break;
+            }
+        }
+        c.conn.close(0u32.into(), b"same worker");
+    }
+    let caller = caller.expect("a caller on the other worker");
+    let started = std::time::Instant::now();
+    loop {
+        let (mut send, mut recv) = caller.conn.open_bi().await.unwrap();
+        send.write_all(&header("reset_me", 5_000, 0)).await.unwrap();
+        // Part of a request body, no FIN: the caller is still sending.
+        send.write_all(&[7u8; 16 * 1024]).await.unwrap();
+        let all = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(1 << 16))
+            .await
+            .unwrap()
+            .unwrap();
+        let (response, _) = ResponseHeader::decode(&all, MAX_HEADER_BYTES)
+            .unwrap()
+            .unwrap();
+        if response.status == Status::NoRoute && started.elapsed() < Duration::from_secs(5) {
+            // The other worker has not learnt of the target yet (section 6.1).
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        assert_eq!(
+            response.status,
+            Status::TargetFailed,
+            "{}",
+            response.message
+        );
+        let stopped = tokio::time::timeout(Duration::from_secs(5), send.stopped())
+            .await
+            .expect("STOP_SENDING for the caller's request")
+            .unwrap();
+        assert_eq!(stopped, Some(1u32.into()), "STOP_SENDING(CANCELLED)");
+        break;
+    }
+    assert!(gw.stats().handoffs > 0, "{:?}", gw.stats());
+    gw.shutdown(Duration::from_secs(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_header_gets_bad_request_and_the_connection_lives_on() {
     let pki = Pki::new();
     let gw = gateway(&pki, 1, |_| {});
@@ -245,6 +330,80 @@ async fn untrusted_and_non_agent_certificates_are_refused_at_the_handshake() {
     gw.shutdown(Duration::from_secs(1));
 }
 
+/// The `CRYPTO_ERROR` code (`0x0100` + TLS alert) of the gateway's close of a connection whose
+/// client certificate it refuses. With TLS 1.3 the client's handshake completes first, so the
+/// close arrives after the agent has sent `ATTACH` (docs/PROTOCOL.md section 2.4).
+async fn refusal_code(pki: &Pki, gw: std::net::SocketAddr, id: &IssuedIdentity) -> u64 {
+    let error = match RawClient::connect(gw, id, &pki.ca).await {
+        Ok(c) => {
+            assert!(
+                c.attach(&card("s", &["x"])).await.is_err(),
+                "the gateway must not answer the ATTACH"
+            );
+            c.conn.closed().await
+        }
+        Err(e) => e
+            .downcast::<quinn::ConnectionError>()
+            .expect("a QUIC connection error"),
+    };
+    match error {
+        quinn::ConnectionError::ConnectionClosed(close) => u64::from(close.error_code),
+        other => panic!("expected a transport close, got {other:?}"),
+    }
+}
+
+/// Like [`refusal_code`], for a client that presents no certificate.
+async fn no_certificate_code(pki: &Pki, gw: std::net::SocketAddr) -> u64 {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca.cert_der()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![dmsc_protocol::ALPN_AGENT.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(crypto)));
+    let error = match endpoint.connect(gw, "localhost").unwrap().await {
+        Ok(conn) => conn.closed().await,
+        Err(e) => e,
+    };
+    match error {
+        quinn::ConnectionError::ConnectionClosed(close) => u64::from(close.error_code),
+        other => panic!("expected a transport close, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_client_certificates_close_with_the_documented_alerts() {
+    let pki = Pki::new();
+    let gw = gateway(&pki, 1, |_| {});
+    // Another CA: unknown_ca (48).
+    let foreign = CertificateAuthority::generate("other.example").unwrap();
+    let stranger = foreign
+        .issue(&SpiffeId::agent("other.example", "stranger").unwrap(), &[])
+        .unwrap();
+    assert_eq!(refusal_code(&pki, gw.local_addr(), &stranger).await, 0x130);
+    // A CA with the trusted CA's name but another key: its signature fails, decrypt_error (51).
+    let lookalike = CertificateAuthority::generate(DOMAIN).unwrap();
+    let stranger = lookalike
+        .issue(&SpiffeId::agent(DOMAIN, "stranger").unwrap(), &[])
+        .unwrap();
+    assert_eq!(refusal_code(&pki, gw.local_addr(), &stranger).await, 0x133);
+    let gw_id = pki
+        .ca
+        .issue(&SpiffeId::gateway(DOMAIN, "impostor").unwrap(), &[])
+        .unwrap();
+    // handshake_failure (40): the SPIFFE ID does not name an agent.
+    assert_eq!(refusal_code(&pki, gw.local_addr(), &gw_id).await, 0x128);
+    // No certificate at all: certificate_required (116).
+    assert_eq!(no_certificate_code(&pki, gw.local_addr()).await, 0x174);
+    assert_eq!(gw.stats().agents, 0);
+    gw.shutdown(Duration::from_secs(1));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_card_is_refused_with_the_field_named() {
     let pki = Pki::new();
@@ -279,6 +438,104 @@ async fn malformed_card_is_refused_with_the_field_named() {
         Ok(_) => panic!("attach with an invalid card must fail"),
     }
     let _ = InvokeError::Closed;
+    gw.shutdown(Duration::from_secs(1));
+}
+
+/// An `UPDATE_CARD` frame carrying `len` bytes of card, built by hand (the encoder refuses cards
+/// over the protocol ceiling).
+fn update_card_frame(len: usize) -> Vec<u8> {
+    let mut payload = Vec::new();
+    dmsc_protocol::varint::encode(len as u64, &mut payload);
+    payload.resize(payload.len() + len, b' ');
+    let mut wire = vec![0x06];
+    dmsc_protocol::varint::encode(payload.len() as u64, &mut wire);
+    wire.extend_from_slice(&payload);
+    wire
+}
+
+/// Attaches, sends an `UPDATE_CARD` with a card of `len` bytes, and returns the application
+/// error code the gateway closes the connection with.
+async fn update_card_close_code(pki: &Pki, gw: std::net::SocketAddr, len: usize) -> u64 {
+    let client = RawClient::connect(gw, &pki.agent("big"), &pki.ca)
+        .await
+        .unwrap();
+    let (mut send, _recv, answer) = client.attach(&card("big", &["big"])).await.unwrap();
+    assert!(
+        matches!(answer, ControlFrame::AttachOk { .. }),
+        "{answer:?}"
+    );
+    send.write_all(&update_card_frame(len)).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), client.conn.closed())
+        .await
+        .unwrap();
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(close) => close.error_code.into_inner(),
+        other => panic!("expected an application close, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_cards_get_bad_card_or_a_close_as_section_5_4_says() {
+    let pki = Pki::new();
+    // Default limits.max_card_bytes = 65536: frame limit 66560.
+    let gw = gateway(&pki, 1, |_| {});
+    let protocol_violation = dmsc_protocol::ConnectionCode::ProtocolViolation.code();
+    let frame_too_large = dmsc_protocol::ConnectionCode::FrameTooLarge.code();
+    assert_eq!(
+        update_card_close_code(&pki, gw.local_addr(), 65_537).await,
+        protocol_violation
+    );
+    assert_eq!(
+        update_card_close_code(&pki, gw.local_addr(), 66_556).await,
+        protocol_violation
+    );
+    assert_eq!(
+        update_card_close_code(&pki, gw.local_addr(), 66_557).await,
+        frame_too_large
+    );
+    gw.shutdown(Duration::from_secs(1));
+
+    // limits.max_card_bytes = 4096: frame limit 5120.
+    let gw = gateway(&pki, 1, |c| c.limits.max_card_bytes = 4096);
+    let client = RawClient::connect(gw.local_addr(), &pki.agent("big"), &pki.ca)
+        .await
+        .unwrap();
+    let (mut send, mut recv, answer) = client.attach(&card("big", &["big"])).await.unwrap();
+    assert!(
+        matches!(answer, ControlFrame::AttachOk { .. }),
+        "{answer:?}"
+    );
+    send.write_all(&update_card_frame(5_000)).await.unwrap();
+    match read_frame(&mut recv).await.unwrap() {
+        ControlFrame::UpdateResult { refusal, reason } => {
+            assert_eq!(refusal, Some(Refusal::BadCard));
+            assert_eq!(
+                reason,
+                "card is 5000 bytes, over the gateway's limit of 4096 (limits.max_card_bytes)"
+            );
+        }
+        other => panic!("expected UPDATE_RESULT, got {other:?}"),
+    }
+    // The connection stays: the largest refusable card still gets an answer...
+    send.write_all(&update_card_frame(5_118)).await.unwrap();
+    assert!(matches!(
+        read_frame(&mut recv).await.unwrap(),
+        ControlFrame::UpdateResult {
+            refusal: Some(Refusal::BadCard),
+            ..
+        }
+    ));
+    // ...and one byte more closes it.
+    send.write_all(&update_card_frame(5_119)).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), client.conn.closed())
+        .await
+        .unwrap();
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code.into_inner(), frame_too_large)
+        }
+        other => panic!("expected an application close, got {other:?}"),
+    }
     gw.shutdown(Duration::from_secs(1));
 }
 
