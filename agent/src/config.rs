@@ -9,7 +9,7 @@ use dmsc_protocol::card::AgentCard;
 use dmsc_protocol::identity::store;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::AgentError;
+use crate::error::AgentError;
 
 /// Default for [`AgentConfig::max_concurrent`].
 pub const DEFAULT_MAX_CONCURRENT: u32 = 256;

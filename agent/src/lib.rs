@@ -82,12 +82,35 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+// The modules, leaves first. Each imports only modules listed above it, so no module imports
+// one that imports it back:
+//
+//   error                                   the public error types
+//   config   -> error                       AgentConfig, Backoff
+//   body     -> config, error               stream bodies and header reading
+//   control  -> error                       control-stream framing, request/answer
+//   tls      -> error                       TLS and QUIC client configuration
+//   handle   -> config, control, error      Agent, Shared, Settings, Link, ConnSet, Command
+//   handler  -> handle, body, error         Handlers, Request, Response
+//   invoke   -> handle, handler, body,      impl Agent { invoke, request }, RequestBuilder,
+//               error                         Reply
+//   serve    -> handle, handler, body       accept loop; serving one invocation stream
+//   connect  -> handle, control, tls,       QUIC connect, then ATTACH or LANE
+//               error
+//   lane     -> connect, serve, handle,     one task per lane
+//               control, error
+//   session  -> lane, connect, serve,       impl Agent { attach, discover, update_card,
+//               handle, handler, control,     detach }; the session task and reconnects
+//               config, error, tls
 mod body;
 mod config;
+mod connect;
 mod control;
 mod error;
+mod handle;
 mod handler;
 mod invoke;
+mod lane;
 mod serve;
 mod session;
 mod tls;
@@ -98,9 +121,9 @@ pub use config::{
     DEFAULT_REQUEST_TIMEOUT,
 };
 pub use error::{AgentError, BodyError, HandlerError, InvokeError};
+pub use handle::Agent;
 pub use handler::{Handlers, Request, Response};
 pub use invoke::{Reply, ReplyStream, RequestBuilder};
-pub use session::Agent;
 
 pub use bytes::Bytes;
 pub use dmsc_protocol::card::{AgentCard, Skill};
