@@ -114,6 +114,17 @@ impl fmt::Debug for Agent {
     }
 }
 
+/// The answer to [`Agent::discovery`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Discovery {
+    /// The capabilities found.
+    pub entries: Vec<DiscoveryEntry>,
+    /// Whether the gateway left entries out to keep its answer within its size limit (a
+    /// narrower prefix or tag finds the rest).
+    pub truncated: bool,
+}
+
 /// The configuration values the running agent needs.
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
@@ -313,7 +324,7 @@ pub(crate) enum Command {
     Discover {
         prefix: String,
         tag: String,
-        reply: oneshot::Sender<Result<Vec<DiscoveryEntry>, AgentError>>,
+        reply: oneshot::Sender<Result<Discovery, AgentError>>,
     },
     UpdateCard {
         card: AgentCard,

@@ -90,7 +90,8 @@
 //   body     -> config, error               stream bodies and header reading
 //   control  -> error                       control-stream framing, request/answer
 //   tls      -> error                       TLS and QUIC client configuration
-//   handle   -> config, control, error      Agent, Shared, Settings, Link, ConnSet, Command
+//   handle   -> config, control, error      Agent, Discovery, Shared, Settings, Link, ConnSet,
+//                                             Command
 //   handler  -> handle, body, error         Handlers, Request, Response
 //   invoke   -> handle, handler, body,      impl Agent { invoke, request }, RequestBuilder,
 //               error                         Reply
@@ -121,7 +122,7 @@ pub use config::{
     DEFAULT_REQUEST_TIMEOUT,
 };
 pub use error::{AgentError, BodyError, HandlerError, InvokeError};
-pub use handle::Agent;
+pub use handle::{Agent, Discovery};
 pub use handler::{Handlers, Request, Response};
 pub use invoke::{Reply, ReplyStream, RequestBuilder};
 

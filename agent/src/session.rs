@@ -37,7 +37,7 @@ use crate::config::AgentConfig;
 use crate::connect::{handshake, limit_streams};
 use crate::control::{close_code, frame_name, ControlError, ControlStream};
 use crate::error::{AgentError, InvokeError};
-use crate::handle::{lock, Agent, Command, ConnSet, Link, Settings, Shared};
+use crate::handle::{lock, Agent, Command, ConnSet, Discovery, Link, Settings, Shared};
 use crate::handler::Handlers;
 use crate::lane::{spawn_lanes, Ticket};
 use crate::serve::{accept_loop, Server};
@@ -123,12 +123,18 @@ impl Agent {
     /// with `prefix` and that carry tag `tag` (empty strings match everything).
     ///
     /// If the gateway truncated the answer to its size limit, the entries it sent are
-    /// returned.
+    /// returned; [`Agent::discovery`] also says whether that happened.
     pub async fn discover(
         &self,
         prefix: &str,
         tag: &str,
     ) -> Result<Vec<DiscoveryEntry>, AgentError> {
+        Ok(self.discovery(prefix, tag).await?.entries)
+    }
+
+    /// Like [`Agent::discover`], and also says whether the gateway truncated the answer to its
+    /// size limit.
+    pub async fn discovery(&self, prefix: &str, tag: &str) -> Result<Discovery, AgentError> {
         let (reply, answer) = oneshot::channel();
         self.command(
             Command::Discover {
@@ -379,7 +385,7 @@ async fn drive(
 
     let mut updates: VecDeque<(AgentCard, oneshot::Sender<Result<(), AgentError>>)> =
         VecDeque::new();
-    let mut discoveries: HashMap<u64, oneshot::Sender<Result<Vec<DiscoveryEntry>, AgentError>>> =
+    let mut discoveries: HashMap<u64, oneshot::Sender<Result<Discovery, AgentError>>> =
         HashMap::new();
     let mut next_query: u64 = 0;
     let mut detaching: Option<Detaching> = None;
@@ -508,11 +514,8 @@ async fn drive(
                         }
                     }
                     ControlFrame::DiscoverResult { query_id, truncated, entries } => {
-                        if truncated {
-                            tracing::debug!(query_id, "discovery answer truncated by the gateway");
-                        }
                         match discoveries.remove(&query_id) {
-                            Some(reply) => drop(reply.send(Ok(entries))),
+                            Some(reply) => drop(reply.send(Ok(Discovery { entries, truncated }))),
                             None => tracing::debug!(query_id, "unexpected DISCOVER_RESULT; ignored"),
                         }
                     }
