@@ -72,6 +72,10 @@
 //!   meanwhile wait for re-attachment until their deadline ([`InvokeError::Disconnected`]);
 //!   invocations in flight on a lost connection fail with [`InvokeError::ConnectionLost`].
 //!   Nothing waits without a bound.
+//! - **Keeping connections open.** Every connection pings after a third of
+//!   [`AgentConfig::idle_timeout`] without traffic (at most every 5 s). The agent cannot learn
+//!   the gateway's idle timeout, so against a gateway configured below 15 s set
+//!   `idle_timeout` to at most the gateway's value.
 //!
 //! # What it does not do
 //!
@@ -118,8 +122,8 @@ mod tls;
 
 pub use body::BodyWriter;
 pub use config::{
-    AgentConfig, Backoff, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONCURRENT,
-    DEFAULT_REQUEST_TIMEOUT,
+    AgentConfig, Backoff, DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONCURRENT, DEFAULT_REQUEST_TIMEOUT,
 };
 pub use error::{AgentError, BodyError, HandlerError, InvokeError};
 pub use handle::{Agent, Discovery};

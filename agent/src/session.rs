@@ -34,7 +34,7 @@ use tokio::task::JoinSet;
 use tokio::time::{sleep, sleep_until, timeout, timeout_at, Instant};
 
 use crate::config::AgentConfig;
-use crate::connect::{handshake, limit_streams};
+use crate::connect::{handshake, limit_streams, transport_config};
 use crate::control::{close_code, frame_name, ControlError, ControlStream};
 use crate::error::{AgentError, InvokeError};
 use crate::handle::{lock, Agent, Command, ConnSet, Discovery, Link, Settings, Shared};
@@ -72,12 +72,16 @@ impl Agent {
                 );
             }
         }
-        let (client, identity) = client_config(
+        let (mut client, identity) = client_config(
             config.cert_chain,
             config.private_key,
             &config.trust_anchors,
             config.max_concurrent,
         )?;
+        client.transport_config(Arc::new(transport_config(
+            config.max_concurrent,
+            config.idle_timeout,
+        )?));
         let bind: SocketAddr = match config.gateway {
             SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
             SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
