@@ -72,6 +72,10 @@
 //!   meanwhile wait for re-attachment until their deadline ([`InvokeError::Disconnected`]);
 //!   invocations in flight on a lost connection fail with [`InvokeError::ConnectionLost`].
 //!   Nothing waits without a bound.
+//! - **Leaving.** [`Agent::detach`] asks the gateway to stop routing to the agent, lets the
+//!   requests in flight finish and closes the connections; [`Agent::serve_until_signal`] does
+//!   that when the process gets SIGTERM or SIGINT, so a stopped agent is not routed to until
+//!   the gateway's idle timeout.
 //! - **Keeping connections open.** Every connection pings after a third of
 //!   [`AgentConfig::idle_timeout`] without traffic (at most every 5 s). The agent cannot learn
 //!   the gateway's idle timeout, so against a gateway configured below 15 s set
@@ -107,6 +111,7 @@
 //   session  -> lane, connect, serve,       impl Agent { attach, discover, update_card,
 //               handle, handler, control,     detach }; the session task and reconnects
 //               config, error, tls
+//   signal   -> handle, error               impl Agent { serve_until_signal }
 mod body;
 mod config;
 mod connect;
@@ -118,6 +123,7 @@ mod invoke;
 mod lane;
 mod serve;
 mod session;
+mod signal;
 mod tls;
 
 pub use body::BodyWriter;

@@ -43,3 +43,55 @@ async fn an_idle_agent_stays_attached_under_a_short_gateway_idle_timeout() {
     }
     assert_eq!(agent.session(), Some(session));
 }
+
+/// `Agent::serve_until_signal` (what the echo example ends with) detaches on SIGTERM and on
+/// SIGINT: the gateway answers NO_ROUTE at once instead of routing to a vanished agent.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_termination_signal_detaches_the_agent() {
+    use tokio::signal::unix::{signal, SignalKind};
+
+    // This process must survive the signals it sends itself: listen before sending any.
+    let _terminate = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let _interrupt = signal(SignalKind::interrupt()).expect("SIGINT handler");
+
+    let pki = Pki::new();
+    let gw = gateway(&pki, 1, |_| {});
+    let caller = attach(&pki, gw.local_addr(), "caller", &["x"]).await;
+    for (name, signal) in [("term", "TERM"), ("int", "INT")] {
+        let agent = attach(&pki, gw.local_addr(), name, &["echo"]).await;
+        let reply = caller.invoke("echo", name).await.expect("answer");
+        assert_eq!(reply.status, Status::Ok);
+
+        let started = Instant::now();
+        let serving = tokio::spawn(agent.serve_until_signal(Duration::from_secs(2)));
+        // A signal only reaches listeners installed before it: repeat until the agent leaves.
+        while !serving.is_finished() {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "SIG{signal} did not make the agent leave"
+            );
+            let sent = std::process::Command::new("kill")
+                .args(["-s", signal, &std::process::id().to_string()])
+                .status()
+                .expect("run kill");
+            assert!(sent.success());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        serving.await.unwrap().expect("detached");
+
+        // Nobody offers `echo` any more, and the gateway knows it at once.
+        let reply = caller
+            .request("echo")
+            .deadline(Duration::from_secs(2))
+            .send(name)
+            .await
+            .expect("answer");
+        assert_eq!(reply.status, Status::NoRoute);
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+}
