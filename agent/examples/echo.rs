@@ -9,14 +9,18 @@
 //! Each flag can also come from the environment: `DMSC_GATEWAY`, `DMSC_CERT`, `DMSC_KEY`,
 //! `DMSC_CA`. The certificate must carry the agent's identity as a URI SAN
 //! `spiffe://<domain>/agent/<name>` (a development PKI issues one). With `--stay` the agent
-//! keeps serving `echo` until Ctrl-C, then detaches. Set `RUST_LOG=dmsc_agent=debug` to watch
-//! the connection, lanes and reconnects.
+//! keeps serving `echo` until SIGTERM or SIGINT (Ctrl-C), then detaches, so the gateway stops
+//! routing to it at once; requests in flight get up to 5 s to finish. Set
+//! `RUST_LOG=dmsc_agent=debug` to watch the connection, lanes and reconnects.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use dmsc_agent::{Agent, AgentCard, AgentConfig, HandlerError, Handlers, Request, Response, Skill};
+
+/// How long requests in flight may take to finish once the agent is asked to stop.
+const GRACE: Duration = Duration::from_secs(5);
 
 struct Args {
     gateway: String,
@@ -117,10 +121,11 @@ async fn main() -> anyhow::Result<()> {
     }
 
     if args.stay {
-        println!("serving echo; Ctrl-C to leave");
-        tokio::signal::ctrl_c().await?;
+        println!("serving echo; Ctrl-C or SIGTERM to leave");
+        agent.serve_until_signal(GRACE).await?;
+    } else {
+        agent.detach().await?;
     }
-    agent.detach().await?;
     println!("detached");
     Ok(())
 }

@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 use tokio::time::timeout;
 
 use crate::config::DEFAULT_REQUEST_TIMEOUT;
-use crate::BodyError;
+use crate::error::BodyError;
 
 /// How the opening header of a stream failed to arrive.
 #[derive(Debug)]

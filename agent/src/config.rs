@@ -9,7 +9,7 @@ use dmsc_protocol::card::AgentCard;
 use dmsc_protocol::identity::store;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::AgentError;
+use crate::error::AgentError;
 
 /// Default for [`AgentConfig::max_concurrent`].
 pub const DEFAULT_MAX_CONCURRENT: u32 = 256;
@@ -17,6 +17,10 @@ pub const DEFAULT_MAX_CONCURRENT: u32 = 256;
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default for [`AgentConfig::connect_timeout`].
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default for [`AgentConfig::idle_timeout`].
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Shortest [`AgentConfig::idle_timeout`] accepted (the gateway's lower bound too).
+const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Default for [`AgentConfig::max_response_bytes`] and [`AgentConfig::max_request_bytes`]:
 /// 64 MiB + 1, so a payload of exactly 64 MiB fits.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024 * 1024 + 1;
@@ -50,6 +54,12 @@ pub struct AgentConfig {
     pub request_timeout: Duration,
     /// Bound on one QUIC handshake plus the attach (or lane) exchange. Default 5 s.
     pub connect_timeout: Duration,
+    /// The QUIC idle timeout the agent advertises (`max_idle_timeout`); at least 1 s, default
+    /// 30 s. A connection closes after this long without traffic; the gateway's own value
+    /// applies when it is lower. The SDK sends keep-alive pings every third of this, at most
+    /// every 5 s: set it to at most the gateway's `limits.idle_timeout_ms` when that is below
+    /// 15 s, since QUIC gives the agent no way to learn the gateway's value.
+    pub idle_timeout: Duration,
     /// Largest answer payload the read-to-end helpers ([`Agent::invoke`](crate::Agent::invoke),
     /// [`RequestBuilder::send`](crate::RequestBuilder::send)) accept. Default 64 MiB + 1.
     pub max_response_bytes: usize,
@@ -78,6 +88,7 @@ impl AgentConfig {
             reconnect: Backoff::default(),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_response_bytes: DEFAULT_MAX_BODY_BYTES,
             max_request_bytes: DEFAULT_MAX_BODY_BYTES,
         }
@@ -135,6 +146,13 @@ impl AgentConfig {
                 return Err(AgentError::Config(format!("{name} must not be zero")));
             }
         }
+        if self.idle_timeout < MIN_IDLE_TIMEOUT
+            || quinn::IdleTimeout::try_from(self.idle_timeout).is_err()
+        {
+            return Err(AgentError::Config(
+                "idle_timeout must be at least 1 s (and below 2^62 ms)".into(),
+            ));
+        }
         if self.reconnect.initial.is_zero() || self.reconnect.max < self.reconnect.initial {
             return Err(AgentError::Config(
                 "reconnect: initial must be non-zero and at most max".into(),
@@ -158,6 +176,7 @@ impl Clone for AgentConfig {
             reconnect: self.reconnect,
             request_timeout: self.request_timeout,
             connect_timeout: self.connect_timeout,
+            idle_timeout: self.idle_timeout,
             max_response_bytes: self.max_response_bytes,
             max_request_bytes: self.max_request_bytes,
         }
@@ -183,6 +202,7 @@ impl fmt::Debug for AgentConfig {
             .field("reconnect", &self.reconnect)
             .field("request_timeout", &self.request_timeout)
             .field("connect_timeout", &self.connect_timeout)
+            .field("idle_timeout", &self.idle_timeout)
             .field("max_response_bytes", &self.max_response_bytes)
             .field("max_request_bytes", &self.max_request_bytes)
             .finish()

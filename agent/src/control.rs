@@ -1,10 +1,12 @@
 //! The control stream: framing of [`ControlFrame`]s over the first bidirectional stream of a
-//! connection.
+//! connection, and the request-answer exchange that opens a connection (`ATTACH` or `LANE`).
 
-use dmsc_protocol::control::{ControlFrame, FrameBuffer};
+use dmsc_protocol::control::{ControlFrame, FrameBuffer, Refusal};
 use dmsc_protocol::limits::MAX_CONTROL_FRAME_BYTES;
 use dmsc_protocol::{ConnectionCode, DecodeError};
 use quinn::{Connection, ReadError, RecvStream, SendStream, VarInt, WriteError};
+
+use crate::error::AgentError;
 
 /// Why the control stream failed.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +41,76 @@ impl ControlError {
     }
 }
 
+impl From<ControlError> for AgentError {
+    fn from(e: ControlError) -> Self {
+        match e {
+            ControlError::ConnectionLost(e) => AgentError::ConnectionLost(e),
+            ControlError::Decode(e) => {
+                AgentError::Protocol(format!("malformed control frame: {e}"))
+            }
+            ControlError::Closed => AgentError::Protocol("the control stream was closed".into()),
+            ControlError::Encode(e) => AgentError::Protocol(format!("cannot encode a frame: {e}")),
+            ControlError::Stalled => AgentError::Timeout("writing to the control stream"),
+        }
+    }
+}
+
+/// Why a request on the control stream got no accepting answer.
+#[derive(Debug)]
+pub(crate) enum RequestError {
+    /// The control stream failed.
+    Control(ControlError),
+    /// The gateway refused (`ATTACH_REFUSED`, which answers both `ATTACH` and `LANE`).
+    Refused { refusal: Refusal, reason: String },
+    /// The gateway answered with a frame that does not answer the request.
+    Unexpected {
+        expected: &'static str,
+        got: &'static str,
+    },
+    /// No answer within the bound the caller set.
+    Timeout { waiting: &'static str },
+}
+
+impl RequestError {
+    /// The code to close the connection with because of this error.
+    pub(crate) fn close_code(&self) -> ConnectionCode {
+        match self {
+            Self::Control(e) => e.close_code(),
+            Self::Unexpected { .. } => ConnectionCode::ProtocolViolation,
+            Self::Refused { .. } | Self::Timeout { .. } => ConnectionCode::NoError,
+        }
+    }
+
+    /// The reason phrase to close the connection with.
+    pub(crate) fn close_reason(&self) -> &'static [u8] {
+        match self {
+            Self::Control(_) => b"control stream failed",
+            Self::Refused { .. } => b"refused",
+            Self::Unexpected { .. } => b"unexpected answer",
+            Self::Timeout { .. } => b"no answer in time",
+        }
+    }
+}
+
+impl From<ControlError> for RequestError {
+    fn from(e: ControlError) -> Self {
+        Self::Control(e)
+    }
+}
+
+impl From<RequestError> for AgentError {
+    fn from(e: RequestError) -> Self {
+        match e {
+            RequestError::Control(e) => e.into(),
+            RequestError::Refused { refusal, reason } => AgentError::Refused { refusal, reason },
+            RequestError::Unexpected { expected, got } => {
+                AgentError::Protocol(format!("expected {expected}, got {got}"))
+            }
+            RequestError::Timeout { waiting } => AgentError::Timeout(waiting),
+        }
+    }
+}
+
 /// Both directions of a control stream.
 #[derive(Debug)]
 pub(crate) struct ControlStream {
@@ -67,6 +139,32 @@ impl ControlStream {
         })
     }
 
+    /// Sends `request`, then reads frames until `accept` takes one (returning its answer) or the
+    /// gateway refuses; frames of unknown types are skipped, any other frame is an error. Not
+    /// bounded in time: the caller bounds it (and then uses [`RequestError::Timeout`]).
+    pub(crate) async fn request<T>(
+        &mut self,
+        request: &ControlFrame,
+        accept: impl Fn(ControlFrame) -> Result<T, ControlFrame>,
+    ) -> Result<T, RequestError> {
+        self.send(request).await?;
+        loop {
+            match accept(self.next().await?) {
+                Ok(answer) => return Ok(answer),
+                Err(ControlFrame::AttachRefused { refusal, reason }) => {
+                    return Err(RequestError::Refused { refusal, reason })
+                }
+                Err(ControlFrame::Unknown { .. }) => {}
+                Err(other) => {
+                    return Err(RequestError::Unexpected {
+                        expected: answer_name(request).0,
+                        got: frame_name(&other),
+                    })
+                }
+            }
+        }
+    }
+
     /// The next frame from the gateway. Cancel-safe: a partial frame stays buffered.
     pub(crate) async fn next(&mut self) -> Result<ControlFrame, ControlError> {
         loop {
@@ -86,6 +184,18 @@ impl ControlStream {
 /// A connection code as a QUIC varint.
 pub(crate) fn close_code(code: ConnectionCode) -> VarInt {
     VarInt::from_u64(code.code()).unwrap_or(VarInt::MAX)
+}
+
+/// The name of the frame that accepts `request`, and the text of a timeout waiting for it.
+pub(crate) fn answer_name(request: &ControlFrame) -> (&'static str, &'static str) {
+    match request {
+        ControlFrame::Attach { .. } => ("ATTACH_OK", "waiting for ATTACH_OK"),
+        ControlFrame::Lane { .. } => ("LANE_OK", "waiting for LANE_OK"),
+        ControlFrame::UpdateCard { .. } => ("UPDATE_RESULT", "waiting for UPDATE_RESULT"),
+        ControlFrame::Discover { .. } => ("DISCOVER_RESULT", "waiting for DISCOVER_RESULT"),
+        ControlFrame::Detach => ("DETACHED", "waiting for DETACHED"),
+        _ => ("no answer", "waiting for an answer"),
+    }
 }
 
 /// The name of a frame, for logs and errors (never its contents, which may be large).

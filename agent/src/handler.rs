@@ -13,7 +13,8 @@ use dmsc_protocol::Status;
 use tokio::sync::oneshot;
 
 use crate::body::{Body, BodyWriter, OpenStream};
-use crate::{Agent, BodyError, HandlerError};
+use crate::error::{BodyError, HandlerError};
+use crate::handle::Agent;
 
 /// The future a handler returns, boxed.
 pub(crate) type HandlerFuture =

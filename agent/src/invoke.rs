@@ -18,7 +18,30 @@ use tokio::time::{timeout_at, Instant};
 
 use crate::body::{code, read_header, write_idle, Body, BodyWriter, HeaderError, SendGuard};
 use crate::error::status_for_reset;
-use crate::{Agent, BodyError, InvokeError};
+use crate::error::{BodyError, InvokeError};
+use crate::handle::Agent;
+use crate::handler::Request;
+
+impl Agent {
+    /// Invokes `capability` with a whole payload and returns the whole answer, using the
+    /// default deadline (`request_timeout`).
+    ///
+    /// Shorthand for `agent.request(capability).send(payload)`; see
+    /// [`RequestBuilder::send`].
+    pub async fn invoke(
+        &self,
+        capability: &str,
+        payload: impl Into<Bytes>,
+    ) -> Result<Reply, InvokeError> {
+        self.request(capability).send(payload).await
+    }
+
+    /// Prepares an invocation of `capability` with options (deadline, content type, trace
+    /// context) and a whole or streamed payload.
+    pub fn request(&self, capability: &str) -> RequestBuilder {
+        RequestBuilder::new(self.clone(), capability)
+    }
+}
 
 /// A complete answer to an invocation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,7 +158,7 @@ pub struct RequestBuilder {
 }
 
 impl RequestBuilder {
-    pub(crate) fn new(agent: Agent, capability: &str) -> Self {
+    fn new(agent: Agent, capability: &str) -> Self {
         Self {
             agent,
             capability: capability.to_owned(),
@@ -169,7 +192,7 @@ impl RequestBuilder {
     /// Marks this invocation as made on behalf of `request` (one a handler is serving): it
     /// carries the request's hop count and trace context on, so a chain of agents calling each
     /// other in a circle ends with `LOOP_DETECTED` instead of running forever.
-    pub fn caused_by(mut self, request: &crate::Request) -> Self {
+    pub fn caused_by(mut self, request: &Request) -> Self {
         self.hop_count = request.hop_count;
         self.trace = request.trace;
         self

@@ -72,6 +72,14 @@
 //!   meanwhile wait for re-attachment until their deadline ([`InvokeError::Disconnected`]);
 //!   invocations in flight on a lost connection fail with [`InvokeError::ConnectionLost`].
 //!   Nothing waits without a bound.
+//! - **Leaving.** [`Agent::detach`] asks the gateway to stop routing to the agent, lets the
+//!   requests in flight finish and closes the connections; [`Agent::serve_until_signal`] does
+//!   that when the process gets SIGTERM or SIGINT, so a stopped agent is not routed to until
+//!   the gateway's idle timeout.
+//! - **Keeping connections open.** Every connection pings after a third of
+//!   [`AgentConfig::idle_timeout`] without traffic (at most every 5 s). The agent cannot learn
+//!   the gateway's idle timeout, so against a gateway configured below 15 s set
+//!   `idle_timeout` to at most the gateway's value.
 //!
 //! # What it does not do
 //!
@@ -82,25 +90,51 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+// The modules, leaves first. Each imports only modules listed above it, so no module imports
+// one that imports it back:
+//
+//   error                                   the public error types
+//   config   -> error                       AgentConfig, Backoff
+//   body     -> config, error               stream bodies and header reading
+//   control  -> error                       control-stream framing, request/answer
+//   tls      -> error                       TLS and QUIC client configuration
+//   handle   -> config, control, error      Agent, Discovery, Shared, Settings, Link, ConnSet,
+//                                             Command
+//   handler  -> handle, body, error         Handlers, Request, Response
+//   invoke   -> handle, handler, body,      impl Agent { invoke, request }, RequestBuilder,
+//               error                         Reply
+//   serve    -> handle, handler, body       accept loop; serving one invocation stream
+//   connect  -> handle, control, tls,       QUIC connect, then ATTACH or LANE
+//               error
+//   lane     -> connect, serve, handle,     one task per lane
+//               control, error
+//   session  -> lane, connect, serve,       impl Agent { attach, discover, update_card,
+//               handle, handler, control,     detach }; the session task and reconnects
+//               config, error, tls
+//   signal   -> handle, error               impl Agent { serve_until_signal }
 mod body;
 mod config;
+mod connect;
 mod control;
 mod error;
+mod handle;
 mod handler;
 mod invoke;
+mod lane;
 mod serve;
 mod session;
+mod signal;
 mod tls;
 
 pub use body::BodyWriter;
 pub use config::{
-    AgentConfig, Backoff, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONCURRENT,
-    DEFAULT_REQUEST_TIMEOUT,
+    AgentConfig, Backoff, DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONCURRENT, DEFAULT_REQUEST_TIMEOUT,
 };
 pub use error::{AgentError, BodyError, HandlerError, InvokeError};
+pub use handle::{Agent, Discovery};
 pub use handler::{Handlers, Request, Response};
 pub use invoke::{Reply, ReplyStream, RequestBuilder};
-pub use session::Agent;
 
 pub use bytes::Bytes;
 pub use dmsc_protocol::card::{AgentCard, Skill};

@@ -17,18 +17,31 @@ use quinn::{Connection, RecvStream, SendStream};
 use tokio::time::timeout;
 
 use crate::body::{code, read_header, write_idle, Body, HeaderError};
-use crate::handler::{Request, Response, ResponseBody};
-use crate::session::Shared;
+use crate::handle::Shared;
+use crate::handler::{Handlers, Request, Response, ResponseBody};
+
+/// What serving needs: the agent's shared state and its handlers.
+pub(crate) struct Server {
+    pub(crate) shared: Arc<Shared>,
+    handlers: Handlers,
+}
+
+impl Server {
+    pub(crate) fn new(shared: Arc<Shared>, handlers: Handlers) -> Self {
+        Self { shared, handlers }
+    }
+}
 
 /// Accepts the streams the gateway opens on `connection` until it closes.
-pub(crate) async fn accept_loop(shared: Arc<Shared>, connection: Connection) {
+pub(crate) async fn accept_loop(server: Arc<Server>, connection: Connection) {
     while let Ok((send, recv)) = connection.accept_bi().await {
-        tokio::spawn(serve_stream(shared.clone(), send, recv));
+        tokio::spawn(serve_stream(server.clone(), send, recv));
     }
 }
 
 /// Serves one invocation stream.
-async fn serve_stream(shared: Arc<Shared>, mut send: SendStream, mut recv: RecvStream) {
+async fn serve_stream(server: Arc<Server>, mut send: SendStream, mut recv: RecvStream) {
+    let shared = &server.shared;
     let idle = shared.settings.request_timeout;
     let (block, first) = match timeout(idle, read_header(&mut recv)).await {
         Ok(Ok(header)) => header,
@@ -52,7 +65,7 @@ async fn serve_stream(shared: Arc<Shared>, mut send: SendStream, mut recv: RecvS
         Ok(Some((header, _))) => header,
         Ok(None) | Err(_) => return violation(send, recv),
     };
-    let Some(handler) = shared.handlers.get(header.capability) else {
+    let Some(handler) = server.handlers.get(header.capability) else {
         let message = format!("this agent has no handler for {:?}", header.capability);
         let _ = recv.stop(code(StreamCode::Cancelled));
         let response = Response::error(Status::NoRoute, message);

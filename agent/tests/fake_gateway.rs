@@ -40,6 +40,8 @@ struct Options {
     lanes: bool,
     /// Refuse every attach with this.
     refuse: Option<(Refusal, String)>,
+    /// Answer at most this many discovery entries, flagging the answer truncated beyond.
+    max_discovery_entries: Option<usize>,
 }
 
 struct FakeGateway {
@@ -392,12 +394,15 @@ async fn serve_connection(
                 prefix,
                 tag,
             } => {
-                let entries = discover(&state, &prefix, &tag);
+                let mut entries = discover(&state, &prefix, &tag);
+                let limit = state.options.max_discovery_entries.unwrap_or(usize::MAX);
+                let truncated = entries.len() > limit;
+                entries.truncate(limit);
                 send_frame(
                     &mut send,
                     &ControlFrame::DiscoverResult {
                         query_id,
-                        truncated: false,
+                        truncated,
                         entries,
                     },
                 )
@@ -879,6 +884,29 @@ async fn update_card_and_discover() -> anyhow::Result<()> {
         .await
         .unwrap_err();
     assert!(matches!(err, AgentError::Card(_)), "{err:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_reports_truncation() -> anyhow::Result<()> {
+    init_tracing();
+    let ca = CertificateAuthority::generate(DOMAIN)?;
+    let options = Options {
+        max_discovery_entries: Some(2),
+        ..Options::default()
+    };
+    let gw = FakeGateway::start(&ca, options).await?;
+    let (_server, client) = attach_pair(&ca, gw.addr).await;
+
+    let all = client.discovery("", "").await?;
+    assert!(all.truncated);
+    assert_eq!(all.entries.len(), 2);
+    // `discover` returns the same entries, without the flag.
+    assert_eq!(client.discover("", "").await?, all.entries);
+
+    let one = client.discovery("st", "").await?;
+    assert!(!one.truncated);
+    assert_eq!(one.entries.len(), 1);
     Ok(())
 }
 
