@@ -11,6 +11,8 @@
 //! - [`status`]: response status codes and the QUIC stream and connection error codes.
 //! - [`card`]: the A2A agent-card model, parsed from the JSON agents publish.
 //! - [`identity`]: SPIFFE identities carried in certificates, and the development PKI.
+//! - [`spiffe`]: SPIFFE IDs, the identities in certificates and in the caller field (parsing and
+//!   building only).
 //! - [`limits`]: every length limit of the protocol.
 //!
 //! It opens no sockets, reads no clock and starts no threads: callers pass bytes in and get
@@ -24,6 +26,7 @@ pub mod control;
 pub mod header;
 pub mod identity;
 pub mod limits;
+pub mod spiffe;
 pub mod status;
 pub mod varint;
 
