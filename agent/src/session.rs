@@ -33,7 +33,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use dmsc_protocol::card::AgentCard;
 use dmsc_protocol::control::{ControlFrame, DiscoveryEntry, LaneToken, SessionId};
-use dmsc_protocol::identity::SpiffeId;
+use dmsc_protocol::spiffe::SpiffeId;
 use dmsc_protocol::ConnectionCode;
 use quinn::{Connection, Endpoint, VarInt};
 use tokio::sync::{mpsc, oneshot, watch};

@@ -38,7 +38,7 @@ pub enum StartError {
     Config(#[from] crate::config::ConfigError),
     /// The TLS identity could not be used.
     #[error("TLS setup: {0}")]
-    Tls(String),
+    Tls(#[from] crate::tls::TlsError),
     /// A socket could not be created or bound.
     #[error("cannot bind {addr}")]
     Bind {
@@ -84,8 +84,7 @@ impl Gateway {
             identity.private_key,
             identity.trust_anchors,
             &config.domain,
-        )
-        .map_err(|e| StartError::Tls(e.to_string()))?;
+        )?;
         let mut server = ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(Arc::new(transport(&config)));
         server.max_incoming(4096);

@@ -4,9 +4,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dmsc_agent::{Agent, InvokeError, Status};
+use dmsc_identity::{CertificateAuthority, SpiffeId};
 use dmsc_protocol::control::{ControlFrame, Refusal};
 use dmsc_protocol::header::RequestHeader;
-use dmsc_protocol::identity::{CertificateAuthority, SpiffeId};
 use dmsc_tests::*;
 
 fn header(capability: &str, deadline_ms: u64, hop_count: u8) -> Vec<u8> {
