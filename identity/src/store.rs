@@ -1,15 +1,5 @@
 //! Filesystem helpers for the binaries: loading PEM certificates and keys, and keeping a
 //! development PKI in a directory. Every error names the file it concerns.
-//!
-//! A [`DevPki`] directory looks like this:
-//!
-//! ```text
-//! <dir>/ca.pem              CA certificate (the trust anchor to give every endpoint)
-//! <dir>/ca.key              CA private key (mode 0600)
-//! <dir>/gateways/<id>.pem   gateway certificate; <id>.key its key (mode 0600)
-//! <dir>/agents/<name>.pem   agent certificate; <name>.key its key (mode 0600)
-//! <dir>/control.pem         control-plane certificate; control.key its key (mode 0600)
-//! ```
 
 use std::fs;
 use std::io::Write;
@@ -57,9 +47,17 @@ pub fn load_trust_anchors(path: &Path) -> Result<Vec<CertificateDer<'static>>, I
     load_cert_chain(path)
 }
 
-/// A development PKI kept in a directory (see the [module docs](self) for the layout).
+/// A development PKI kept in a directory, laid out like this:
 ///
-/// `DevPki` itself is only the directory; [`DevPki::init`] creates or loads the CA, and the
+/// ```text
+/// <dir>/ca.pem              CA certificate (the trust anchor to give every endpoint)
+/// <dir>/ca.key              CA private key (mode 0600)
+/// <dir>/gateways/<id>.pem   gateway certificate; <id>.key its key (mode 0600)
+/// <dir>/agents/<name>.pem   agent certificate; <name>.key its key (mode 0600)
+/// <dir>/control.pem         control-plane certificate; control.key its key (mode 0600)
+/// ```
+///
+/// `DevPki` itself is only the directory; [`DevPki::init`] creates or loads the CA, and
 /// [`DevPki::ensure`] and [`DevPki::issue`] write leaf certificates with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DevPki {
