@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use dmsc_identity::{load_cert_chain, load_private_key, load_trust_anchors, IdentityError};
 use dmsc_protocol::card::AgentCard;
-use dmsc_protocol::identity::store;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::error::AgentError;
@@ -106,16 +106,16 @@ impl AgentConfig {
         fn fail<'a>(
             what: &'static str,
             path: &'a Path,
-        ) -> impl FnOnce(dmsc_protocol::identity::IdentityError) -> AgentError + 'a {
+        ) -> impl FnOnce(IdentityError) -> AgentError + 'a {
             move |e| AgentError::Credentials {
                 what,
                 path: path.to_owned(),
                 reason: e.to_string(),
             }
         }
-        let cert_chain = store::load_cert_chain(cert).map_err(fail("certificate chain", cert))?;
-        let private_key = store::load_private_key(key).map_err(fail("private key", key))?;
-        let trust_anchors = store::load_trust_anchors(ca).map_err(fail("trust anchors", ca))?;
+        let cert_chain = load_cert_chain(cert).map_err(fail("certificate chain", cert))?;
+        let private_key = load_private_key(key).map_err(fail("private key", key))?;
+        let trust_anchors = load_trust_anchors(ca).map_err(fail("trust anchors", ca))?;
         Ok(Self::new(
             gateway,
             cert_chain,

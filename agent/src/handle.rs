@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use dmsc_protocol::card::AgentCard;
 use dmsc_protocol::control::{DiscoveryEntry, SessionId};
-use dmsc_protocol::identity::SpiffeId;
+use dmsc_protocol::spiffe::SpiffeId;
 use dmsc_protocol::ConnectionCode;
 use quinn::{Connection, Endpoint};
 use tokio::sync::{mpsc, oneshot, watch};

@@ -140,5 +140,5 @@ pub use bytes::Bytes;
 pub use dmsc_protocol::card::{AgentCard, Skill};
 pub use dmsc_protocol::control::{DiscoveryEntry, Refusal, SessionId};
 pub use dmsc_protocol::header::TraceContext;
-pub use dmsc_protocol::identity::SpiffeId;
+pub use dmsc_protocol::spiffe::SpiffeId;
 pub use dmsc_protocol::{Status, StreamCode};

@@ -18,14 +18,15 @@ use dmsc_agent::{
     Agent, AgentCard, AgentConfig, AgentError, Backoff, BodyError, HandlerError, Handlers,
     InvokeError, Refusal, Request, Response, Skill, Status, StreamCode, TraceContext,
 };
+use dmsc_identity::{
+    spiffe_id_from_cert, CertificateAuthority, Credentials, IssuedIdentity, PrincipalKind,
+    Resumption, SpiffeId, SpiffeVerifier,
+};
 use dmsc_protocol::control::{ControlFrame, DiscoveryEntry, FrameBuffer, LaneToken, SessionId};
 use dmsc_protocol::header::{RequestHeader, ResponseHeader};
-use dmsc_protocol::identity::{spiffe_id_from_cert, CertificateAuthority, SpiffeId};
 use dmsc_protocol::limits::{MAX_CONTROL_FRAME_BYTES, MAX_HEADER_BYTES};
 use dmsc_protocol::ALPN_AGENT;
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
-use rustls::server::WebPkiClientVerifier;
-use rustls::RootCertStore;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 const DOMAIN: &str = "test.local";
@@ -87,7 +88,7 @@ impl FakeGateway {
     /// still held by a previous instance).
     async fn start_with(
         ca: &CertificateAuthority,
-        identity: dmsc_protocol::identity::IssuedIdentity,
+        identity: IssuedIdentity,
         options: Options,
         addr: Option<SocketAddr>,
     ) -> anyhow::Result<Self> {
@@ -204,17 +205,17 @@ fn server_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> anyhow::Result<quinn::ServerConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = RootCertStore::empty();
-    roots.add(ca.cert_der())?;
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)?;
-    tls.alpn_protocols = vec![ALPN_AGENT.to_vec()];
-    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+    let verifier = SpiffeVerifier::new(&[ca.cert_der()], &[PrincipalKind::Agent], &[DOMAIN])?;
+    let credentials = Credentials {
+        cert_chain: chain,
+        private_key: key,
+    };
+    let quic = dmsc_identity::server_config(
+        ALPN_AGENT,
+        credentials,
+        Arc::new(verifier),
+        Resumption::Allowed,
+    )?;
     Ok(quinn::ServerConfig::with_crypto(Arc::new(quic)))
 }
 
@@ -1021,7 +1022,7 @@ async fn the_gateway_identity_is_verified() -> anyhow::Result<()> {
     .await
     .unwrap_err();
     assert!(matches!(err, AgentError::Handshake { .. }), "{err:?}");
-    assert!(err.to_string().contains("not a gateway"), "{err}");
+    assert!(err.to_string().contains("expected a gateway"), "{err}");
     Ok(())
 }
 

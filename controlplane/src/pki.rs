@@ -14,8 +14,9 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Subcommand};
 use thiserror::Error;
 
-use dmsc_protocol::identity::store::{load_cert_chain, DevPki};
-use dmsc_protocol::identity::{spiffe_id_from_cert, CertificateAuthority, IdentityError, SpiffeId};
+use dmsc_identity::{
+    load_cert_chain, spiffe_id_from_cert, CertificateAuthority, DevPki, IdentityError, SpiffeId,
+};
 
 /// Directory used when `--dir` is not given.
 pub const DEFAULT_DIR: &str = "./dmsc-state/pki";
@@ -190,16 +191,12 @@ fn issue(args: &IssueArgs, out: &mut dyn Write) -> Result<(), PkiError> {
     let ca = load_ca(&pki)?;
     let target = args.target.target().ok_or(PkiError::NoTarget)?;
     // Validate the name (via its SPIFFE ID) before using it in a path.
-    let (id, (cert, key)) = match target {
-        Target::Agent(name) => (
-            SpiffeId::agent(ca.trust_domain(), name)?,
-            pki.agent_paths(name),
-        ),
-        Target::Gateway(id) => (
-            SpiffeId::gateway(ca.trust_domain(), id)?,
-            pki.gateway_paths(id),
-        ),
-    };
+    let id = match target {
+        Target::Agent(name) => SpiffeId::agent(ca.trust_domain(), name),
+        Target::Gateway(id) => SpiffeId::gateway(ca.trust_domain(), id),
+    }
+    .map_err(IdentityError::from)?;
+    let (cert, key) = pki.paths(&id);
     if !args.force {
         if let Some(existing) = [&cert, &key].into_iter().find(|path| path.exists()) {
             return Err(PkiError::AlreadyIssued {
@@ -208,10 +205,7 @@ fn issue(args: &IssueArgs, out: &mut dyn Write) -> Result<(), PkiError> {
             });
         }
     }
-    let (cert, key) = match target {
-        Target::Agent(name) => pki.issue_agent(&ca, name)?,
-        Target::Gateway(id) => pki.issue_gateway(&ca, id)?,
-    };
+    let (cert, key) = pki.issue(&ca, &id)?;
     writeln!(out, "issued {}", cert_spiffe_id(&cert)?)?;
     writeln!(out, "  certificate:    {}", cert.display())?;
     writeln!(out, "  key:            {}", key.display())?;

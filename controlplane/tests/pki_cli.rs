@@ -4,8 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use dmsc_protocol::identity::spiffe_id_from_cert;
-use dmsc_protocol::identity::store::{load_cert_chain, load_private_key};
+use dmsc_identity::{load_cert_chain, load_private_key, spiffe_id_from_cert};
 
 /// A fresh directory under the system temp dir, removed on drop.
 struct TempDir(PathBuf);

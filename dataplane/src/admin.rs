@@ -21,6 +21,8 @@ use crossbeam_channel::bounded;
 
 use dmsc_protocol::Status;
 
+use dmsc_identity::{RefusalCounts, SpiffeVerifier};
+
 use crate::core::Shared;
 use crate::metrics::{CapabilityMetrics, WorkerSnapshot, STATUS_SLOTS};
 use crate::msg::WorkerMsg;
@@ -30,18 +32,31 @@ use crate::worker::Mailboxes;
 const MAX_HEAD: usize = 8 * 1024;
 
 /// Serves admin requests on `listener` until the process exits.
-pub(crate) fn serve(listener: TcpListener, shared: Arc<Shared>, mailboxes: Arc<Mailboxes>) {
+/// What the admin endpoint reads from.
+#[derive(Debug)]
+pub(crate) struct Sources {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) mailboxes: Arc<Mailboxes>,
+    pub(crate) verifier: Arc<SpiffeVerifier>,
+}
+
+pub(crate) fn serve(listener: TcpListener, sources: Sources) {
     for stream in listener.incoming() {
         let Ok(stream) = stream else {
             continue;
         };
-        if let Err(e) = handle(stream, &shared, &mailboxes) {
+        if let Err(e) = handle(stream, &sources) {
             tracing::debug!(error = %e, "admin request failed");
         }
     }
 }
 
-fn handle(mut stream: TcpStream, shared: &Shared, mailboxes: &Mailboxes) -> std::io::Result<()> {
+fn handle(mut stream: TcpStream, sources: &Sources) -> std::io::Result<()> {
+    let Sources {
+        shared,
+        mailboxes,
+        verifier,
+    } = sources;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     stream.set_write_timeout(Some(Duration::from_secs(2)))?;
     let mut head = Vec::with_capacity(1024);
@@ -79,6 +94,7 @@ fn handle(mut stream: TcpStream, shared: &Shared, mailboxes: &Mailboxes) -> std:
             let body = render_metrics(
                 &snapshots(mailboxes),
                 &StatsSnapshot::collect(&shared.stats),
+                &verifier.refusals(),
             );
             respond(&mut stream, "200 OK", "text/plain; version=0.0.4", &body)
         }
@@ -157,7 +173,11 @@ fn status_label(slot: usize) -> &'static str {
     Status::ALL.get(slot).map_or("UNKNOWN", |s| s.name())
 }
 
-pub(crate) fn render_metrics(snaps: &[WorkerSnapshot], stats: &StatsSnapshot) -> String {
+pub(crate) fn render_metrics(
+    snaps: &[WorkerSnapshot],
+    stats: &StatsSnapshot,
+    refusals: &RefusalCounts,
+) -> String {
     let mut o = String::with_capacity(8192);
     let counter = |o: &mut String, name: &str, help: &str, kind: &str| {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -248,6 +268,12 @@ pub(crate) fn render_metrics(snaps: &[WorkerSnapshot], stats: &StatsSnapshot) ->
             stats.handshakes_refused,
         ),
         (
+            "dmsc_handshakes_failed_total",
+            "Handshakes that failed (no or a refused certificate, a wrong ALPN, a timeout).",
+            "counter",
+            stats.handshakes_failed,
+        ),
+        (
             "dmsc_identity_limit_refusals_total",
             "Connections closed over max_connections_per_identity.",
             "counter",
@@ -268,6 +294,19 @@ pub(crate) fn render_metrics(snaps: &[WorkerSnapshot], stats: &StatsSnapshot) ->
     ] {
         counter(&mut o, name, help, kind);
         let _ = writeln!(o, "{name} {value}");
+    }
+    counter(
+        &mut o,
+        "dmsc_certificate_refusals_total",
+        "Client certificates refused at the handshake, by reason.",
+        "counter",
+    );
+    for (reason, n) in refusals.iter() {
+        let _ = writeln!(
+            o,
+            "dmsc_certificate_refusals_total{{reason=\"{}\"}} {n}",
+            reason.as_str()
+        );
     }
     counter(
         &mut o,

@@ -3,10 +3,7 @@
 
 use std::path::PathBuf;
 
-use dmsc_protocol::identity::store::{
-    load_cert_chain, load_private_key, load_trust_anchors, DevPki,
-};
-use dmsc_protocol::identity::IdentityError;
+use dmsc_identity::{load_cert_chain, load_private_key, load_trust_anchors, DevPki, IdentityError};
 
 use crate::config::Config;
 use crate::gateway::GatewayIdentity;

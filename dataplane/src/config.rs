@@ -236,7 +236,7 @@ impl Config {
         {
             return invalid("gateway_id", "1 or more of [A-Za-z0-9._-]");
         }
-        if dmsc_protocol::identity::SpiffeId::gateway(&self.domain, &self.gateway_id).is_err() {
+        if dmsc_protocol::spiffe::SpiffeId::gateway(&self.domain, &self.gateway_id).is_err() {
             return invalid(
                 "domain",
                 "not a valid SPIFFE trust domain ([a-z0-9._-], lowercase)",

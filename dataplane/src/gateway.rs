@@ -39,7 +39,7 @@ pub enum StartError {
     Config(#[from] crate::config::ConfigError),
     /// The TLS identity could not be used.
     #[error("TLS setup: {0}")]
-    Tls(String),
+    Tls(#[from] crate::tls::TlsError),
     /// A socket could not be created or bound.
     #[error("cannot bind {addr}")]
     Bind {
@@ -67,6 +67,7 @@ pub struct GatewayHandle {
     admin_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     mailboxes: Arc<Mailboxes>,
+    verifier: Arc<dmsc_identity::SpiffeVerifier>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -81,13 +82,12 @@ impl Gateway {
     pub fn start(config: Config, identity: GatewayIdentity) -> Result<GatewayHandle, StartError> {
         config.validate()?;
         let workers = config.worker_count();
-        let crypto = crate::tls::server_crypto(
+        let (crypto, verifier) = crate::tls::server_crypto(
             identity.cert_chain,
             identity.private_key,
             identity.trust_anchors,
             &config.domain,
-        )
-        .map_err(|e| StartError::Tls(e.to_string()))?;
+        )?;
         let mut server = ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(Arc::new(transport(&config)));
         server.max_incoming(4096);
@@ -226,11 +226,14 @@ impl Gateway {
             threads.push(thread);
         }
         if let Some(listener) = admin {
-            let shared = shared.clone();
-            let mailboxes = mailboxes.clone();
+            let sources = crate::admin::Sources {
+                shared: shared.clone(),
+                mailboxes: mailboxes.clone(),
+                verifier: verifier.clone(),
+            };
             std::thread::Builder::new()
                 .name("dmsc-admin".into())
-                .spawn(move || crate::admin::serve(listener, shared, mailboxes))
+                .spawn(move || crate::admin::serve(listener, sources))
                 .map_err(|source| StartError::Worker {
                     worker: workers,
                     source,
@@ -241,6 +244,7 @@ impl Gateway {
             admin_addr,
             shared,
             mailboxes,
+            verifier,
             threads,
         })
     }
@@ -264,7 +268,7 @@ impl GatewayHandle {
 
     /// The Prometheus text the admin endpoint serves at `/metrics`.
     pub fn metrics_text(&self) -> String {
-        crate::admin::render_metrics(&self.snapshot(), &self.stats())
+        crate::admin::render_metrics(&self.snapshot(), &self.stats(), &self.verifier.refusals())
     }
 
     /// The per-worker lane addresses offered to agents.

@@ -31,3 +31,4 @@ pub use config::{Config, ConfigError, Limits};
 pub use gateway::{Gateway, GatewayHandle, GatewayIdentity, StartError};
 pub use metrics::{AgentView, CapabilityMetrics, WorkerSnapshot};
 pub use stats::{StatsSnapshot, WorkerStats};
+pub use tls::TlsError;

@@ -38,6 +38,8 @@ pub struct WorkerStats {
     pub retries: AtomicU64,
     /// Handshakes quinn refused (malformed or unacceptable initial packets).
     pub handshakes_refused: AtomicU64,
+    /// Handshakes that failed (no or a refused client certificate, a wrong ALPN, a timeout).
+    pub handshakes_failed: AtomicU64,
     /// Connections closed for exceeding `max_connections_per_identity`.
     pub identity_limit_refusals: AtomicU64,
     /// Connections closed because the peer stopped answering (`UNRESPONSIVE`).
@@ -91,6 +93,8 @@ pub struct StatsSnapshot {
     pub retries: u64,
     /// Handshakes refused by QUIC.
     pub handshakes_refused: u64,
+    /// Handshakes that failed.
+    pub handshakes_failed: u64,
     /// Connections closed over the per-identity limit.
     pub identity_limit_refusals: u64,
     /// Connections closed as unresponsive.
@@ -120,6 +124,7 @@ impl StatsSnapshot {
             s.wakeups += w.wakeups.load(Relaxed);
             s.retries += w.retries.load(Relaxed);
             s.handshakes_refused += w.handshakes_refused.load(Relaxed);
+            s.handshakes_failed += w.handshakes_failed.load(Relaxed);
             s.identity_limit_refusals += w.identity_limit_refusals.load(Relaxed);
             s.unresponsive_peers += w.unresponsive_peers.load(Relaxed);
             s.stalled += w.stalled.load(Relaxed);

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use dmsc_dataplane::Limits;
+use dmsc_identity::PrincipalKind;
 use dmsc_protocol::card::{AgentCard, Skill};
 use dmsc_protocol::control::{ControlFrame, Refusal};
 use dmsc_protocol::ConnectionCode;
@@ -37,7 +38,7 @@ use crate::children::ChildProcess;
 use crate::cli::AttachPlan;
 use crate::pki::TempPki;
 use crate::run::GatewayChild;
-use crate::tls::{client_config, Credentials, PeerKind, Resumption, SERVER_NAME};
+use crate::tls::{client_config, Credentials, Resumption, SERVER_NAME};
 use crate::units::{format_duration, thousands};
 use crate::{cpu, memory};
 
@@ -100,7 +101,7 @@ pub fn run(plan: &AttachPlan) -> anyhow::Result<Verdict> {
     drop(pki);
     let setup = Arc::new(Setup {
         gateway: gateway.addr,
-        config: client_config(&creds, PeerKind::Gateway, Resumption::Off)?,
+        config: client_config(&creds, PrincipalKind::Gateway, Resumption::Off)?,
         agents: plan.agents,
         threads: plan.callers,
         concurrency: plan.concurrency,

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use dmsc_protocol::identity::store::DevPki;
+use dmsc_identity::DevPki;
 
 /// Trust domain of the throwaway PKI.
 pub const DOMAIN: &str = "dmsc.local";

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
+use dmsc_identity::PrincipalKind;
 use dmsc_protocol::header::RequestHeader;
 
 use crate::caller::{CallerPool, CallerSetup, PhaseSpec};
@@ -23,7 +24,7 @@ use crate::report::{
     errors_text, Comparison, ModeStats, PhaseMeasurement, RoleCpu, RunInfo, Summary,
 };
 use crate::svg::{percentile_spectrum, Series};
-use crate::tls::{client_config, Credentials, PeerKind, Resumption};
+use crate::tls::{client_config, Credentials, Resumption};
 use crate::units::{format_duration, thousands};
 
 /// Pause between handing a phase to the callers and its start, so every thread starts
@@ -60,14 +61,14 @@ pub fn run(plan: &Plan) -> anyhow::Result<Verdict> {
         gateway: match env.gateway_addr {
             Some(addr) if routes.contains(&Route::Gateway) => Some((
                 addr,
-                client_config(&env.caller, PeerKind::Gateway, Resumption::Allowed)?,
+                client_config(&env.caller, PrincipalKind::Gateway, Resumption::Allowed)?,
             )),
             _ => None,
         },
         direct: if routes.contains(&Route::Direct) {
             Some((
                 env.direct.clone(),
-                client_config(&env.caller, PeerKind::Agent, Resumption::Allowed)?,
+                client_config(&env.caller, PrincipalKind::Agent, Resumption::Allowed)?,
             ))
         } else {
             None

@@ -10,11 +10,13 @@
 //!   discovery, detach and drain).
 //! - [`status`]: response status codes and the QUIC stream and connection error codes.
 //! - [`card`]: the A2A agent-card model, parsed from the JSON agents publish.
-//! - [`identity`]: SPIFFE identities carried in certificates, and the development PKI.
+//! - [`spiffe`]: SPIFFE IDs, the identities in certificates and in the caller field (parsing and
+//!   building only; certificates themselves are the business of `dmsc-identity`).
 //! - [`limits`]: every length limit of the protocol.
 //!
-//! It opens no sockets, reads no clock and starts no threads: callers pass bytes in and get
-//! values or typed errors back, so every decoder can be driven by tests and fuzzers directly.
+//! It opens no sockets, reads no clock, touches no file, starts no threads and holds no
+//! cryptography or certificate machinery: callers pass bytes in and get values or typed errors
+//! back, so every decoder can be driven by tests and fuzzers directly.
 //! The normative description of the formats is `docs/PROTOCOL.md`.
 
 #![forbid(unsafe_code)]
@@ -22,8 +24,8 @@
 pub mod card;
 pub mod control;
 pub mod header;
-pub mod identity;
 pub mod limits;
+pub mod spiffe;
 pub mod status;
 pub mod varint;
 

@@ -13,9 +13,12 @@ use bytes::Bytes;
 
 use dmsc_agent::{Agent, AgentCard, AgentConfig, HandlerError, Handlers, Request, Response, Skill};
 use dmsc_dataplane::{Config, Gateway, GatewayHandle, GatewayIdentity};
+use dmsc_identity::{
+    CertificateAuthority, Credentials, IssuedIdentity, PrincipalKind, Resumption, SpiffeId,
+    SpiffeVerifier,
+};
 use dmsc_protocol::control::{ControlFrame, FrameBuffer};
 use dmsc_protocol::header::ResponseHeader;
-use dmsc_protocol::identity::{CertificateAuthority, IssuedIdentity, SpiffeId};
 use dmsc_protocol::limits::MAX_HEADER_BYTES;
 use dmsc_protocol::Status;
 
@@ -149,21 +152,23 @@ pub struct RawClient {
 }
 
 impl RawClient {
-    /// Connects with identity `id`, trusting `ca`.
+    /// Connects with identity `id`, accepting a gateway of [`DOMAIN`] with a certificate of `ca`.
     pub async fn connect(
         gateway: SocketAddr,
         id: &IssuedIdentity,
         ca: &CertificateAuthority,
     ) -> anyhow::Result<Self> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(ca.cert_der())?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(id.cert_chain(), id.private_key())?;
-        tls.alpn_protocols = vec![dmsc_protocol::ALPN_AGENT.to_vec()];
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+        let verifier = SpiffeVerifier::new(&[ca.cert_der()], &[PrincipalKind::Gateway], &[DOMAIN])?;
+        let credentials = Credentials {
+            cert_chain: id.cert_chain(),
+            private_key: id.private_key(),
+        };
+        let crypto = dmsc_identity::client_config(
+            dmsc_protocol::ALPN_AGENT,
+            credentials,
+            Arc::new(verifier),
+            Resumption::Allowed,
+        )?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();
         transport.max_concurrent_bidi_streams(16u32.into());

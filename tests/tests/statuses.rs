@@ -4,9 +4,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dmsc_agent::{Agent, InvokeError, Status};
+use dmsc_identity::{CertificateAuthority, IssuedIdentity, SpiffeId};
 use dmsc_protocol::control::{ControlFrame, Refusal};
 use dmsc_protocol::header::{RequestHeader, ResponseHeader};
-use dmsc_protocol::identity::{CertificateAuthority, IssuedIdentity, SpiffeId};
 use dmsc_protocol::limits::MAX_HEADER_BYTES;
 use dmsc_tests::*;
 

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use hashbrown::HashMap;
 use quinn_proto::{ConnectionHandle, Dir, Event, StreamEvent, StreamId};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use dmsc_protocol::control::{FrameBuffer, SessionId};
 use dmsc_protocol::{ConnectionCode, StreamCode};
@@ -129,6 +129,14 @@ impl Core {
             Event::ConnectionLost { reason } => {
                 if let Some(conn) = self.conns[ci].as_ref() {
                     debug!(parent: &conn.span, %reason, "connection lost");
+                    if conn.identity.is_none() {
+                        // The handshake failed: no certificate, a refused one, a wrong ALPN.
+                        WorkerStats::add(&self.stats.handshakes_failed, 1);
+                        let remote = conn.quic.remote_address();
+                        if let Some(suppressed) = self.handshake_log.admit(now) {
+                            warn!(%remote, %reason, suppressed, "handshake failed");
+                        }
+                    }
                 }
                 self.connection_gone(ci, now);
             }
@@ -344,4 +352,31 @@ impl Conn {
 
 fn debug_span_conn(id: usize, worker: usize, remote: std::net::SocketAddr) -> tracing::Span {
     tracing::debug_span!("conn", id, worker, remote = %remote)
+}
+
+/// Lets one log line through per interval and counts the ones held back, so that peers cannot
+/// flood the log at handshake rate.
+#[derive(Debug, Default)]
+pub(super) struct LogLimiter {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    /// Interval between two lines.
+    const INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+    /// `Some(lines held back since the last one)` if a line may be logged at `now`.
+    pub(super) fn admit(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(last) if now.saturating_duration_since(last) < Self::INTERVAL => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
 }

@@ -245,6 +245,8 @@ pub(crate) struct Core {
     pumped: usize,
     /// A budget ran out: there is work left for the next iteration.
     leftover: bool,
+    /// Rate limit of the failed-handshake log line.
+    handshake_log: conn::LogLimiter,
 }
 
 impl std::fmt::Debug for Core {
@@ -322,6 +324,7 @@ impl Core {
             drives: 0,
             pumped: 0,
             leftover: false,
+            handshake_log: conn::LogLimiter::default(),
             shared,
         }
     }

@@ -19,14 +19,13 @@ use quinn_proto::{
     ClientConfig, ConnectionHandle, DatagramEvent, Dir, Endpoint, EndpointConfig, Event, ReadError,
     ServerConfig, StreamEvent, StreamId, TransportConfig, VarInt,
 };
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
 
+use dmsc_identity::{
+    CertificateAuthority, Credentials, PrincipalKind, Resumption, SpiffeId, SpiffeVerifier,
+};
 use dmsc_protocol::card::{AgentCard, Skill};
 use dmsc_protocol::control::{ControlFrame, FrameBuffer, LaneToken, SessionId};
 use dmsc_protocol::header::{RequestHeader, ResponseHeader};
-use dmsc_protocol::identity::{CertificateAuthority, SpiffeId};
 use dmsc_protocol::Status;
 
 use crate::config::Config;
@@ -183,7 +182,7 @@ impl Harness {
         let gw = ca
             .issue(&SpiffeId::gateway(DOMAIN, "gw1").unwrap(), &["localhost"])
             .expect("gateway identity");
-        let crypto = crate::tls::server_crypto(
+        let (crypto, _verifier) = crate::tls::server_crypto(
             gw.cert_chain(),
             gw.private_key(),
             vec![ca.cert_der()],
@@ -279,18 +278,20 @@ impl Harness {
             .ca
             .issue(&SpiffeId::agent(DOMAIN, name).unwrap(), &[])
             .expect("agent identity");
-        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServer))
-        .with_client_auth_cert(identity.cert_chain(), identity.private_key())
-        .unwrap();
-        tls.alpn_protocols = vec![dmsc_protocol::ALPN_AGENT.to_vec()];
-        let crypto = quinn_proto::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls))
-            .expect("client crypto");
+        let verifier =
+            SpiffeVerifier::new(&[self.ca.cert_der()], &[PrincipalKind::Gateway], &[DOMAIN])
+                .expect("gateway verifier");
+        let credentials = Credentials {
+            cert_chain: identity.cert_chain(),
+            private_key: identity.private_key(),
+        };
+        let crypto = dmsc_identity::client_config(
+            dmsc_protocol::ALPN_AGENT,
+            credentials,
+            Arc::new(verifier),
+            Resumption::Off,
+        )
+        .expect("client crypto");
         let mut client = ClientConfig::new(Arc::new(crypto));
         client.transport_config(Arc::new(transport));
         let mut card = AgentCard::new(name, "test agent", "1.0.0");
@@ -849,46 +850,4 @@ fn ok_header(out: &mut Vec<u8>) {
 /// A virtual address: 127.0.0.`host`:`port`.
 fn addr(host: u8, port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, host)), port)
-}
-
-/// Test agents trust any gateway certificate: the gateway's own verification is what the
-/// harness tests.
-#[derive(Debug)]
-struct AnyServer;
-
-impl ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        rustls::crypto::ring::default_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }

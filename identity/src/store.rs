@@ -1,17 +1,5 @@
 //! Filesystem helpers for the binaries: loading PEM certificates and keys, and keeping a
-//! development PKI in a directory.
-//!
-//! Unlike the rest of this crate, this module does I/O; it is kept apart so the sans-IO parts
-//! stay free of it. Every error names the file it concerns.
-//!
-//! A [`DevPki`] directory looks like this:
-//!
-//! ```text
-//! <dir>/ca.pem              CA certificate (the trust anchor to give every endpoint)
-//! <dir>/ca.key              CA private key (mode 0600)
-//! <dir>/gateways/<id>.pem   gateway certificate; <id>.key its key (mode 0600)
-//! <dir>/agents/<name>.pem   agent certificate; <name>.key its key (mode 0600)
-//! ```
+//! development PKI in a directory. Every error names the file it concerns.
 
 use std::fs;
 use std::io::Write;
@@ -20,11 +8,14 @@ use std::path::{Path, PathBuf};
 use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use super::{CertificateAuthority, IdentityError, SpiffeId};
+use dmsc_protocol::spiffe::{validate_trust_domain, Principal, PrincipalKind, SpiffeId};
 
-/// DNS and IP SANs put in gateway certificates, so that local agents can reach a gateway by
-/// `localhost` or a loopback address.
-pub const GATEWAY_DNS_NAMES: &[&str] = &["localhost", "127.0.0.1", "::1"];
+use crate::cert::key_matches_cert;
+use crate::{CertificateAuthority, IdentityError};
+
+/// DNS and IP SANs put in the certificates of gateways and of the control plane, so that local
+/// peers can reach them by `localhost` or a loopback address.
+pub const SERVER_DNS_NAMES: &[&str] = &["localhost", "127.0.0.1", "::1"];
 
 /// Loads every certificate of a PEM file, in file order (leaf first for a chain).
 pub fn load_cert_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
@@ -56,10 +47,18 @@ pub fn load_trust_anchors(path: &Path) -> Result<Vec<CertificateDer<'static>>, I
     load_cert_chain(path)
 }
 
-/// A development PKI kept in a directory (see the [module docs](self) for the layout).
+/// A development PKI kept in a directory, laid out like this:
 ///
-/// `DevPki` itself is only the directory; [`DevPki::init`] creates or loads the CA, and the
-/// `ensure_*` and `issue_*` methods write leaf certificates with it.
+/// ```text
+/// <dir>/ca.pem              CA certificate (the trust anchor to give every endpoint)
+/// <dir>/ca.key              CA private key (mode 0600)
+/// <dir>/gateways/<id>.pem   gateway certificate; <id>.key its key (mode 0600)
+/// <dir>/agents/<name>.pem   agent certificate; <name>.key its key (mode 0600)
+/// <dir>/control.pem         control-plane certificate; control.key its key (mode 0600)
+/// ```
+///
+/// `DevPki` itself is only the directory; [`DevPki::init`] creates or loads the CA, and
+/// [`DevPki::ensure`] and [`DevPki::issue`] write leaf certificates with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DevPki {
     /// The directory holding the PKI.
@@ -75,7 +74,7 @@ impl DevPki {
     /// Creates the CA for `trust_domain` if `ca.pem` does not exist, else loads it; loading fails
     /// with [`IdentityError::WrongTrustDomain`] if the existing CA is for another domain.
     pub fn init(&self, trust_domain: &str) -> Result<CertificateAuthority, IdentityError> {
-        super::validate_trust_domain(trust_domain)?;
+        validate_trust_domain(trust_domain)?;
         if self.ca_cert_path().exists() {
             let ca = self.load_ca()?;
             if ca.trust_domain() != trust_domain {
@@ -119,53 +118,84 @@ impl DevPki {
         })
     }
 
-    /// Returns the (certificate, key) paths of gateway `id`, first issuing its identity unless a
-    /// certificate for it from `ca` and its key are already there. Gateway certificates also
-    /// carry [`GATEWAY_DNS_NAMES`].
+    /// Returns the (certificate, key) paths of `id`, first issuing its identity unless a
+    /// certificate for it from `ca` and its key are already there. Certificates of gateways and
+    /// of the control plane also carry [`SERVER_DNS_NAMES`].
     ///
-    /// A certificate from another CA, for another id, or with a key that does not match is
+    /// A certificate from another CA, for another identity, or with a key that does not match is
     /// replaced; a file that cannot be read or decoded is reported as an error instead.
+    pub fn ensure(
+        &self,
+        ca: &CertificateAuthority,
+        id: &SpiffeId,
+    ) -> Result<(PathBuf, PathBuf), IdentityError> {
+        let paths = self.paths(id);
+        let (cert_path, key_path) = &paths;
+        if cert_path.exists() && key_path.exists() {
+            // `load_cert_chain` returns at least one certificate or an error.
+            let leaf = load_cert_chain(cert_path)?.swap_remove(0);
+            let key_pem = read_string(key_path)?;
+            // Reuse only a certificate for this id from this CA, with its key; one left over
+            // from an older CA (or for another id) would fail every handshake, so it is replaced.
+            let current = matches!(ca.verify_issued(&leaf), Ok(ref found) if found == id)
+                && key_matches_cert(&leaf, &key_pem);
+            if current {
+                return Ok(paths);
+            }
+        }
+        self.issue(ca, id)
+    }
+
+    /// Issues a new identity for `id`, overwriting any existing one; returns the (certificate,
+    /// key) paths. Fails with [`IdentityError::WrongTrustDomain`] if `id` is not of `ca`'s trust
+    /// domain.
+    pub fn issue(
+        &self,
+        ca: &CertificateAuthority,
+        id: &SpiffeId,
+    ) -> Result<(PathBuf, PathBuf), IdentityError> {
+        let dns_names = match id.kind() {
+            PrincipalKind::Agent => &[][..],
+            PrincipalKind::Gateway | PrincipalKind::Control => SERVER_DNS_NAMES,
+        };
+        let issued = ca.issue(id, dns_names)?;
+        let paths = self.paths(id);
+        let (cert_path, key_path) = &paths;
+        if let Some(parent) = cert_path.parent() {
+            create_dir(parent)?;
+        }
+        write_file(key_path, issued.key_pem.as_bytes(), Secrecy::Private)?;
+        write_file(cert_path, issued.cert_pem.as_bytes(), Secrecy::Public)?;
+        Ok(paths)
+    }
+
+    /// [`DevPki::ensure`] for gateway `id` of `ca`'s trust domain.
     pub fn ensure_gateway(
         &self,
         ca: &CertificateAuthority,
         id: &str,
     ) -> Result<(PathBuf, PathBuf), IdentityError> {
-        let spiffe_id = SpiffeId::gateway(ca.trust_domain(), id)?;
-        self.ensure(ca, &spiffe_id, self.gateway_paths(id), GATEWAY_DNS_NAMES)
+        self.ensure(ca, &SpiffeId::gateway(ca.trust_domain(), id)?)
     }
 
-    /// Returns the (certificate, key) paths of agent `name`, first issuing its identity unless a
-    /// certificate for it from `ca` and its key are already there (same replacement rules as
-    /// [`DevPki::ensure_gateway`]).
+    /// [`DevPki::ensure`] for agent `name` of `ca`'s trust domain.
     pub fn ensure_agent(
         &self,
         ca: &CertificateAuthority,
         name: &str,
     ) -> Result<(PathBuf, PathBuf), IdentityError> {
-        let spiffe_id = SpiffeId::agent(ca.trust_domain(), name)?;
-        self.ensure(ca, &spiffe_id, self.agent_paths(name), &[])
+        self.ensure(ca, &SpiffeId::agent(ca.trust_domain(), name)?)
     }
 
-    /// Issues a new identity for gateway `id`, overwriting any existing one; returns the
-    /// (certificate, key) paths.
-    pub fn issue_gateway(
-        &self,
-        ca: &CertificateAuthority,
-        id: &str,
-    ) -> Result<(PathBuf, PathBuf), IdentityError> {
-        let spiffe_id = SpiffeId::gateway(ca.trust_domain(), id)?;
-        self.issue(ca, &spiffe_id, self.gateway_paths(id), GATEWAY_DNS_NAMES)
-    }
-
-    /// Issues a new identity for agent `name`, overwriting any existing one; returns the
-    /// (certificate, key) paths.
-    pub fn issue_agent(
-        &self,
-        ca: &CertificateAuthority,
-        name: &str,
-    ) -> Result<(PathBuf, PathBuf), IdentityError> {
-        let spiffe_id = SpiffeId::agent(ca.trust_domain(), name)?;
-        self.issue(ca, &spiffe_id, self.agent_paths(name), &[])
+    /// The (certificate, key) paths of `id`: under `agents/` or `gateways/` by name, or
+    /// `control.pem` and `control.key` for the control plane. A [`SpiffeId`]'s names are valid
+    /// path segments (no `/`, not `.` or `..`), so the paths stay inside the directory.
+    pub fn paths(&self, id: &SpiffeId) -> (PathBuf, PathBuf) {
+        match id.principal() {
+            Principal::Agent(name) => leaf_paths(&self.agents_dir(), name),
+            Principal::Gateway(gateway) => leaf_paths(&self.gateways_dir(), gateway),
+            Principal::Control => leaf_paths(&self.dir, "control"),
+        }
     }
 
     /// Path of the CA certificate, the trust anchor for every endpoint.
@@ -186,58 +216,6 @@ impl DevPki {
     /// Directory of gateway certificates and keys.
     pub fn gateways_dir(&self) -> PathBuf {
         self.dir.join("gateways")
-    }
-
-    /// (certificate, key) paths for agent `name`. The name is not validated here; the
-    /// `ensure_*`/`issue_*` methods validate it before writing anything.
-    pub fn agent_paths(&self, name: &str) -> (PathBuf, PathBuf) {
-        leaf_paths(&self.agents_dir(), name)
-    }
-
-    /// (certificate, key) paths for gateway `id`. The id is not validated here; the
-    /// `ensure_*`/`issue_*` methods validate it before writing anything.
-    pub fn gateway_paths(&self, id: &str) -> (PathBuf, PathBuf) {
-        leaf_paths(&self.gateways_dir(), id)
-    }
-
-    fn ensure(
-        &self,
-        ca: &CertificateAuthority,
-        id: &SpiffeId,
-        paths: (PathBuf, PathBuf),
-        dns_names: &[&str],
-    ) -> Result<(PathBuf, PathBuf), IdentityError> {
-        let (cert_path, key_path) = &paths;
-        if cert_path.exists() && key_path.exists() {
-            // `load_cert_chain` returns at least one certificate or an error.
-            let leaf = load_cert_chain(cert_path)?.swap_remove(0);
-            let key_pem = read_string(key_path)?;
-            // Reuse only a certificate for this id from this CA, with its key; one left over
-            // from an older CA (or for another id) would fail every handshake, so it is replaced.
-            let current = matches!(ca.verify_issued(&leaf), Ok(ref found) if found == id)
-                && super::key_matches_cert(&leaf, &key_pem);
-            if current {
-                return Ok(paths);
-            }
-        }
-        self.issue(ca, id, paths, dns_names)
-    }
-
-    fn issue(
-        &self,
-        ca: &CertificateAuthority,
-        id: &SpiffeId,
-        paths: (PathBuf, PathBuf),
-        dns_names: &[&str],
-    ) -> Result<(PathBuf, PathBuf), IdentityError> {
-        let issued = ca.issue(id, dns_names)?;
-        let (cert_path, key_path) = &paths;
-        if let Some(parent) = cert_path.parent() {
-            create_dir(parent)?;
-        }
-        write_file(key_path, issued.key_pem.as_bytes(), Secrecy::Private)?;
-        write_file(cert_path, issued.cert_pem.as_bytes(), Secrecy::Public)?;
-        Ok(paths)
     }
 }
 
@@ -327,7 +305,10 @@ fn write_file(path: &Path, contents: &[u8], secrecy: Secrecy) -> Result<(), Iden
 
 #[cfg(test)]
 mod tests {
+    use dmsc_protocol::spiffe::SpiffeIdError;
+
     use super::*;
+    use crate::spiffe_id_from_cert;
 
     fn temp_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!(
@@ -355,20 +336,19 @@ mod tests {
             Err(IdentityError::WrongTrustDomain { .. })
         ));
 
+        let gw1 = SpiffeId::gateway("dmsc.local", "gw1").unwrap();
         let (cert, key) = pki.ensure_gateway(&ca, "gw1").unwrap();
-        assert_eq!((cert.clone(), key.clone()), pki.gateway_paths("gw1"));
+        assert_eq!((cert.clone(), key.clone()), pki.paths(&gw1));
         let first = fs::read(&cert).unwrap();
         pki.ensure_gateway(&again, "gw1").unwrap();
         assert_eq!(fs::read(&cert).unwrap(), first, "ensure must not reissue");
-        pki.issue_gateway(&ca, "gw1").unwrap();
+        pki.issue(&ca, &gw1).unwrap();
         assert_ne!(fs::read(&cert).unwrap(), first, "issue must reissue");
 
         let (agent_cert, agent_key) = pki.ensure_agent(&ca, "weather").unwrap();
         let chain = load_cert_chain(&agent_cert).unwrap();
         assert_eq!(
-            super::super::spiffe_id_from_cert(&chain[0])
-                .unwrap()
-                .as_str(),
+            spiffe_id_from_cert(&chain[0]).unwrap().as_str(),
             "spiffe://dmsc.local/agent/weather"
         );
         load_private_key(&agent_key).unwrap();
@@ -394,19 +374,34 @@ mod tests {
         assert!(ca.verify_issued(&chain[0]).is_ok());
 
         // So is a certificate whose key was swapped.
-        let (gw_cert, gw_key) = pki.gateway_paths("gw1");
-        fs::copy(pki.agent_paths("weather").1, &gw_key).unwrap();
+        let (gw_cert, gw_key) = pki.paths(&gw1);
+        let weather = SpiffeId::agent("dmsc.local", "weather").unwrap();
+        fs::copy(pki.paths(&weather).1, &gw_key).unwrap();
         let before = fs::read(&gw_cert).unwrap();
         pki.ensure_gateway(&ca, "gw1").unwrap();
         assert_ne!(fs::read(&gw_cert).unwrap(), before);
         let chain = load_cert_chain(&gw_cert).unwrap();
         let key_pem = fs::read_to_string(&gw_key).unwrap();
-        assert!(super::super::key_matches_cert(&chain[0], &key_pem));
+        assert!(key_matches_cert(&chain[0], &key_pem));
 
         assert!(matches!(
             pki.ensure_agent(&ca, "../escape"),
-            Err(IdentityError::InvalidName { .. })
+            Err(IdentityError::Spiffe(SpiffeIdError::InvalidName { .. }))
         ));
+
+        // The control plane's identity has its own files, with the loopback names.
+        let control = SpiffeId::control("dmsc.local").unwrap();
+        let (control_cert, _) = pki.ensure(&ca, &control).unwrap();
+        assert_eq!(control_cert, dir.join("control.pem"));
+        let chain = load_cert_chain(&control_cert).unwrap();
+        assert_eq!(ca.verify_issued(&chain[0]).unwrap(), control);
+        // An identity of another trust domain is refused before anything is written.
+        let foreign = SpiffeId::agent("other.domain", "x").unwrap();
+        assert!(matches!(
+            pki.issue(&ca, &foreign),
+            Err(IdentityError::WrongTrustDomain { .. })
+        ));
+        assert!(!pki.paths(&foreign).0.exists());
         fs::remove_dir_all(&dir).unwrap();
     }
 
