@@ -84,6 +84,21 @@ struct Args {
     /// Time allowed between handshake and ATTACH/LANE, ms [default: 5000].
     #[arg(long)]
     attach_timeout_ms: Option<u64>,
+    /// Time a caller has to send a whole request header, ms [default: 5000].
+    #[arg(long)]
+    header_timeout_ms: Option<u64>,
+    /// An attached agent silent this long (keep-alives every third of it) is dropped as
+    /// UNRESPONSIVE; 0 = off, ms [default: 5000].
+    #[arg(long)]
+    peer_timeout_ms: Option<u64>,
+    /// A request whose bytes a leg refuses this long after the answer began ends as STALLED,
+    /// ms [default: 10000].
+    #[arg(long)]
+    stall_timeout_ms: Option<u64>,
+    /// Connections per worker above which new addresses get a QUIC Retry first; 0 = always
+    /// [default: 4096].
+    #[arg(long)]
+    retry_above_connections: Option<usize>,
     /// Deadline for requests that carry none, ms [default: 30000].
     #[arg(long)]
     default_deadline_ms: Option<u64>,
@@ -96,7 +111,8 @@ struct Args {
     /// Time in-flight requests get to finish on SIGTERM/SIGINT, ms [default: 10000].
     #[arg(long)]
     drain_timeout_ms: Option<u64>,
-    /// Per-stream receive window, bytes [default: 1048576].
+    /// Per-stream receive window, bytes; a connection's window is this times
+    /// max_streams_per_connection [default: 262144].
     #[arg(long)]
     stream_window_bytes: Option<u32>,
     /// Capacity of each worker's cross-worker inbox, messages [default: 8192].
@@ -255,6 +271,10 @@ fn config_from(args: &Args) -> anyhow::Result<Config> {
     set!(limits.max_connections_per_identity <- args.max_connections_per_identity);
     set!(limits.idle_timeout_ms <- args.idle_timeout_ms);
     set!(limits.attach_timeout_ms <- args.attach_timeout_ms);
+    set!(limits.header_timeout_ms <- args.header_timeout_ms);
+    set!(limits.peer_timeout_ms <- args.peer_timeout_ms);
+    set!(limits.stall_timeout_ms <- args.stall_timeout_ms);
+    set!(limits.retry_above_connections <- args.retry_above_connections);
     set!(limits.default_deadline_ms <- args.default_deadline_ms);
     set!(limits.max_deadline_ms <- args.max_deadline_ms);
     set!(limits.max_hops <- args.max_hops);

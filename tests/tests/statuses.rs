@@ -396,8 +396,8 @@ async fn refused_client_certificates_close_with_the_documented_alerts() {
         .ca
         .issue(&SpiffeId::gateway(DOMAIN, "impostor").unwrap(), &[])
         .unwrap();
-    // handshake_failure (40): the SPIFFE ID does not name an agent.
-    assert_eq!(refusal_code(&pki, gw.local_addr(), &gw_id).await, 0x128);
+    // certificate_unknown (46): the SPIFFE ID does not name an agent.
+    assert_eq!(refusal_code(&pki, gw.local_addr(), &gw_id).await, 0x12e);
     // No certificate at all: certificate_required (116).
     assert_eq!(no_certificate_code(&pki, gw.local_addr()).await, 0x174);
     assert_eq!(gw.stats().agents, 0);
