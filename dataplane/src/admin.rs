@@ -14,7 +14,7 @@
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crossbeam_channel::bounded;
@@ -24,7 +24,7 @@ use dmsc_protocol::Status;
 use dmsc_identity::{RefusalCounts, SpiffeVerifier};
 
 use crate::core::Shared;
-use crate::metrics::{CapabilityMetrics, WorkerSnapshot, STATUS_SLOTS};
+use crate::metrics::{CapabilityMetrics, Known, MetricsChange, WorkerSnapshot, STATUS_SLOTS};
 use crate::msg::WorkerMsg;
 use crate::stats::StatsSnapshot;
 use crate::worker::Mailboxes;
@@ -38,6 +38,7 @@ pub(crate) struct Sources {
     pub(crate) shared: Arc<Shared>,
     pub(crate) mailboxes: Arc<Mailboxes>,
     pub(crate) verifier: Arc<SpiffeVerifier>,
+    pub(crate) cache: Arc<SnapshotCache>,
 }
 
 pub(crate) fn serve(listener: TcpListener, sources: Sources) {
@@ -56,6 +57,7 @@ fn handle(mut stream: TcpStream, sources: &Sources) -> std::io::Result<()> {
         shared,
         mailboxes,
         verifier,
+        cache,
     } = sources;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     stream.set_write_timeout(Some(Duration::from_secs(2)))?;
@@ -92,14 +94,14 @@ fn handle(mut stream: TcpStream, sources: &Sources) -> std::io::Result<()> {
     match path {
         "/metrics" => {
             let body = render_metrics(
-                &snapshots(mailboxes),
+                &snapshots(mailboxes, cache),
                 &StatsSnapshot::collect(&shared.stats),
                 &verifier.refusals(),
             );
             respond(&mut stream, "200 OK", "text/plain; version=0.0.4", &body)
         }
         "/agents" => {
-            let body = render_agents(&snapshots(mailboxes));
+            let body = render_agents(&snapshots(mailboxes, cache));
             respond(&mut stream, "200 OK", "application/json", &body)
         }
         "/healthz" => respond(&mut stream, "200 OK", "text/plain", "ok\n"),
@@ -128,28 +130,94 @@ fn respond(
     stream.flush()
 }
 
-/// Asks every worker for its snapshot; a worker that does not answer within a second is left
+/// The metrics the readers (admin endpoint, gateway handle) hold of each worker, refreshed with
+/// only what changed: a scrape costs the workers in proportion to the capabilities whose
+/// metrics moved since the last one. The lock is taken by readers only, never by a worker.
+#[derive(Debug, Default)]
+pub(crate) struct SnapshotCache {
+    workers: Mutex<Vec<CachedWorker>>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct CachedWorker {
+    known: Known,
+    slots: Vec<Option<(String, CapabilityMetrics)>>,
+    other: Option<CapabilityMetrics>,
+}
+
+impl CachedWorker {
+    fn apply(&mut self, change: MetricsChange) {
+        match change.slot {
+            Some(i) => {
+                if self.slots.len() <= i {
+                    self.slots.resize(i + 1, None);
+                    self.known.slots.resize(i + 1, 0);
+                }
+                self.slots[i] = Some((change.name, change.metrics));
+                self.known.slots[i] = change.version;
+            }
+            None => {
+                self.other = Some(change.metrics);
+                self.known.other = change.version;
+            }
+        }
+    }
+
+    fn capabilities(&self) -> Vec<(String, CapabilityMetrics)> {
+        let mut out: Vec<(String, CapabilityMetrics)> =
+            self.slots.iter().flatten().cloned().collect();
+        if let Some(other) = &self.other {
+            out.push(("_other".to_owned(), other.clone()));
+        }
+        out
+    }
+}
+
+/// Asks every worker for what changed; a worker that does not answer within a second is left
 /// out (the data plane is never blocked on the admin endpoint).
-pub(crate) fn snapshots(mailboxes: &Mailboxes) -> Vec<WorkerSnapshot> {
-    let (tx, rx) = bounded(mailboxes.senders.len());
+pub(crate) fn snapshots(mailboxes: &Mailboxes, cache: &SnapshotCache) -> Vec<WorkerSnapshot> {
+    let workers = mailboxes.senders.len();
+    let known: Vec<Known> = {
+        let mut cached = cache.workers.lock().unwrap_or_else(PoisonError::into_inner);
+        cached.resize_with(workers, CachedWorker::default);
+        cached.iter().map(|c| c.known.clone()).collect()
+    };
+    let (tx, rx) = bounded(workers);
     let mut asked = 0;
-    for (w, sender) in mailboxes.senders.iter().enumerate() {
-        if sender
-            .send_timeout(WorkerMsg::Snapshot(tx.clone()), Duration::from_millis(200))
-            .is_ok()
-        {
+    for (w, (sender, known)) in mailboxes.senders.iter().zip(known).enumerate() {
+        let msg = WorkerMsg::Snapshot {
+            known,
+            reply: tx.clone(),
+        };
+        if sender.send_timeout(msg, Duration::from_millis(200)).is_ok() {
             let _ = mailboxes.wakers[w].wake();
             asked += 1;
         }
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(1);
-    let mut out = Vec::with_capacity(asked);
-    while out.len() < asked {
+    let mut reports = Vec::with_capacity(asked);
+    while reports.len() < asked {
         match rx.recv_deadline(deadline) {
-            Ok(s) => out.push(s),
+            Ok(r) => reports.push(r),
             Err(_) => break,
         }
     }
+    let mut cached = cache.workers.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut out: Vec<WorkerSnapshot> = reports
+        .into_iter()
+        .filter_map(|report| {
+            let entry = cached.get_mut(report.worker)?;
+            for change in report.changes {
+                entry.apply(change);
+            }
+            Some(WorkerSnapshot {
+                worker: report.worker,
+                generation: report.generation,
+                capabilities: entry.capabilities(),
+                agents: report.agents,
+            })
+        })
+        .collect();
     out.sort_by_key(|s| s.worker);
     out
 }

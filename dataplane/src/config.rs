@@ -329,9 +329,8 @@ impl Limits {
     /// whichever is shorter, so that an agent whose own keep-alives are too rare for the
     /// gateway's idle timeout still stays connected; `None` when the check is off.
     pub fn keep_alive_interval(&self) -> Option<Duration> {
-        (self.peer_timeout_ms > 0).then(|| {
-            Duration::from_millis(self.peer_timeout_ms.min(self.idle_timeout_ms) / 3)
-        })
+        (self.peer_timeout_ms > 0)
+            .then(|| Duration::from_millis(self.peer_timeout_ms.min(self.idle_timeout_ms) / 3))
     }
 
     /// The receive window of a whole connection: every stream's full window at once.

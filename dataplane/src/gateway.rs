@@ -68,6 +68,7 @@ pub struct GatewayHandle {
     shared: Arc<Shared>,
     mailboxes: Arc<Mailboxes>,
     verifier: Arc<dmsc_identity::SpiffeVerifier>,
+    snapshots: Arc<crate::admin::SnapshotCache>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -225,11 +226,13 @@ impl Gateway {
                 .map_err(|source| StartError::Worker { worker: w, source })?;
             threads.push(thread);
         }
+        let snapshots = Arc::new(crate::admin::SnapshotCache::default());
         if let Some(listener) = admin {
             let sources = crate::admin::Sources {
                 shared: shared.clone(),
                 mailboxes: mailboxes.clone(),
                 verifier: verifier.clone(),
+                cache: snapshots.clone(),
             };
             std::thread::Builder::new()
                 .name("dmsc-admin".into())
@@ -245,6 +248,7 @@ impl Gateway {
             shared,
             mailboxes,
             verifier,
+            snapshots,
             threads,
         })
     }
@@ -263,7 +267,7 @@ impl GatewayHandle {
 
     /// Per-worker metrics and agents, collected from the workers between their iterations.
     pub fn snapshot(&self) -> Vec<crate::metrics::WorkerSnapshot> {
-        crate::admin::snapshots(&self.mailboxes)
+        crate::admin::snapshots(&self.mailboxes, &self.snapshots)
     }
 
     /// The Prometheus text the admin endpoint serves at `/metrics`.

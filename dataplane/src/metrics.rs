@@ -3,8 +3,11 @@
 //!
 //! A worker records into plain (non-atomic) counters and HdrHistograms it alone owns, so the
 //! request path takes no lock and does no atomic read-modify-write. A reader (the admin
-//! endpoint) asks every worker for a [`WorkerSnapshot`] through its inbox; the worker clones its
-//! metrics between event-loop iterations and sends them back, and the reader merges them.
+//! endpoint) asks every worker for a report through its inbox, saying which version of each
+//! capability's metrics it already holds; the worker, between event-loop iterations, copies out
+//! only the capabilities whose metrics changed since, so a scrape costs the workers in
+//! proportion to what changed, not to every histogram. The reader keeps the copies and merges
+//! them into [`WorkerSnapshot`]s.
 
 use std::time::Duration;
 
@@ -57,24 +60,53 @@ fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid histogram bounds")
 }
 
-/// A worker's metrics, indexed by [`MetricSlot`].
+/// A worker's metrics, indexed by [`MetricSlot`], each with a version bumped on every record.
 #[derive(Debug, Default)]
 pub(crate) struct WorkerMetrics {
-    slots: Vec<CapabilityMetrics>,
-    other: CapabilityMetrics,
+    slots: Vec<(u64, CapabilityMetrics)>,
+    other: (u64, CapabilityMetrics),
+}
+
+/// The versions of a worker's metrics a reader already holds: by slot, then `_other`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Known {
+    pub(crate) slots: Vec<u64>,
+    pub(crate) other: u64,
+}
+
+/// The metrics of one capability that changed since the version the reader holds.
+#[derive(Debug, Clone)]
+pub(crate) struct MetricsChange {
+    /// Slot index, or `None` for `_other`.
+    pub(crate) slot: Option<usize>,
+    pub(crate) name: String,
+    pub(crate) version: u64,
+    pub(crate) metrics: CapabilityMetrics,
+}
+
+/// What a worker answers a snapshot request with.
+#[derive(Debug, Clone)]
+pub(crate) struct WorkerReport {
+    pub(crate) worker: usize,
+    pub(crate) generation: u64,
+    pub(crate) changes: Vec<MetricsChange>,
+    pub(crate) agents: Vec<AgentView>,
 }
 
 impl WorkerMetrics {
     fn slot(&mut self, slot: MetricSlot) -> &mut CapabilityMetrics {
-        if slot == MetricSlot::OTHER {
-            return &mut self.other;
-        }
-        let i = slot.0 as usize;
-        if self.slots.len() <= i {
-            // Grows once per capability slot, bounded by the router's metric-name limit.
-            self.slots.resize_with(i + 1, CapabilityMetrics::default);
-        }
-        &mut self.slots[i]
+        let entry = if slot == MetricSlot::OTHER {
+            &mut self.other
+        } else {
+            let i = slot.0 as usize;
+            if self.slots.len() <= i {
+                // Grows once per capability slot, bounded by the router's metric-name limit.
+                self.slots.resize_with(i + 1, Default::default);
+            }
+            &mut self.slots[i]
+        };
+        entry.0 += 1;
+        &mut entry.1
     }
 
     pub(crate) fn finished(
@@ -96,17 +128,30 @@ impl WorkerMetrics {
             .saturating_record(residence.as_micros().max(1) as u64);
     }
 
-    /// Copies out the metrics under their capability names (`names` = the router's metric
-    /// names by slot).
-    pub(crate) fn snapshot(&self, names: &[Box<str>]) -> Vec<(String, CapabilityMetrics)> {
-        let mut out: Vec<(String, CapabilityMetrics)> = self
+    /// Copies out, under their capability names (`names` = the router's metric names by
+    /// slot), the metrics whose version differs from what the reader holds (`known`).
+    pub(crate) fn changes(&self, names: &[Box<str>], known: &Known) -> Vec<MetricsChange> {
+        let mut out: Vec<MetricsChange> = self
             .slots
             .iter()
             .enumerate()
-            .filter_map(|(i, m)| Some((names.get(i)?.to_string(), m.clone())))
+            .filter(|(i, (version, _))| known.slots.get(*i).copied().unwrap_or(0) != *version)
+            .filter_map(|(i, (version, m))| {
+                Some(MetricsChange {
+                    slot: Some(i),
+                    name: names.get(i)?.to_string(),
+                    version: *version,
+                    metrics: m.clone(),
+                })
+            })
             .collect();
-        if !self.other.duration_us.is_empty() || self.other.statuses.iter().any(|&n| n > 0) {
-            out.push(("_other".to_owned(), self.other.clone()));
+        if self.other.0 != known.other {
+            out.push(MetricsChange {
+                slot: None,
+                name: "_other".to_owned(),
+                version: self.other.0,
+                metrics: self.other.1.clone(),
+            });
         }
         out
     }
@@ -164,7 +209,11 @@ mod tests {
         );
         w.residence(MetricSlot(1), Duration::from_micros(7));
         let names: Vec<Box<str>> = vec!["a".into(), "b".into()];
-        let snap = w.snapshot(&names);
+        let changes = w.changes(&names, &Known::default());
+        let snap: Vec<(String, CapabilityMetrics)> = changes
+            .iter()
+            .map(|c| (c.name.clone(), c.metrics.clone()))
+            .collect();
         let b = &snap.iter().find(|(n, _)| n == "b").unwrap().1;
         assert_eq!(b.statuses[0], 1);
         assert_eq!(b.statuses[6], 1);
@@ -176,5 +225,21 @@ mod tests {
         merged.merge(b);
         assert_eq!(merged.duration_us.len(), 4);
         assert_eq!(merged.statuses[0], 2);
+        // A reader holding these versions gets only what changes afterwards.
+        let mut known = Known::default();
+        for c in &changes {
+            match c.slot {
+                Some(i) => {
+                    known.slots.resize(i + 1, 0);
+                    known.slots[i] = c.version;
+                }
+                None => known.other = c.version,
+            }
+        }
+        assert!(w.changes(&names, &known).is_empty());
+        w.residence(MetricSlot(1), Duration::from_micros(9));
+        let again = w.changes(&names, &known);
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].name, "b");
     }
 }

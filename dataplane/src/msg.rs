@@ -101,5 +101,9 @@ pub(crate) enum WorkerMsg {
     /// Stop accepting, tell agents to drain, close after `grace`.
     Drain { grace: Duration },
     /// Send a copy of the worker's metrics and agents (read between iterations).
-    Snapshot(crossbeam_channel::Sender<crate::metrics::WorkerSnapshot>),
+    Snapshot {
+        /// The metric versions the reader already holds: only changed ones are sent.
+        known: crate::metrics::Known,
+        reply: crossbeam_channel::Sender<crate::metrics::WorkerReport>,
+    },
 }

@@ -93,6 +93,38 @@ async fn metrics_and_agents_are_served() {
     assert!(ids.contains(&"spiffe://test.local/agent/target"), "{body}");
     assert!(ids.contains(&"spiffe://test.local/agent/caller"), "{body}");
 
+    // Later scrapes carry only what changed from the workers, and still add up: the handle's
+    // snapshots and the endpoint's share one cache.
+    for _ in 0..5 {
+        assert_eq!(caller.invoke("echo", "m").await.unwrap().status, Status::Ok);
+    }
+    let _ = gw.snapshot();
+    let (_, body) = get(admin, "/metrics");
+    assert_eq!(
+        value(
+            &body,
+            "dmsc_responses_total{capability=\"echo\",status=\"OK\"}"
+        ),
+        25.0
+    );
+    assert_eq!(
+        value(
+            &body,
+            "dmsc_responses_total{capability=\"fail\",status=\"APPLICATION_ERROR\"}"
+        ),
+        1.0
+    );
+    let (_, again) = get(admin, "/metrics");
+    assert_eq!(
+        value(
+            &again,
+            "dmsc_request_duration_seconds_count{capability=\"echo\"}"
+        ),
+        25.0
+    );
+    assert!(value(&again, "dmsc_wakeups_total") > 0.0);
+    assert!(value(&again, "dmsc_datagrams_received_total") > 0.0);
+
     assert_eq!(get(admin, "/healthz").0, "HTTP/1.1 200 OK");
     assert_eq!(get(admin, "/nope").0, "HTTP/1.1 404 Not Found");
     gw.shutdown(Duration::from_secs(1));

@@ -394,8 +394,8 @@ impl Core {
             WorkerMsg::AgentDown { session } => self.agent_down(session, now),
             WorkerMsg::Handoff { id, event } => self.on_handoff(id, event, now),
             WorkerMsg::Install(table) => self.router.install(table),
-            WorkerMsg::Snapshot(reply) => {
-                let _ = reply.try_send(self.snapshot());
+            WorkerMsg::Snapshot { known, reply } => {
+                let _ = reply.try_send(self.report(&known));
             }
             WorkerMsg::Drain { grace } => self.start_drain(now, grace),
         }

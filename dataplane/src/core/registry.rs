@@ -14,7 +14,7 @@ use dmsc_protocol::ConnectionCode;
 
 use super::conn::Role;
 use super::{ConnIdx, Core};
-use crate::metrics::{AgentView, WorkerSnapshot};
+use crate::metrics::{AgentView, Known, WorkerReport};
 use crate::msg::{AgentInfo, WorkerMsg};
 use crate::routing::AgentEntry;
 
@@ -148,8 +148,8 @@ impl Core {
         self.detach_waiting.remove(&session);
     }
 
-    /// A copy of this worker's metrics and of the agents whose home it is.
-    pub(super) fn snapshot(&self) -> WorkerSnapshot {
+    /// The metrics that changed since `known`, and the agents whose home this worker is.
+    pub(super) fn report(&self, known: &Known) -> WorkerReport {
         let agents = self
             .agents
             .values()
@@ -172,10 +172,10 @@ impl Core {
                 }
             })
             .collect();
-        WorkerSnapshot {
+        WorkerReport {
             worker: self.index,
             generation: self.router.table().generation.0,
-            capabilities: self.metrics.snapshot(self.router.metric_names()),
+            changes: self.metrics.changes(self.router.metric_names(), known),
             agents,
         }
     }
