@@ -15,6 +15,7 @@
 
 pub mod config;
 pub mod routing;
+pub mod slab;
 
 mod admin;
 mod bootstrap;

@@ -37,12 +37,8 @@ pub(crate) struct HandoffId {
     pub(crate) key: ExKey,
 }
 
-/// Index and generation of an exchange in a worker's table, so stale references are detected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) struct ExKey {
-    pub(crate) idx: u32,
-    pub(crate) gen: u32,
-}
+/// Names an exchange in a worker's table; a key kept after the exchange ended is stale.
+pub(crate) type ExKey = crate::slab::Key<crate::core::Exchange>;
 
 /// One step of a handed-off request, by the direction it travels.
 #[derive(Debug)]

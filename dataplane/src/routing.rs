@@ -20,6 +20,8 @@ use std::sync::Arc;
 use hashbrown::HashMap;
 use smallvec::SmallVec;
 
+use crate::slab::{Key, Slab};
+
 use dmsc_protocol::control::SessionId;
 
 /// A table generation number; 0 is the standalone table the gateway starts with.
@@ -60,13 +62,13 @@ impl TableGeneration {
     }
 }
 
+/// The key tag of agents in a [`Router`].
+#[derive(Debug)]
+pub enum AgentTag {}
+
 /// Names an agent in a worker's [`Router`]: a slot and the generation of its occupant, so an
 /// index kept after the agent left (and another took the slot) is recognised as stale.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AgentIdx {
-    slot: u32,
-    generation: u32,
-}
+pub type AgentIdx = Key<AgentTag>;
 
 /// The metrics slot of a capability: its index in [`Router::metric_names`], or
 /// [`MetricSlot::OTHER`] once the bounded set of named capabilities is full.
@@ -114,8 +116,8 @@ pub struct AgentEntry<C> {
 /// requests wins; candidates at their limit are skipped (scanning the pool if both sampled are
 /// full). `None` when every candidate is full.
 #[inline]
-fn pick<C>(pool: &[AgentIdx], agents: &[Slot<C>], rng: u64) -> Option<AgentIdx> {
-    let load = |i: AgentIdx| match agents.get(i.slot as usize).and_then(|s| s.get(i)) {
+fn pick<C>(pool: &[AgentIdx], agents: &Agents<C>, rng: u64) -> Option<AgentIdx> {
+    let load = |i: AgentIdx| match agents.get(i).map(|s| &s.entry) {
         Some(e) if e.outstanding < e.limit => Some(e.outstanding),
         _ => None,
     };
@@ -152,30 +154,16 @@ impl Candidates {
     }
 }
 
-/// One slot of the agent table.
+/// An agent and where it sits in the candidate lists.
 #[derive(Debug)]
-struct Slot<C> {
-    /// Bumped each time the slot is vacated.
-    generation: u32,
-    entry: Option<AgentEntry<C>>,
+struct Indexed<C> {
+    entry: AgentEntry<C>,
     /// For each capability of `entry`, in order, the agent's position in that capability's
     /// candidate list, so removal needs no search.
     positions: SmallVec<[u32; 4]>,
 }
 
-impl<C> Slot<C> {
-    fn get(&self, idx: AgentIdx) -> Option<&AgentEntry<C>> {
-        self.entry
-            .as_ref()
-            .filter(|_| self.generation == idx.generation)
-    }
-
-    fn get_mut(&mut self, idx: AgentIdx) -> Option<&mut AgentEntry<C>> {
-        self.entry
-            .as_mut()
-            .filter(|_| self.generation == idx.generation)
-    }
-}
+type Agents<C> = Slab<Indexed<C>, AgentTag>;
 
 /// The live overlay of attached agents on one worker, indexed by capability.
 ///
@@ -185,8 +173,7 @@ impl<C> Slot<C> {
 pub struct Router<C> {
     table: Arc<TableGeneration>,
     by_capability: HashMap<Box<str>, Candidates>,
-    agents: Vec<Slot<C>>,
-    free: Vec<u32>,
+    agents: Agents<C>,
     by_session: HashMap<SessionId, AgentIdx>,
     metric_slots: HashMap<Box<str>, MetricSlot>,
     metric_names: Vec<Box<str>>,
@@ -202,8 +189,7 @@ impl<C: Copy> Router<C> {
         Self {
             table,
             by_capability: HashMap::new(),
-            agents: Vec::new(),
-            free: Vec::new(),
+            agents: Slab::default(),
             by_session: HashMap::new(),
             metric_slots: HashMap::new(),
             metric_names: Vec::new(),
@@ -261,7 +247,7 @@ impl<C: Copy> Router<C> {
     }
 
     fn entry_mut(&mut self, idx: AgentIdx) -> Option<&mut AgentEntry<C>> {
-        self.agents.get_mut(idx.slot as usize)?.get_mut(idx)
+        Some(&mut self.agents.get_mut(idx)?.entry)
     }
 
     /// Releases a request counted by [`Router::select`] or [`Router::begin`]; returns the
@@ -287,7 +273,7 @@ impl<C: Copy> Router<C> {
 
     /// The agent at `idx`, unless `idx` is stale.
     pub fn agent(&self, idx: AgentIdx) -> Option<&AgentEntry<C>> {
-        self.agents.get(idx.slot as usize)?.get(idx)
+        Some(&self.agents.get(idx)?.entry)
     }
 
     /// The agent of `session`.
@@ -307,13 +293,7 @@ impl<C: Copy> Router<C> {
 
     /// Every attached agent.
     pub fn agents(&self) -> impl Iterator<Item = (AgentIdx, &AgentEntry<C>)> {
-        self.agents.iter().enumerate().filter_map(|(i, s)| {
-            let idx = AgentIdx {
-                slot: i as u32,
-                generation: s.generation,
-            };
-            Some((idx, s.entry.as_ref()?))
-        })
+        self.agents.iter().map(|(idx, a)| (idx, &a.entry))
     }
 
     /// Adds (or replaces) an agent and indexes its capabilities.
@@ -332,27 +312,10 @@ impl<C: Copy> Router<C> {
             return old;
         }
         let session = entry.session;
-        let idx = match self.free.pop() {
-            Some(i) => {
-                let slot = &mut self.agents[i as usize];
-                slot.entry = Some(entry);
-                AgentIdx {
-                    slot: i,
-                    generation: slot.generation,
-                }
-            }
-            None => {
-                self.agents.push(Slot {
-                    generation: 0,
-                    entry: Some(entry),
-                    positions: SmallVec::new(),
-                });
-                AgentIdx {
-                    slot: self.agents.len() as u32 - 1,
-                    generation: 0,
-                }
-            }
-        };
+        let idx = self.agents.insert(Indexed {
+            entry,
+            positions: SmallVec::new(),
+        });
         self.by_session.insert(session, idx);
         self.index(idx);
         idx
@@ -362,11 +325,7 @@ impl<C: Copy> Router<C> {
     pub fn remove(&mut self, session: SessionId) -> Option<AgentEntry<C>> {
         let idx = self.by_session.remove(&session)?;
         self.unindex(idx);
-        let slot = &mut self.agents[idx.slot as usize];
-        let entry = slot.entry.take();
-        slot.generation = slot.generation.wrapping_add(1);
-        self.free.push(idx.slot);
-        entry
+        Some(self.agents.remove(idx)?.entry)
     }
 
     /// Records that this worker reaches `session` directly through `conn` (or no longer does).
@@ -382,12 +341,10 @@ impl<C: Copy> Router<C> {
     }
 
     fn index(&mut self, idx: AgentIdx) {
-        let Some(slot) = self.agents.get_mut(idx.slot as usize) else {
+        let Some(slot) = self.agents.get_mut(idx) else {
             return;
         };
-        let Some(e) = slot.entry.as_ref() else {
-            return;
-        };
+        let e = &slot.entry;
         let direct = e.local.is_some();
         slot.positions.clear();
         for cap in e.capabilities.iter() {
@@ -419,12 +376,10 @@ impl<C: Copy> Router<C> {
     }
 
     fn unindex(&mut self, idx: AgentIdx) {
-        let Some(slot) = self.agents.get(idx.slot as usize) else {
+        let Some(slot) = self.agents.get(idx) else {
             return;
         };
-        let Some(e) = slot.entry.as_ref() else {
-            return;
-        };
+        let e = &slot.entry;
         let direct = e.local.is_some();
         let capabilities = e.capabilities.clone();
         let positions = slot.positions.clone();
@@ -440,12 +395,10 @@ impl<C: Copy> Router<C> {
             list.swap_remove(pos);
             // The agent moved into `pos` records its new position for this capability.
             if let Some(&moved) = list.get(pos) {
-                if let Some(m) = self.agents.get_mut(moved.slot as usize) {
-                    if let Some(me) = m.entry.as_ref() {
-                        if let Some(k) = me.capabilities.iter().position(|x| x == cap) {
-                            if let Some(p) = m.positions.get_mut(k) {
-                                *p = pos as u32;
-                            }
+                if let Some(m) = self.agents.get_mut(moved) {
+                    if let Some(k) = m.entry.capabilities.iter().position(|x| x == cap) {
+                        if let Some(p) = m.positions.get_mut(k) {
+                            *p = pos as u32;
                         }
                     }
                 }
@@ -454,7 +407,7 @@ impl<C: Copy> Router<C> {
                 self.by_capability.remove(&**cap);
             }
         }
-        if let Some(slot) = self.agents.get_mut(idx.slot as usize) {
+        if let Some(slot) = self.agents.get_mut(idx) {
             slot.positions.clear();
         }
     }

@@ -39,7 +39,7 @@ impl Core {
         let Some(deadline) = self.drain_deadline else {
             return false;
         };
-        let busy = self.exchanges.iter().any(Option::is_some);
+        let busy = !self.exchanges.is_empty();
         if busy && now < deadline {
             return false;
         }

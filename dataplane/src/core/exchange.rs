@@ -128,7 +128,6 @@ impl Flow {
 
 #[derive(Debug)]
 pub(crate) struct Exchange {
-    pub(super) gen: u32,
     pub(super) phase: Phase,
     pub(super) down: LegState,
     pub(super) up: Option<LegState>,
@@ -231,17 +230,7 @@ impl Exchange {
 
 impl Core {
     pub(super) fn new_exchange(&mut self, down: Leg, now: Instant) -> ExKey {
-        let idx = match self.ex_free.pop() {
-            Some(i) => i,
-            None => {
-                self.exchanges.push(None);
-                self.ex_gens.push(0);
-                self.exchanges.len() as u32 - 1
-            }
-        };
-        let gen = self.ex_gens[idx as usize];
-        self.exchanges[idx as usize] = Some(Exchange {
-            gen,
+        self.exchanges.insert(Exchange {
             phase: Phase::Header,
             down: LegState::new(down),
             up: None,
@@ -256,15 +245,11 @@ impl Core {
             metric: None,
             started: None,
             status: None,
-        });
-        ExKey { idx, gen }
+        })
     }
 
     pub(super) fn ex(&mut self, key: ExKey) -> Option<&mut Exchange> {
-        self.exchanges
-            .get_mut(key.idx as usize)?
-            .as_mut()
-            .filter(|x| x.gen == key.gen)
+        self.exchanges.get_mut(key)
     }
 
     pub(super) fn run_pumps(&mut self, now: Instant) {
@@ -308,12 +293,7 @@ impl Core {
     /// Reads what arrived on the `side` leg (a local stream); true if anything happened.
     fn read_leg(&mut self, key: ExKey, side: Side, now: Instant) -> bool {
         let limit = self.shared.config.limits.max_header_bytes;
-        let Some(x) = self
-            .exchanges
-            .get_mut(key.idx as usize)
-            .and_then(Option::as_mut)
-            .filter(|x| x.gen == key.gen)
-        else {
+        let Some(x) = self.exchanges.get_mut(key) else {
             return false;
         };
         let Some(&LegState {
@@ -556,12 +536,7 @@ impl Core {
 
     /// Writes the bytes queued for the `dest` leg; true if any moved.
     fn flush(&mut self, key: ExKey, dest: Side, now: Instant) -> bool {
-        let Some(x) = self
-            .exchanges
-            .get_mut(key.idx as usize)
-            .and_then(Option::as_mut)
-            .filter(|x| x.gen == key.gen)
-        else {
+        let Some(x) = self.exchanges.get_mut(key) else {
             return false;
         };
         let Some(&LegState { leg, send, .. }) = x.leg(dest) else {
@@ -865,15 +840,13 @@ impl Core {
             }
             return;
         }
-        let Some(x) = self.exchanges[key.idx as usize].take() else {
+        let Some(x) = self.exchanges.remove(key) else {
             return;
         };
-        self.ex_gens[key.idx as usize] = x.gen.wrapping_add(1);
         if let (Some(slot), Some(started)) = (x.metric, x.started) {
             self.metrics
                 .finished(slot, x.status, now.saturating_duration_since(started));
         }
-        self.ex_free.push(key.idx);
         for leg in [Some(x.down), x.up].into_iter().flatten() {
             match leg.leg {
                 Leg::Local { conn, stream } => {

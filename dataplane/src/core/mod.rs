@@ -105,11 +105,12 @@ use crate::config::Config;
 use crate::metrics::WorkerMetrics;
 use crate::msg::{AgentInfo, ExKey, HandoffId, WorkerMsg};
 use crate::routing::{MetricSlot, Router, TableGeneration};
+use crate::slab::Slab;
 use crate::stats::WorkerStats;
 
 use conn::Conn;
 pub(crate) use conn::ConnIdx;
-use exchange::Exchange;
+pub(crate) use exchange::Exchange;
 pub(crate) use handoff::Chunks;
 use outbox::Outboxes;
 use timers::Timers;
@@ -201,9 +202,7 @@ pub(crate) struct Core {
     conns: Vec<Option<Conn>>,
     conn_count: usize,
     per_identity: HashMap<Arc<str>, usize>,
-    exchanges: Vec<Option<Exchange>>,
-    ex_gens: Vec<u32>,
-    ex_free: Vec<u32>,
+    exchanges: Slab<Exchange>,
     handoffs_in: HashMap<HandoffId, ExKey>,
     router: Router<ConnIdx>,
     agents: HashMap<SessionId, Arc<AgentInfo>>,
@@ -292,9 +291,7 @@ impl Core {
             conns: Vec::new(),
             conn_count: 0,
             per_identity: HashMap::new(),
-            exchanges: Vec::new(),
-            ex_gens: Vec::new(),
-            ex_free: Vec::new(),
+            exchanges: Slab::default(),
             handoffs_in: HashMap::new(),
             router: Router::new(
                 table,

@@ -19,7 +19,7 @@ const DEADLINE_SLACK: usize = 1024;
 #[derive(Debug, Default)]
 pub(super) struct Timers {
     conns: BTreeSet<(Instant, ConnIdx)>,
-    deadlines: BinaryHeap<Reverse<(Instant, u32, u32)>>,
+    deadlines: BinaryHeap<Reverse<(Instant, ExKey)>>,
 }
 
 impl Timers {
@@ -74,14 +74,13 @@ impl Core {
         x.deadline = Some(at);
         let live = self.exchanges.len();
         let heap = &mut self.timers.deadlines;
-        heap.push(Reverse((at, key.idx, key.gen)));
+        heap.push(Reverse((at, key)));
         if heap.len() > 2 * live + DEADLINE_SLACK {
             let exchanges = &self.exchanges;
-            heap.retain(|Reverse((at, idx, gen))| {
+            heap.retain(|Reverse((at, key))| {
                 exchanges
-                    .get(*idx as usize)
-                    .and_then(Option::as_ref)
-                    .is_some_and(|x| x.gen == *gen && x.deadline == Some(*at))
+                    .get(*key)
+                    .is_some_and(|x| x.deadline == Some(*at))
             });
         }
     }
@@ -102,12 +101,11 @@ impl Core {
             mark_dirty(&mut self.dirty, conn, ci);
             self.conn_deadlines(ci, now);
         }
-        while let Some(&Reverse((at, idx, gen))) = self.timers.deadlines.peek() {
+        while let Some(&Reverse((at, key))) = self.timers.deadlines.peek() {
             if at > now {
                 break;
             }
             self.timers.deadlines.pop();
-            let key = ExKey { idx, gen };
             if self.ex(key).is_some_and(|x| x.deadline == Some(at)) {
                 self.deadline_passed(key, now);
             }
