@@ -2,7 +2,6 @@
 //! core, and hands back a [`GatewayHandle`].
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -17,7 +16,7 @@ use crate::config::Config;
 use crate::core::{Core, OsRandom, Shared, SocketCaps};
 use crate::msg::WorkerMsg;
 use crate::routing::TableGeneration;
-use crate::stats::{StatsSnapshot, WorkerStats};
+use crate::stats::StatsSnapshot;
 use crate::worker::{Mailboxes, Socket, Worker};
 
 /// The gateway's TLS identity and the trust anchors of its domain.
@@ -160,14 +159,7 @@ impl Gateway {
             wakers.push(Arc::new(waker));
         }
         let mailboxes = Arc::new(Mailboxes { senders, wakers });
-        let shared = Arc::new(Shared {
-            stats: (0..workers)
-                .map(|_| Arc::new(WorkerStats::default()))
-                .collect(),
-            agents: AtomicUsize::new(0),
-            lane_addrs,
-            config,
-        });
+        let shared = Arc::new(Shared::new(config, lane_addrs));
         let cores = if shared.config.pin_workers {
             core_affinity::get_core_ids().unwrap_or_default()
         } else {

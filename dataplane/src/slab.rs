@@ -123,13 +123,17 @@ impl<T, K> Slab<T, K> {
     /// The value of `key`, unless it was removed.
     pub fn get(&self, key: Key<K>) -> Option<&T> {
         let slot = self.slots.get(key.index as usize)?;
-        slot.value.as_ref().filter(|_| slot.generation == key.generation)
+        slot.value
+            .as_ref()
+            .filter(|_| slot.generation == key.generation)
     }
 
     /// The value of `key`, unless it was removed.
     pub fn get_mut(&mut self, key: Key<K>) -> Option<&mut T> {
         let slot = self.slots.get_mut(key.index as usize)?;
-        slot.value.as_mut().filter(|_| slot.generation == key.generation)
+        slot.value
+            .as_mut()
+            .filter(|_| slot.generation == key.generation)
     }
 
     /// Removes and returns the value of `key`; its key (and every copy) goes stale.

@@ -21,8 +21,67 @@ use super::{after, close, mark_dirty, Core, IntoVarInt};
 use crate::msg::{ExKey, WorkerMsg};
 use crate::stats::WorkerStats;
 
-/// Index of a connection in the core's connection table (the quinn-proto connection handle).
-pub(crate) type ConnIdx = usize;
+/// Names a connection in the core's table: quinn-proto's connection handle. quinn-proto reuses
+/// a handle only after the connection was drained and removed, and removal first ends every
+/// exchange with a leg on it (`Core::connection_gone`), so no leg outlives its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct ConnIdx(usize);
+
+impl From<ConnectionHandle> for ConnIdx {
+    fn from(ch: ConnectionHandle) -> Self {
+        ConnIdx(ch.0)
+    }
+}
+
+impl From<ConnIdx> for ConnectionHandle {
+    fn from(ci: ConnIdx) -> Self {
+        ConnectionHandle(ci.0)
+    }
+}
+
+/// The core's connections, by [`ConnIdx`].
+#[derive(Default)]
+pub(super) struct Conns(Vec<Option<Conn>>);
+
+impl Conns {
+    pub(super) fn get(&self, ci: ConnIdx) -> Option<&Conn> {
+        self.0.get(ci.0)?.as_ref()
+    }
+
+    pub(super) fn get_mut(&mut self, ci: ConnIdx) -> Option<&mut Conn> {
+        self.0.get_mut(ci.0)?.as_mut()
+    }
+
+    fn insert(&mut self, ci: ConnIdx, conn: Conn) {
+        if self.0.len() <= ci.0 {
+            self.0.resize_with(ci.0 + 1, || None);
+        }
+        self.0[ci.0] = Some(conn);
+    }
+
+    pub(super) fn take(&mut self, ci: ConnIdx) -> Option<Conn> {
+        self.0.get_mut(ci.0)?.take()
+    }
+
+    /// Every index that may hold a connection.
+    pub(super) fn indices(&self) -> impl Iterator<Item = ConnIdx> {
+        (0..self.0.len()).map(ConnIdx)
+    }
+
+    pub(super) fn iter(&self) -> impl Iterator<Item = (ConnIdx, &Conn)> {
+        self.0
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| Some((ConnIdx(i), c.as_ref()?)))
+    }
+
+    pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = (ConnIdx, &mut Conn)> {
+        self.0
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, c)| Some((ConnIdx(i), c.as_mut()?)))
+    }
+}
 
 /// What a connection is to the gateway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,11 +134,9 @@ impl Core {
         now: Instant,
     ) {
         let span = debug_span_conn(ch.0, self.index, quic.remote_address());
-        if self.conns.len() <= ch.0 {
-            self.conns.resize_with(ch.0 + 1, || None);
-        }
+        let ci = ConnIdx::from(ch);
         let limits = &self.shared.config.limits;
-        self.conns[ch.0] = Some(Conn {
+        let conn = Conn {
             quic,
             socket,
             identity: None,
@@ -98,11 +155,12 @@ impl Core {
             detaching: false,
             dirty: false,
             span,
-        });
+        };
+        self.conns.insert(ci, conn);
         self.conn_count += 1;
         WorkerStats::add(&self.stats.connections, 1);
-        if let Some(conn) = self.conns[ch.0].as_mut() {
-            mark_dirty(&mut self.dirty, conn, ch.0);
+        if let Some(conn) = self.conns.get_mut(ci) {
+            mark_dirty(&mut self.dirty, conn, ci);
         }
     }
 
@@ -114,7 +172,7 @@ impl Core {
         code: ConnectionCode,
         reason: &'static str,
     ) {
-        let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) else {
+        let Some(conn) = self.conns.get_mut(ci) else {
             return;
         };
         close(conn, now, code, reason);
@@ -127,7 +185,7 @@ impl Core {
             Event::Connected => self.connected(ci, now),
             Event::HandshakeDataReady | Event::DatagramReceived | Event::DatagramsUnblocked => {}
             Event::ConnectionLost { reason } => {
-                if let Some(conn) = self.conns[ci].as_ref() {
+                if let Some(conn) = self.conns.get(ci) {
                     debug!(parent: &conn.span, %reason, "connection lost");
                     if conn.identity.is_none() {
                         // The handshake failed: no certificate, a refused one, a wrong ALPN.
@@ -143,7 +201,7 @@ impl Core {
             Event::Stream(StreamEvent::Opened { dir: Dir::Bi }) => self.accept_streams(ci, now),
             Event::Stream(StreamEvent::Opened { dir: Dir::Uni }) => {}
             Event::Stream(StreamEvent::Readable { id } | StreamEvent::Writable { id }) => {
-                let Some(conn) = self.conns[ci].as_mut() else {
+                let Some(conn) = self.conns.get_mut(ci) else {
                     return;
                 };
                 if conn.control == Some(id) {
@@ -153,7 +211,7 @@ impl Core {
                 }
             }
             Event::Stream(StreamEvent::Stopped { id, error_code }) => {
-                let Some(conn) = self.conns[ci].as_mut() else {
+                let Some(conn) = self.conns.get_mut(ci) else {
                     return;
                 };
                 if conn.control == Some(id) {
@@ -168,7 +226,7 @@ impl Core {
                 }
             }
             Event::Stream(StreamEvent::Finished { id }) => {
-                let Some(conn) = self.conns[ci].as_mut() else {
+                let Some(conn) = self.conns.get_mut(ci) else {
                     return;
                 };
                 if conn.control == Some(id) {
@@ -182,7 +240,7 @@ impl Core {
     }
 
     fn connected(&mut self, ci: ConnIdx, now: Instant) {
-        let Some(conn) = self.conns[ci].as_mut() else {
+        let Some(conn) = self.conns.get_mut(ci) else {
             return;
         };
         let Some(id) = crate::tls::peer_spiffe_id(&conn.quic) else {
@@ -210,7 +268,7 @@ impl Core {
 
     fn accept_streams(&mut self, ci: ConnIdx, now: Instant) {
         loop {
-            let Some(conn) = self.conns[ci].as_mut() else {
+            let Some(conn) = self.conns.get_mut(ci) else {
                 return;
             };
             let Some(id) = conn.quic.streams().accept(Dir::Bi) else {
@@ -239,7 +297,7 @@ impl Core {
             // replaces this once it has.
             let header_by = after(now, self.shared.config.limits.header_timeout_ms);
             self.set_deadline(key, header_by);
-            if let Some(conn) = self.conns[ci].as_mut() {
+            if let Some(conn) = self.conns.get_mut(ci) {
                 conn.streams.insert(id, key);
             }
             WorkerStats::add(&self.stats.requests, 1);
@@ -250,7 +308,7 @@ impl Core {
     /// Connection `ci` is closed or lost: fail its exchanges, end its role, release its count.
     /// Idempotent.
     pub(super) fn connection_gone(&mut self, ci: ConnIdx, now: Instant) {
-        let Some(conn) = self.conns[ci].as_mut() else {
+        let Some(conn) = self.conns.get_mut(ci) else {
             return;
         };
         let keys: smallvec::SmallVec<[(StreamId, ExKey); 8]> = conn.streams.drain().collect();
@@ -305,7 +363,7 @@ impl Core {
     /// Frees connection `ci` once quinn-proto has drained it.
     pub(super) fn remove_conn(&mut self, ci: ConnIdx, now: Instant) {
         self.connection_gone(ci, now);
-        if let Some(conn) = self.conns[ci].take() {
+        if let Some(conn) = self.conns.take(ci) {
             if let Some(t) = conn.timer {
                 self.timers.remove_conn(t, ci);
             }
@@ -318,7 +376,7 @@ impl Core {
     /// deadline, and the peer timeout of an attached agent's connection.
     pub(super) fn conn_deadlines(&mut self, ci: ConnIdx, now: Instant) {
         let peer_timeout = self.shared.config.limits.peer_timeout_ms;
-        let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) else {
+        let Some(conn) = self.conns.get_mut(ci) else {
             return;
         };
         let attach_due = conn.attach_deadline.is_some_and(|t| t <= now);

@@ -22,13 +22,14 @@ impl Core {
         self.accepting = false;
         self.drain_deadline = Some(now + grace);
         let grace_ms = grace.as_millis() as u64;
-        for ci in 0..self.conns.len() {
-            let primary = self.conns[ci]
-                .as_ref()
-                .is_some_and(|c| matches!(c.role, Role::Primary(_)));
-            if primary {
-                self.write_control(ci, &ControlFrame::Drain { grace_ms });
-            }
+        let primaries: Vec<_> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| matches!(c.role, Role::Primary(_)))
+            .map(|(ci, _)| ci)
+            .collect();
+        for ci in primaries {
+            self.write_control(ci, &ControlFrame::Drain { grace_ms });
         }
         debug!(worker = self.index, grace_ms, "draining");
     }
@@ -45,8 +46,8 @@ impl Core {
         }
         // Close everything that is still open, once.
         let mut open = false;
-        for ci in 0..self.conns.len() {
-            let Some(conn) = self.conns[ci].as_ref() else {
+        for ci in self.conns.indices() {
+            let Some(conn) = self.conns.get(ci) else {
                 continue;
             };
             open = true;

@@ -303,7 +303,7 @@ impl Core {
         else {
             return false;
         };
-        let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) else {
+        let Some(conn) = self.conns.get_mut(ci) else {
             return false;
         };
         let dest_remote = matches!(x.leg(side.other()).map(|l| l.leg), Some(Leg::Remote { .. }));
@@ -438,7 +438,7 @@ impl Core {
             0 => limits.default_deadline_ms,
             d => d.min(limits.max_deadline_ms),
         };
-        let Some(conn) = self.conns[ci].as_ref() else {
+        let Some(conn) = self.conns.get(ci) else {
             return;
         };
         let Some(caller) = conn.identity.as_deref() else {
@@ -514,7 +514,7 @@ impl Core {
     /// Opens the target stream on `tci` and queues `header` on it. False if the target's
     /// connection allows no more streams.
     pub(super) fn open_up(&mut self, key: ExKey, tci: ConnIdx, header: Bytes) -> bool {
-        let Some(conn) = self.conns.get_mut(tci).and_then(Option::as_mut) else {
+        let Some(conn) = self.conns.get_mut(tci) else {
             return false;
         };
         if conn.quic.is_closed() {
@@ -549,7 +549,7 @@ impl Core {
         let source = x.leg(dest.other()).map(|l| l.leg);
         match leg {
             Leg::Local { conn: ci, stream } => {
-                let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) else {
+                let Some(conn) = self.conns.get_mut(ci) else {
                     return false;
                 };
                 let flow = x.flow_into(dest);
@@ -667,7 +667,7 @@ impl Core {
         x.down.recv = Half::Closed;
         match x.down.leg {
             Leg::Local { conn, stream } => {
-                if let Some(c) = self.conns.get_mut(conn).and_then(Option::as_mut) {
+                if let Some(c) = self.conns.get_mut(conn) {
                     let _ = c
                         .quic
                         .recv_stream(stream)
@@ -757,7 +757,7 @@ impl Core {
         x.flow_into(side).clear();
         match leg {
             Leg::Local { conn, stream } => {
-                if let Some(c) = self.conns.get_mut(conn).and_then(Option::as_mut) {
+                if let Some(c) = self.conns.get_mut(conn) {
                     if send_open {
                         let _ = c.quic.send_stream(stream).reset(code.into_varint());
                     }
@@ -793,7 +793,7 @@ impl Core {
         code: VarInt,
     ) {
         // RFC 9000 3.5: a STOP_SENDING is answered with a RESET_STREAM.
-        if let Some(c) = self.conns.get_mut(ci).and_then(Option::as_mut) {
+        if let Some(c) = self.conns.get_mut(ci) {
             let _ = c.quic.send_stream(stream).reset(code);
             mark_dirty(&mut self.dirty, c, ci);
         }
@@ -850,7 +850,7 @@ impl Core {
         for leg in [Some(x.down), x.up].into_iter().flatten() {
             match leg.leg {
                 Leg::Local { conn, stream } => {
-                    if let Some(c) = self.conns.get_mut(conn).and_then(Option::as_mut) {
+                    if let Some(c) = self.conns.get_mut(conn) {
                         c.streams.remove(&stream);
                     }
                 }

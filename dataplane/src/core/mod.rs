@@ -95,7 +95,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use hashbrown::{HashMap, HashSet};
-use quinn_proto::{ConnectionHandle, DatagramEvent, EcnCodepoint, Endpoint, ServerConfig, VarInt};
+use quinn_proto::{DatagramEvent, EcnCodepoint, Endpoint, ServerConfig, VarInt};
 use tracing::debug;
 
 use dmsc_protocol::control::SessionId;
@@ -108,8 +108,8 @@ use crate::routing::{MetricSlot, Router, TableGeneration};
 use crate::slab::Slab;
 use crate::stats::WorkerStats;
 
-use conn::Conn;
 pub(crate) use conn::ConnIdx;
+use conn::{Conn, Conns};
 pub(crate) use exchange::Exchange;
 pub(crate) use handoff::Chunks;
 use outbox::Outboxes;
@@ -142,6 +142,19 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The shared state of `config.worker_count()` workers whose lane addresses are
+    /// `lane_addrs`.
+    pub(crate) fn new(config: Config, lane_addrs: Vec<String>) -> Self {
+        Self {
+            stats: (0..config.worker_count())
+                .map(|_| Arc::new(WorkerStats::default()))
+                .collect(),
+            agents: AtomicUsize::new(0),
+            lane_addrs,
+            config,
+        }
+    }
+
     /// Number of workers.
     pub(crate) fn workers(&self) -> usize {
         self.stats.len()
@@ -199,7 +212,7 @@ pub(crate) struct Core {
     server_config: Arc<ServerConfig>,
     random: Box<dyn Random>,
     accepting: bool,
-    conns: Vec<Option<Conn>>,
+    conns: Conns,
     conn_count: usize,
     per_identity: HashMap<Arc<str>, usize>,
     exchanges: Slab<Exchange>,
@@ -288,7 +301,7 @@ impl Core {
             server_config,
             random,
             accepting: true,
-            conns: Vec::new(),
+            conns: Conns::default(),
             conn_count: 0,
             per_identity: HashMap::new(),
             exchanges: Slab::default(),
@@ -334,7 +347,7 @@ impl Core {
     /// Bytes of control-stream answers waiting to be handed to QUIC, over all connections.
     #[cfg(test)]
     pub(crate) fn control_backlog(&self) -> usize {
-        self.conns.iter().flatten().map(|c| c.ctl_out.len()).sum()
+        self.conns.iter().map(|(_, c)| c.ctl_out.len()).sum()
     }
 
     fn tick(&mut self, now: Instant) {
@@ -366,10 +379,11 @@ impl Core {
             .handle(now, remote, local_ip, ecn, data, &mut buf)
         {
             Some(DatagramEvent::ConnectionEvent(ch, ev)) => {
-                if let Some(conn) = self.conns.get_mut(ch.0).and_then(Option::as_mut) {
+                let ci = ConnIdx::from(ch);
+                if let Some(conn) = self.conns.get_mut(ci) {
                     conn.last_heard = now;
                     conn.quic.handle_event(ev);
-                    mark_dirty(&mut self.dirty, conn, ch.0);
+                    mark_dirty(&mut self.dirty, conn, ci);
                 }
             }
             Some(DatagramEvent::NewConnection(incoming)) => {
@@ -407,8 +421,8 @@ impl Core {
 
     /// `socket` can take transmits again: the connections that stopped on it go on.
     pub(crate) fn handle_writable(&mut self, socket: usize) {
-        for (ci, conn) in self.conns.iter_mut().enumerate() {
-            if let Some(conn) = conn.as_mut().filter(|c| c.socket == socket) {
+        for (ci, conn) in self.conns.iter_mut() {
+            if conn.socket == socket {
                 mark_dirty(&mut self.dirty, conn, ci);
             }
         }
@@ -437,7 +451,7 @@ impl Core {
         }
         loop {
             if let Some(ci) = self.transmitting {
-                if let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) {
+                if let Some(conn) = self.conns.get_mut(ci) {
                     let socket = conn.socket;
                     if sendable(socket) {
                         buf.clear();
@@ -449,7 +463,7 @@ impl Core {
                 }
                 self.transmitting = None;
                 self.update_conn_timer(ci);
-                if self.conns[ci].as_ref().is_some_and(|c| c.quic.is_drained()) {
+                if self.conns.get(ci).is_some_and(|c| c.quic.is_drained()) {
                     self.remove_conn(ci, now);
                 }
             }
@@ -581,18 +595,18 @@ impl Core {
 
     /// Polls connection `ci`'s endpoint and application events.
     fn drive(&mut self, ci: ConnIdx, now: Instant) {
-        let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) else {
+        let Some(conn) = self.conns.get_mut(ci) else {
             return;
         };
         conn.dirty = false;
         // Endpoint events (connection ids, draining) go through the endpoint and may come back.
         while let Some(ev) = conn.quic.poll_endpoint_events() {
-            if let Some(back) = self.endpoint.handle_event(ConnectionHandle(ci), ev) {
+            if let Some(back) = self.endpoint.handle_event(ci.into(), ev) {
                 conn.quic.handle_event(back);
             }
         }
         loop {
-            let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) else {
+            let Some(conn) = self.conns.get_mut(ci) else {
                 return;
             };
             let Some(ev) = conn.quic.poll() else {

@@ -110,12 +110,7 @@ impl Core {
             .get(&session)?
             .iter()
             .copied()
-            .find(|&ci| {
-                self.conns
-                    .get(ci)
-                    .and_then(Option::as_ref)
-                    .is_some_and(|c| c.role == role)
-            })
+            .find(|&ci| self.conns.get(ci).is_some_and(|c| c.role == role))
     }
 
     pub(super) fn detach_done(&mut self, session: SessionId) {
@@ -135,8 +130,9 @@ impl Core {
     /// The session is over: forget the agent and close its lanes on this worker.
     pub(super) fn agent_down(&mut self, session: SessionId, now: Instant) {
         for ci in self.session_conns.remove(&session).unwrap_or_default() {
-            let lane = self.conns[ci]
-                .as_ref()
+            let lane = self
+                .conns
+                .get(ci)
                 .is_some_and(|c| c.role == Role::Lane(session));
             if lane {
                 self.close_conn(ci, now, ConnectionCode::NoError, "session ended");

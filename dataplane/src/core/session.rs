@@ -50,7 +50,7 @@ impl Core {
     /// Reads and handles what arrived on connection `ci`'s control stream, within the bounds
     /// described in the module docs.
     pub(super) fn read_control(&mut self, ci: ConnIdx, now: Instant) {
-        let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) else {
+        let Some(conn) = self.conns.get_mut(ci) else {
             return;
         };
         let Some(id) = conn.control else {
@@ -143,9 +143,7 @@ impl Core {
             self.defer_control(ci);
         }
         if finished {
-            let leaving = self.conns[ci]
-                .as_ref()
-                .is_some_and(|c| c.close_after.is_none());
+            let leaving = self.conns.get(ci).is_some_and(|c| c.close_after.is_none());
             if leaving {
                 // The agent closed its control stream: it is leaving.
                 self.close_conn(ci, now, ConnectionCode::NoError, "control stream closed");
@@ -156,7 +154,7 @@ impl Core {
 
     /// Reads connection `ci`'s control stream again in a later iteration.
     fn defer_control(&mut self, ci: ConnIdx) {
-        if let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) {
+        if let Some(conn) = self.conns.get_mut(ci) {
             if !conn.control_deferred {
                 conn.control_deferred = true;
                 self.control_deferred.push_back(ci);
@@ -171,7 +169,7 @@ impl Core {
             let Some(ci) = self.control_deferred.pop_front() else {
                 break;
             };
-            if let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) {
+            if let Some(conn) = self.conns.get_mut(ci) {
                 conn.control_deferred = false;
                 self.read_control(ci, now);
                 any = true;
@@ -181,7 +179,7 @@ impl Core {
     }
 
     pub(super) fn write_control(&mut self, ci: ConnIdx, frame: &ControlFrame) {
-        if let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) {
+        if let Some(conn) = self.conns.get_mut(ci) {
             if let Err(e) = frame.encode(&mut conn.ctl_out) {
                 warn!(error = %e, "control frame not encodable");
             }
@@ -192,7 +190,7 @@ impl Core {
     /// Hands what waits on connection `ci`'s control stream to QUIC; reads the stream again
     /// if it had stopped for the backlog and the backlog is gone.
     pub(super) fn flush_control(&mut self, ci: ConnIdx, now: Instant) {
-        let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) else {
+        let Some(conn) = self.conns.get_mut(ci) else {
             return;
         };
         let Some(id) = conn.control else {
@@ -230,12 +228,12 @@ impl Core {
         now: Instant,
         after: AfterRefusal,
     ) {
-        if let Some(conn) = self.conns[ci].as_ref() {
+        if let Some(conn) = self.conns.get(ci) {
             debug!(parent: &conn.span, ?refusal, %reason, "attach refused");
         }
         self.write_control(ci, &ControlFrame::AttachRefused { refusal, reason });
         if after == AfterRefusal::Close {
-            if let Some(conn) = self.conns[ci].as_mut() {
+            if let Some(conn) = self.conns.get_mut(ci) {
                 // Close once the refusal has been delivered (or after a short bound), so the
                 // agent learns why.
                 conn.close_after = Some((ConnectionCode::AttachRefused, "attach refused"));
@@ -246,7 +244,7 @@ impl Core {
     }
 
     fn on_control(&mut self, ci: ConnIdx, frame: ControlFrame, now: Instant) {
-        let Some(conn) = self.conns[ci].as_mut() else {
+        let Some(conn) = self.conns.get_mut(ci) else {
             return;
         };
         if conn.quic.is_closed() {
@@ -329,7 +327,7 @@ impl Core {
                 if detaching {
                     return;
                 }
-                if let Some(conn) = self.conns[ci].as_mut() {
+                if let Some(conn) = self.conns.get_mut(ci) {
                     conn.detaching = true;
                     debug!(parent: &conn.span, ?session, "detaching");
                 }
@@ -408,7 +406,7 @@ impl Core {
             card,
         });
         self.session_conns.entry(session).or_default().push(ci);
-        if let Some(conn) = self.conns[ci].as_mut() {
+        if let Some(conn) = self.conns.get_mut(ci) {
             conn.role = Role::Primary(session);
             conn.attach_deadline = None;
             debug!(parent: &conn.span, ?session, identity = %info.identity,
@@ -460,7 +458,7 @@ impl Core {
             );
         }
         self.session_conns.entry(session).or_default().push(ci);
-        if let Some(conn) = self.conns[ci].as_mut() {
+        if let Some(conn) = self.conns.get_mut(ci) {
             conn.role = Role::Lane(session);
             conn.attach_deadline = None;
             debug!(parent: &conn.span, ?session, "lane bound");

@@ -43,7 +43,7 @@ impl Core {
     /// attach deadline and the moment it would count as unresponsive.
     pub(super) fn update_conn_timer(&mut self, ci: ConnIdx) {
         let peer_timeout = self.shared.config.limits.peer_timeout_ms;
-        let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) else {
+        let Some(conn) = self.conns.get_mut(ci) else {
             return;
         };
         let next = [
@@ -78,9 +78,7 @@ impl Core {
         if heap.len() > 2 * live + DEADLINE_SLACK {
             let exchanges = &self.exchanges;
             heap.retain(|Reverse((at, key))| {
-                exchanges
-                    .get(*key)
-                    .is_some_and(|x| x.deadline == Some(*at))
+                exchanges.get(*key).is_some_and(|x| x.deadline == Some(*at))
             });
         }
     }
@@ -91,7 +89,7 @@ impl Core {
                 break;
             }
             self.timers.conns.pop_first();
-            let Some(conn) = self.conns.get_mut(ci).and_then(Option::as_mut) else {
+            let Some(conn) = self.conns.get_mut(ci) else {
                 continue;
             };
             conn.timer = None;
