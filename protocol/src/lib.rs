@@ -19,6 +19,8 @@
 //! back, so every decoder can be driven by tests and fuzzers directly.
 //! The normative description of the formats is `docs/PROTOCOL.md`.
 
+#![warn(missing_docs)]
+
 #![forbid(unsafe_code)]
 
 pub mod card;
