@@ -96,7 +96,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use hashbrown::{HashMap, HashSet};
 use quinn_proto::{DatagramEvent, EcnCodepoint, Endpoint, ServerConfig, VarInt};
-use tracing::debug;
+use tracing::warn;
 
 use dmsc_protocol::control::SessionId;
 use dmsc_protocol::{ConnectionCode, StreamCode};
@@ -553,6 +553,7 @@ impl Core {
         if !self.accepting
             || self.conn_count >= self.shared.config.limits.max_connections_per_worker
         {
+            WorkerStats::add(&self.stats.handshakes_refused, 1);
             let t = self.endpoint.refuse(incoming, buf);
             return self.respond(socket, t, buf);
         }
@@ -571,14 +572,19 @@ impl Core {
                 }
             }
         }
+        let remote = incoming.remote_address();
         match self
             .endpoint
             .accept(incoming, now, buf, Some(self.server_config.clone()))
         {
             Ok((ch, quic)) => self.add_conn(ch, quic, socket, now),
             Err(e) => {
-                debug!(error = %e.cause, "handshake refused");
+                // A malformed Initial, or a ClientHello TLS refuses outright (no acceptable
+                // ALPN, no common cipher suite): peer-triggered, so rate-limited.
                 WorkerStats::add(&self.stats.handshakes_refused, 1);
+                if let Some(suppressed) = self.handshake_log.admit(now) {
+                    warn!(%remote, error = %e.cause, suppressed, "handshake refused");
+                }
                 if let Some(t) = e.response {
                     self.respond(socket, t, buf);
                 }
