@@ -1,4 +1,7 @@
-//! Every status a caller can get, and the refusals, over real loopback QUIC.
+//! Statuses a caller can get, and the refusals, over real loopback QUIC. The statuses that depend
+//! on timing (`DEADLINE_EXCEEDED`, `OVERLOADED`, a target that vanishes or fails after a hand-off
+//! or mid-answer) are tested deterministically on the core's virtual clock instead
+//! (`dataplane/src/core/tests/statuses.rs`).
 
 use std::time::Duration;
 
@@ -6,8 +9,7 @@ use bytes::Bytes;
 use dmsc_agent::{Agent, InvokeError, Status};
 use dmsc_identity::{CertificateAuthority, IssuedIdentity, SpiffeId};
 use dmsc_protocol::control::{ControlFrame, Refusal};
-use dmsc_protocol::header::{RequestHeader, ResponseHeader};
-use dmsc_protocol::limits::MAX_HEADER_BYTES;
+use dmsc_protocol::header::RequestHeader;
 use dmsc_tests::*;
 
 fn header(capability: &str, deadline_ms: u64, hop_count: u8) -> Vec<u8> {
@@ -56,71 +58,14 @@ async fn no_route_application_error_and_ok() {
     gw.shutdown(Duration::from_secs(1));
 }
 
+/// The one real-QUIC target failure (the timing-dependent ones, deadlines, a vanishing or
+/// handed-off target and `OVERLOADED`, are deterministic tests of the core:
+/// `dataplane/src/core/tests/statuses.rs`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deadline_exceeded_when_the_answer_does_not_begin_in_time() {
-    let pki = Pki::new();
-    let gw = gateway(&pki, 1, |_| {});
-    let _target = attach(&pki, gw.local_addr(), "target", &["sleep"]).await;
-    let caller = raw_agent(&pki, gw.local_addr(), "caller", &["x"]).await;
-    let mut raw = header("sleep", 200, 0);
-    raw.extend_from_slice(b"3000");
-    let started = std::time::Instant::now();
-    let (status, _, _) = caller.request_raw(&raw).await.unwrap();
-    assert_eq!(status, Status::DeadlineExceeded);
-    assert!(started.elapsed() < Duration::from_millis(2500));
-    // Through the SDK the same deadline gives the same status.
-    let sdk = attach(&pki, gw.local_addr(), "sdk", &["y"]).await;
-    let result = sdk
-        .request("sleep")
-        .deadline(Duration::from_millis(200))
-        .send("3000")
-        .await;
-    let status = match result {
-        Ok(reply) => reply.status,
-        Err(e) => e.status(),
-    };
-    assert_eq!(status, Status::DeadlineExceeded);
-    gw.shutdown(Duration::from_secs(1));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn overloaded_when_every_candidate_is_at_its_limit() {
-    let pki = Pki::new();
-    let gw = gateway(&pki, 1, |_| {});
-    let mut config = agent_config(&pki, gw.local_addr(), "target", card("target", &["sleep"]));
-    config.max_concurrent = 1;
-    let _target = Agent::attach(config, test_handlers("target"))
-        .await
-        .unwrap();
-    let caller = attach(&pki, gw.local_addr(), "caller", &["x"]).await;
-    let slow = {
-        let caller = caller.clone();
-        tokio::spawn(async move { caller.invoke("sleep", "1000").await })
-    };
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let reply = caller.invoke("sleep", "0").await.unwrap();
-    assert_eq!(reply.status, Status::Overloaded);
-    assert_eq!(slow.await.unwrap().unwrap().status, Status::Ok);
-    // Once the slow one is done there is room again (as soon as the target's QUIC stream
-    // credit for it has come back to the gateway).
-    let mut status = Status::Overloaded;
-    for _ in 0..50 {
-        status = caller.invoke("sleep", "0").await.unwrap().status;
-        if status == Status::Ok {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(status, Status::Ok);
-    gw.shutdown(Duration::from_secs(1));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn target_failed_when_the_target_resets_or_vanishes() {
+async fn target_failed_when_the_target_resets() {
     let pki = Pki::new();
     let gw = gateway(&pki, 1, |_| {});
     let caller = attach(&pki, gw.local_addr(), "caller", &["x"]).await;
-
     // A target that resets every request it is given.
     let resetter = raw_agent(&pki, gw.local_addr(), "resetter", &["reset_me"]).await;
     let conn = resetter.conn.clone();
@@ -134,113 +79,7 @@ async fn target_failed_when_the_target_resets_or_vanishes() {
     });
     let reply = caller.invoke("reset_me", "x").await.unwrap();
     assert_eq!(reply.status, Status::TargetFailed);
-
-    // A target that vanishes (closes its connection) while a request is in flight.
-    let vanisher = raw_agent(&pki, gw.local_addr(), "vanisher", &["vanish"]).await;
-    let conn = vanisher.conn.clone();
-    tokio::spawn(async move {
-        if let Ok((_send, mut recv)) = conn.accept_bi().await {
-            let mut buf = [0u8; 64];
-            let _ = recv.read(&mut buf).await;
-            conn.close(0u32.into(), b"gone");
-        }
-    });
-    let started = std::time::Instant::now();
-    let result = caller
-        .request("vanish")
-        .deadline(Duration::from_secs(20))
-        .send("x")
-        .await;
-    let status = match result {
-        Ok(reply) => reply.status,
-        Err(e) => e.status(),
-    };
-    assert_eq!(status, Status::TargetFailed);
-    assert!(started.elapsed() < Duration::from_secs(5), "no hang");
-    gw.shutdown(Duration::from_secs(1));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn handed_off_target_failure_stops_the_callers_request() {
-    // PROTOCOL.md 7.9: with the target on another worker (no lanes, so a hand-off), a target
-    // that fails before answering gets the caller TARGET_FAILED and, while it is still sending,
-    // STOP_SENDING(CANCELLED), as with a local target.
-    let pki = Pki::new();
-    let gw = gateway(&pki, 2, |c| c.lanes = false);
-    let target = RawClient::connect(gw.local_addr(), &pki.agent("resetter"), &pki.ca)
-        .await
-        .unwrap();
-    let (send, recv, answer) = target
-        .attach(&card("resetter", &["reset_me"]))
-        .await
-        .unwrap();
-    let ControlFrame::AttachOk {
-        worker: target_worker,
-        ..
-    } = answer
-    else {
-        panic!("{answer:?}")
-    };
-    std::mem::forget((send, recv));
-    let conn = target.conn.clone();
-    tokio::spawn(async move {
-        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-            let mut buf = [0u8; 64];
-            let _ = recv.read(&mut buf).await;
-            let _ = send.reset(2u32.into());
-            let _ = recv.stop(2u32.into());
-        }
-    });
-    // A caller on the other worker (the kernel picks the worker by address: try a few).
-    let mut caller = None;
-    for i in 0..64 {
-        let name = format!("caller{i}");
-        let c = RawClient::connect(gw.local_addr(), &pki.agent(&name), &pki.ca)
-            .await
-            .unwrap();
-        let (send, recv, answer) = c.attach(&card(&name, &["x"])).await.unwrap();
-        if let ControlFrame::AttachOk { worker, .. } = answer {
-            if worker != target_worker {
-                std::mem::forget((send, recv));
-                caller = Some(c);
-                break;
-            }
-        }
-        c.conn.close(0u32.into(), b"same worker");
-    }
-    let caller = caller.expect("a caller on the other worker");
-    let started = std::time::Instant::now();
-    loop {
-        let (mut send, mut recv) = caller.conn.open_bi().await.unwrap();
-        send.write_all(&header("reset_me", 5_000, 0)).await.unwrap();
-        // Part of a request body, no FIN: the caller is still sending.
-        send.write_all(&[7u8; 16 * 1024]).await.unwrap();
-        let all = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(1 << 16))
-            .await
-            .unwrap()
-            .unwrap();
-        let (response, _) = ResponseHeader::decode(&all, MAX_HEADER_BYTES)
-            .unwrap()
-            .unwrap();
-        if response.status == Status::NoRoute && started.elapsed() < Duration::from_secs(5) {
-            // The other worker has not learnt of the target yet (section 6.1).
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        }
-        assert_eq!(
-            response.status,
-            Status::TargetFailed,
-            "{}",
-            response.message
-        );
-        let stopped = tokio::time::timeout(Duration::from_secs(5), send.stopped())
-            .await
-            .expect("STOP_SENDING for the caller's request")
-            .unwrap();
-        assert_eq!(stopped, Some(1u32.into()), "STOP_SENDING(CANCELLED)");
-        break;
-    }
-    assert!(gw.stats().handoffs > 0, "{:?}", gw.stats());
+    assert_eq!(gw.stats().answered(Status::TargetFailed), 1);
     gw.shutdown(Duration::from_secs(1));
 }
 

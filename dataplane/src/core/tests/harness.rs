@@ -9,7 +9,6 @@
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -73,7 +72,10 @@ struct Datagram {
     data: Vec<u8>,
 }
 
-/// How a test agent answers requests.
+/// How a test agent answers the requests the gateway forwards to it. The mode in force when a
+/// request arrives decides what the agent does with it; for [`Serve::Echo`] and
+/// [`Serve::Hold`], the mode in force when the request is complete does (so switching a holding
+/// agent to `Echo` answers what it holds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Serve {
     /// Reads the whole request, answers OK with the payload.
@@ -82,6 +84,17 @@ pub(super) enum Serve {
     Bytes(usize),
     /// Reads nothing and answers nothing.
     Ignore,
+    /// Reads the request and answers nothing (a target that is slow to answer).
+    Hold,
+    /// Fails before answering: resets its response and stops the request, both with this
+    /// stream code, without reading anything.
+    Reset(u64),
+    /// Reads the request and ends its response (FIN) without writing a byte.
+    Finish,
+    /// Answers an OK header and this many payload bytes at once and leaves the response open,
+    /// without reading the request; end it with [`Harness::reset_response`] (a target that
+    /// fails mid-answer).
+    Begin(usize),
 }
 
 /// An invocation made by a test agent.
@@ -91,7 +104,10 @@ pub(super) struct Call {
     stream: Option<StreamId>,
     pub(super) response: Vec<u8>,
     pub(super) finished: bool,
+    /// The `RESET_STREAM` code the answer ended with (`u64::MAX`: the connection was lost).
     pub(super) reset: Option<u64>,
+    /// The `STOP_SENDING` code the gateway sent for the request.
+    pub(super) stopped: Option<u64>,
 }
 
 impl Call {
@@ -112,6 +128,64 @@ impl Call {
     }
 }
 
+/// A request the gateway forwarded to a test agent: a stream the gateway opened to it.
+#[derive(Debug, Default)]
+pub(super) struct Incoming {
+    /// The request bytes read so far, header included (the agent reads only in the modes that
+    /// say so).
+    pub(super) request: Vec<u8>,
+    /// The request ended (FIN) and all of it was read.
+    pub(super) fin: bool,
+    /// The `RESET_STREAM` code the request was reset with.
+    pub(super) reset: Option<u64>,
+    /// The `STOP_SENDING` code the gateway sent for the response.
+    pub(super) stopped: Option<u64>,
+    /// The agent answered, or ended or reset its response.
+    answered: bool,
+}
+
+impl Incoming {
+    /// The request header as the gateway forwarded it, once it was read.
+    pub(super) fn header(&self) -> Option<RequestHeader<'_>> {
+        RequestHeader::decode(&self.request, 16 * 1024)
+            .ok()
+            .flatten()
+            .map(|(h, _)| h)
+    }
+}
+
+/// An invocation a test agent makes ([`Harness::invoke_with`]): the request header's fields
+/// that tests vary, and how the request is written.
+#[derive(Debug, Clone)]
+pub(super) struct Invocation<'a> {
+    pub(super) capability: &'a str,
+    pub(super) payload: &'a [u8],
+    /// Sent on the agent's lane to this worker; on its primary connection when `None`.
+    pub(super) lane: Option<usize>,
+    /// The request header's `deadline_ms` (0: the gateway's default).
+    pub(super) deadline_ms: u64,
+    /// The request (header and payload) is written this many bytes per round, so that it
+    /// arrives in that many packets.
+    pub(super) piece: usize,
+    /// The request ends (FIN) after the payload; when false the caller is still sending.
+    pub(super) fin: bool,
+}
+
+impl<'a> Invocation<'a> {
+    /// A complete request for `capability` with `payload`, on the primary connection, in one
+    /// piece, with the gateway's default deadline.
+    pub(super) fn new(capability: &'a str, payload: &'a [u8]) -> Self {
+        Self {
+            capability,
+            payload,
+            lane: None,
+            deadline_ms: 0,
+            piece: usize::MAX,
+            fin: true,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Primary,
@@ -120,8 +194,10 @@ enum Kind {
 
 #[derive(Debug, Clone, Copy)]
 enum StreamRole {
+    /// An invocation the agent made: an index into [`TestAgent::calls`].
     Call(usize),
-    Serve,
+    /// A request forwarded to the agent: an index into [`TestAgent::incoming`].
+    Serve(usize),
 }
 
 struct ClientConn {
@@ -132,8 +208,6 @@ struct ClientConn {
     streams: HashMap<StreamId, StreamRole>,
     /// Pieces and fin still to write, per stream; one piece is written per round.
     pending: HashMap<StreamId, (VecDeque<Vec<u8>>, bool)>,
-    /// Request bytes received per served stream.
-    requests: HashMap<StreamId, Vec<u8>>,
 }
 
 pub(super) struct TestAgent {
@@ -143,6 +217,9 @@ pub(super) struct TestAgent {
     conns: HashMap<ConnectionHandle, ClientConn>,
     card: Vec<u8>,
     pub(super) serve: Serve,
+    /// The `max_concurrent` the agent sends in its `ATTACH` (0: the gateway's default). Set it
+    /// before the first [`Harness::run`] after [`Harness::agent`].
+    pub(super) max_concurrent: u64,
     /// Whether the agent reads its control stream.
     pub(super) read_control: bool,
     /// Whether the agent reads the answers to its calls.
@@ -153,7 +230,9 @@ pub(super) struct TestAgent {
     lane_addrs: Vec<String>,
     pub(super) frames: Vec<ControlFrame>,
     pub(super) calls: Vec<Call>,
-    /// Requests served so far.
+    /// The requests the gateway forwarded to the agent, in the order they arrived.
+    pub(super) incoming: Vec<Incoming>,
+    /// Requests answered with a response header so far.
     pub(super) served: usize,
     /// Connection-close codes received from the gateway.
     pub(super) closed: Vec<u64>,
@@ -196,14 +275,7 @@ impl Harness {
         let lane_addrs = (0..workers)
             .map(|w| addr(1, 5000 + w as u16).to_string())
             .collect();
-        let shared = Arc::new(Shared {
-            stats: (0..workers)
-                .map(|_| Arc::new(WorkerStats::default()))
-                .collect(),
-            agents: AtomicUsize::new(0),
-            lane_addrs,
-            config,
-        });
+        let shared = Arc::new(Shared::new(config, lane_addrs));
         let now = Instant::now();
         let nodes = (0..workers)
             .map(|w| {
@@ -305,6 +377,7 @@ impl Harness {
             conns: HashMap::new(),
             card: card.to_json(),
             serve: Serve::Echo,
+            max_concurrent: 0,
             read_control: true,
             read_responses: true,
             dead: false,
@@ -312,6 +385,7 @@ impl Harness {
             lane_addrs: Vec::new(),
             frames: Vec::new(),
             calls: Vec::new(),
+            incoming: Vec::new(),
             served: 0,
             closed: Vec::new(),
         };
@@ -359,12 +433,31 @@ impl Harness {
         payload: &[u8],
         piece: usize,
     ) -> usize {
-        let lane = worker.map(|w| self.nodes[w].lane);
+        let request = Invocation {
+            lane: worker,
+            piece,
+            ..Invocation::new(capability, payload)
+        };
+        self.invoke_with(a, &request)
+    }
+
+    /// Agent `a` makes the invocation `request`; returns its index in the agent's calls. The
+    /// call stays empty if the agent has no such connection or no stream credit.
+    pub(super) fn invoke_with(&mut self, a: usize, request: &Invocation<'_>) -> usize {
+        let lane = request.lane.map(|w| self.nodes[w].lane);
         let agent = &mut self.agents[a];
-        let mut request = Vec::new();
-        RequestHeader::new(capability).encode(&mut request).unwrap();
-        request.extend_from_slice(payload);
-        let bytes: VecDeque<Vec<u8>> = request.chunks(piece).map(<[u8]>::to_vec).collect();
+        let mut bytes = Vec::new();
+        RequestHeader {
+            deadline_ms: request.deadline_ms,
+            ..RequestHeader::new(request.capability)
+        }
+        .encode(&mut bytes)
+        .unwrap();
+        bytes.extend_from_slice(request.payload);
+        let bytes: VecDeque<Vec<u8>> = bytes
+            .chunks(request.piece.max(1))
+            .map(<[u8]>::to_vec)
+            .collect();
         let id = agent.calls.len();
         agent.calls.push(Call::default());
         let ch = agent.conns.iter().find_map(|(&ch, c)| {
@@ -382,7 +475,7 @@ impl Harness {
             return id;
         };
         conn.streams.insert(stream, StreamRole::Call(id));
-        conn.pending.insert(stream, (bytes, true));
+        conn.pending.insert(stream, (bytes, request.fin));
         agent.calls[id].conn = Some(ch);
         agent.calls[id].stream = Some(stream);
         id
@@ -402,6 +495,28 @@ impl Harness {
         for c in self.agents[a].conns.values_mut() {
             c.quic.close(now, VarInt::from_u32(0), bytes::Bytes::new());
         }
+    }
+
+    /// Agent `a` resets its response to its `i`th incoming request with `code` (a target that
+    /// fails mid-answer, after [`Serve::Begin`]).
+    pub(super) fn reset_response(&mut self, a: usize, i: usize, code: u64) {
+        let agent = &mut self.agents[a];
+        for c in agent.conns.values_mut() {
+            let found = c
+                .streams
+                .iter()
+                .find_map(|(&s, &r)| matches!(r, StreamRole::Serve(j) if j == i).then_some(s));
+            if let Some(stream) = found {
+                c.pending.remove(&stream);
+                let _ = c
+                    .quic
+                    .send_stream(stream)
+                    .reset(VarInt::from_u64(code).unwrap());
+                agent.incoming[i].answered = true;
+                return;
+            }
+        }
+        panic!("agent {a} has no open incoming request {i}");
     }
 
     /// Delivers everything and lets every core and agent act until nothing is left to do at
@@ -562,7 +677,6 @@ impl TestAgent {
                 ctl_in: FrameBuffer::new(dmsc_protocol::limits::MAX_CONTROL_FRAME_BYTES),
                 streams: HashMap::new(),
                 pending: HashMap::new(),
-                requests: HashMap::new(),
             },
         );
     }
@@ -641,6 +755,7 @@ impl TestAgent {
     fn on_event(&mut self, ch: ConnectionHandle, ev: Event) {
         let session = self.session;
         let card = self.card.clone();
+        let max_concurrent = self.max_concurrent;
         let Some(c) = self.conns.get_mut(&ch) else {
             return;
         };
@@ -656,7 +771,7 @@ impl TestAgent {
                         lane_token,
                     },
                     _ => ControlFrame::Attach {
-                        max_concurrent: 0,
+                        max_concurrent,
                         card,
                     },
                 };
@@ -677,20 +792,55 @@ impl TestAgent {
             }
             Event::Stream(StreamEvent::Opened { dir: Dir::Bi }) => {
                 while let Some(id) = c.quic.streams().accept(Dir::Bi) {
-                    c.streams.insert(id, StreamRole::Serve);
-                    c.requests.insert(id, Vec::new());
-                    if let Serve::Bytes(n) = self.serve {
+                    let i = self.incoming.len();
+                    let mut incoming = Incoming::default();
+                    c.streams.insert(id, StreamRole::Serve(i));
+                    // The answers that do not wait for the request.
+                    let answer = |n: usize| {
                         let mut out = Vec::new();
                         ok_header(&mut out);
                         out.resize(out.len() + n, b'x');
-                        c.pending.insert(id, (VecDeque::from([out]), true));
-                        self.served += 1;
+                        VecDeque::from([out])
+                    };
+                    match self.serve {
+                        Serve::Bytes(n) => {
+                            c.pending.insert(id, (answer(n), true));
+                            incoming.answered = true;
+                            self.served += 1;
+                        }
+                        Serve::Begin(n) => {
+                            c.pending.insert(id, (answer(n), false));
+                            incoming.answered = true;
+                            self.served += 1;
+                        }
+                        Serve::Reset(code) => {
+                            let code = VarInt::from_u64(code).unwrap();
+                            let _ = c.quic.send_stream(id).reset(code);
+                            let _ = c.quic.recv_stream(id).stop(code);
+                            incoming.answered = true;
+                        }
+                        Serve::Finish => {
+                            let _ = c.quic.send_stream(id).finish();
+                            incoming.answered = true;
+                        }
+                        Serve::Echo | Serve::Hold | Serve::Ignore => {}
                     }
+                    self.incoming.push(incoming);
                 }
             }
             Event::Stream(StreamEvent::Stopped { id, error_code }) => {
+                // RFC 9000 3.5: answered with a RESET_STREAM carrying the same code.
                 let _ = c.quic.send_stream(id).reset(error_code);
                 c.pending.remove(&id);
+                let code = Some(error_code.into_inner());
+                match c.streams.get(&id) {
+                    Some(&StreamRole::Call(i)) => self.calls[i].stopped = code,
+                    Some(&StreamRole::Serve(i)) => {
+                        self.incoming[i].stopped = code;
+                        self.incoming[i].answered = true;
+                    }
+                    None => {}
+                }
             }
             _ => {}
         }
@@ -764,42 +914,49 @@ impl TestAgent {
                     }
                 }
                 StreamRole::Call(_) => {}
-                StreamRole::Serve if self.serve == Serve::Echo => {
-                    let mut fin = false;
-                    let request = c.requests.entry(stream).or_default();
-                    let mut recv = c.quic.recv_stream(stream);
-                    let read = recv.read(true);
-                    if let Ok(mut chunks) = read {
-                        loop {
-                            match chunks.next(usize::MAX) {
-                                Ok(Some(chunk)) => {
-                                    request.extend_from_slice(&chunk.bytes);
-                                    progress = true;
+                StreamRole::Serve(i) => {
+                    let reads = matches!(self.serve, Serve::Echo | Serve::Hold | Serve::Finish);
+                    let incoming = &mut self.incoming[i];
+                    if reads && !incoming.fin && incoming.reset.is_none() {
+                        let mut recv = c.quic.recv_stream(stream);
+                        let read = recv.read(true);
+                        if let Ok(mut chunks) = read {
+                            loop {
+                                match chunks.next(usize::MAX) {
+                                    Ok(Some(chunk)) => {
+                                        incoming.request.extend_from_slice(&chunk.bytes);
+                                        progress = true;
+                                    }
+                                    Ok(None) => {
+                                        incoming.fin = true;
+                                        progress = true;
+                                        break;
+                                    }
+                                    Err(ReadError::Reset(code)) => {
+                                        incoming.reset = Some(code.into_inner());
+                                        progress = true;
+                                        break;
+                                    }
+                                    Err(ReadError::Blocked) => break,
                                 }
-                                Ok(None) => {
-                                    fin = true;
-                                    break;
-                                }
-                                Err(_) => break,
                             }
+                            let _ = chunks.finalize();
                         }
-                        let _ = chunks.finalize();
                     }
-                    if fin {
-                        let request = c.requests.remove(&stream).unwrap_or_default();
-                        let payload = match RequestHeader::decode(&request, 16 * 1024) {
-                            Ok(Some((_, used))) => request[used..].to_vec(),
-                            _ => Vec::new(),
+                    if self.serve == Serve::Echo && incoming.fin && !incoming.answered {
+                        let payload = match RequestHeader::decode(&incoming.request, 16 * 1024) {
+                            Ok(Some((_, used))) => &incoming.request[used..],
+                            _ => &[],
                         };
                         let mut out = Vec::new();
                         ok_header(&mut out);
-                        out.extend_from_slice(&payload);
+                        out.extend_from_slice(payload);
                         c.pending.insert(stream, (VecDeque::from([out]), true));
+                        incoming.answered = true;
                         self.served += 1;
                         progress = true;
                     }
                 }
-                StreamRole::Serve => {}
             }
         }
         // Writes.
