@@ -65,7 +65,7 @@ fn router(caps: usize) -> (Router<u32>, Vec<String>) {
             .collect();
         r.insert(AgentEntry {
             session: SessionId(a as u64),
-            home: 0,
+            home: dmsc_dataplane::routing::WorkerId(0),
             local: Some(a as u32),
             outstanding: 0,
             limit: u32::MAX,

@@ -15,7 +15,7 @@ use socket2::{Domain, Protocol, Socket as RawSocket, Type};
 use crate::config::Config;
 use crate::core::{Core, OsRandom, Shared, SocketCaps};
 use crate::msg::WorkerMsg;
-use crate::routing::TableGeneration;
+use crate::routing::{TableGeneration, WorkerId};
 use crate::stats::StatsSnapshot;
 use crate::worker::{Mailboxes, Socket, Worker};
 
@@ -189,7 +189,7 @@ impl Gateway {
                 })
                 .collect();
             let core = Core::new(
-                w,
+                WorkerId(w as u16),
                 shared.clone(),
                 endpoint,
                 server.clone(),

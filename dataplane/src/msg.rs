@@ -13,14 +13,14 @@ use dmsc_protocol::control::{LaneToken, SessionId};
 use dmsc_protocol::Status;
 
 use crate::core::Chunks;
-use crate::routing::TableGeneration;
+use crate::routing::{TableGeneration, WorkerId};
 
 /// What every worker learns of an attached agent.
 #[derive(Debug)]
 pub(crate) struct AgentInfo {
     pub(crate) session: SessionId,
     /// The worker holding the primary connection.
-    pub(crate) home: usize,
+    pub(crate) home: WorkerId,
     /// The verified SPIFFE ID.
     pub(crate) identity: Arc<str>,
     pub(crate) lane_token: LaneToken,
@@ -33,7 +33,7 @@ pub(crate) struct AgentInfo {
 /// Names one handed-off request: the worker it arrived on and its exchange there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct HandoffId {
-    pub(crate) origin: usize,
+    pub(crate) origin: WorkerId,
     pub(crate) key: ExKey,
 }
 

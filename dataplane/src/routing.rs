@@ -62,6 +62,22 @@ impl TableGeneration {
     }
 }
 
+/// Names a worker (a core) of the gateway: 0 to `workers - 1`, at most 256 workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkerId(pub u16);
+
+impl WorkerId {
+    /// The worker's position, for tables indexed by worker.
+    pub fn index(self) -> usize {
+        usize::from(self.0)
+    }
+
+    /// Every worker of a gateway with `workers` workers.
+    pub fn all(workers: usize) -> impl Iterator<Item = WorkerId> {
+        (0..workers).map(|w| WorkerId(w as u16))
+    }
+}
+
 /// The key tag of agents in a [`Router`].
 #[derive(Debug)]
 pub enum AgentTag {}
@@ -101,7 +117,7 @@ pub struct AgentEntry<C> {
     /// The agent's session.
     pub session: SessionId,
     /// The worker that holds the agent's primary connection.
-    pub home: usize,
+    pub home: WorkerId,
     /// The connection through which this worker reaches the agent directly, if any.
     pub local: Option<C>,
     /// Requests this worker has in flight to the agent.
@@ -427,7 +443,7 @@ mod tests {
     fn entry(session: u64, caps: &[&str], local: Option<u8>, limit: u32) -> AgentEntry<u8> {
         AgentEntry {
             session: SessionId(session),
-            home: 0,
+            home: WorkerId(0),
             local,
             outstanding: 0,
             limit,

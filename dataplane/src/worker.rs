@@ -21,6 +21,7 @@ use tracing::{debug, debug_span, warn};
 
 use crate::core::{Core, Transmit, INBOX_BUDGET, RECV_BUDGET};
 use crate::msg::WorkerMsg;
+use crate::routing::WorkerId;
 use crate::stats::WorkerStats;
 
 const WAKER: Token = Token(usize::MAX);
@@ -134,7 +135,7 @@ impl Worker {
 
     /// Runs the event loop until the worker has drained and closed every connection.
     pub(crate) fn run(mut self) {
-        let _span = debug_span!("worker", index = self.core.index()).entered();
+        let _span = debug_span!("worker", index = self.core.index().0).entered();
         let mut events = Events::with_capacity(256);
         for (i, s) in self.sockets.iter_mut().enumerate() {
             if let Err(e) = self.poll.registry().register(
@@ -307,10 +308,10 @@ impl Worker {
         if !self.core.has_messages() {
             return;
         }
-        for to in 0..self.mailboxes.senders.len() {
+        for to in WorkerId::all(self.mailboxes.senders.len()) {
             while let Some(msg) = self.core.poll_message(to) {
-                match self.mailboxes.senders[to].try_send(msg) {
-                    Ok(()) => self.woken[to] = true,
+                match self.mailboxes.senders[to.index()].try_send(msg) {
+                    Ok(()) => self.woken[to.index()] = true,
                     Err(TrySendError::Full(msg)) => {
                         self.core.requeue_message(to, msg);
                         break;

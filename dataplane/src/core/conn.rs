@@ -133,7 +133,7 @@ impl Core {
         socket: usize,
         now: Instant,
     ) {
-        let span = debug_span_conn(ch.0, self.index, quic.remote_address());
+        let span = debug_span_conn(ch.0, self.index.index(), quic.remote_address());
         let ci = ConnIdx::from(ch);
         let limits = &self.shared.config.limits;
         let conn = Conn {
@@ -436,5 +436,27 @@ impl LogLimiter {
                 Some(std::mem::take(&mut self.suppressed))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Defect 8: peer-triggered log lines are let through once per interval, with a count of
+    /// the ones held back.
+    #[test]
+    fn the_log_limiter_lets_one_line_through_per_interval_and_counts_the_rest() {
+        let mut limiter = LogLimiter::default();
+        let t0 = Instant::now();
+        assert_eq!(limiter.admit(t0), Some(0));
+        for i in 1..=100 {
+            assert_eq!(limiter.admit(t0 + Duration::from_millis(i * 10)), None);
+        }
+        assert_eq!(limiter.admit(t0 + Duration::from_secs(5)), Some(100));
+        assert_eq!(limiter.admit(t0 + Duration::from_secs(6)), None);
+        assert_eq!(limiter.admit(t0 + Duration::from_secs(11)), Some(1));
     }
 }

@@ -31,7 +31,7 @@ impl Core {
         for ci in primaries {
             self.write_control(ci, &ControlFrame::Drain { grace_ms });
         }
-        debug!(worker = self.index, grace_ms, "draining");
+        debug!(worker = self.index.0, grace_ms, "draining");
     }
 
     /// Whether the drain is complete: no exchange left (or the grace period over), every

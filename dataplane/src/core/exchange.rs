@@ -32,7 +32,7 @@ use dmsc_protocol::{Status, StreamCode};
 
 use super::{after, mark_dirty, ConnIdx, Core, IntoVarInt, HEADER_ARENA};
 use crate::msg::{ExKey, HandoffEvent, HandoffId, ToHome, ToOrigin, WorkerMsg};
-use crate::routing::{AgentIdx, MetricSlot, Selection};
+use crate::routing::{AgentIdx, MetricSlot, Selection, WorkerId};
 use crate::stats::WorkerStats;
 
 /// Bytes one hand-off flow may have in flight between workers before an acknowledgement.
@@ -46,7 +46,7 @@ pub(crate) enum Leg {
     /// A QUIC stream on a connection of this worker.
     Local { conn: ConnIdx, stream: StreamId },
     /// The exchange's twin on another worker (a hand-off).
-    Remote { worker: usize, id: HandoffId },
+    Remote { worker: WorkerId, id: HandoffId },
 }
 
 /// Which leg.

@@ -104,7 +104,7 @@ use dmsc_protocol::{ConnectionCode, StreamCode};
 use crate::config::Config;
 use crate::metrics::WorkerMetrics;
 use crate::msg::{AgentInfo, ExKey, HandoffId, WorkerMsg};
-use crate::routing::{MetricSlot, Router, TableGeneration};
+use crate::routing::{MetricSlot, Router, TableGeneration, WorkerId};
 use crate::slab::Slab;
 use crate::stats::WorkerStats;
 
@@ -204,7 +204,7 @@ pub(crate) struct Transmit {
 
 /// One worker's sans-IO state. See the module docs for the calling contract.
 pub(crate) struct Core {
-    index: usize,
+    index: WorkerId,
     shared: Arc<Shared>,
     stats: Arc<WorkerStats>,
     sockets: Vec<SocketCaps>,
@@ -279,7 +279,7 @@ impl Core {
     /// A core for worker `index` of `shared.workers()`, with its QUIC endpoint and sockets.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
-        index: usize,
+        index: WorkerId,
         shared: Arc<Shared>,
         endpoint: Endpoint,
         server_config: Arc<ServerConfig>,
@@ -288,7 +288,7 @@ impl Core {
         mut random: Box<dyn Random>,
         now: Instant,
     ) -> Self {
-        let stats = shared.stats[index].clone();
+        let stats = shared.stats[index.index()].clone();
         let mut seed = [0u8; 8];
         random.fill(&mut seed);
         let workers = shared.workers();
@@ -308,7 +308,7 @@ impl Core {
             handoffs_in: HashMap::new(),
             router: Router::new(
                 table,
-                u64::from_le_bytes(seed) ^ index as u64,
+                u64::from_le_bytes(seed) ^ u64::from(index.0),
                 shared.config.limits.max_metric_capabilities,
             ),
             metrics: WorkerMetrics::default(),
@@ -340,7 +340,7 @@ impl Core {
     }
 
     /// This worker's index.
-    pub(crate) fn index(&self) -> usize {
+    pub(crate) fn index(&self) -> WorkerId {
         self.index
     }
 
@@ -494,12 +494,12 @@ impl Core {
     }
 
     /// The next message for worker `to`, if any.
-    pub(crate) fn poll_message(&mut self, to: usize) -> Option<WorkerMsg> {
+    pub(crate) fn poll_message(&mut self, to: WorkerId) -> Option<WorkerMsg> {
         self.outboxes.pop(to)
     }
 
     /// Puts back a message `poll_message` gave out that `to`'s channel could not take.
-    pub(crate) fn requeue_message(&mut self, to: usize, msg: WorkerMsg) {
+    pub(crate) fn requeue_message(&mut self, to: WorkerId, msg: WorkerMsg) {
         self.outboxes.push_front(to, msg);
     }
 

@@ -9,6 +9,7 @@
 use std::collections::VecDeque;
 
 use crate::msg::WorkerMsg;
+use crate::routing::WorkerId;
 
 #[derive(Debug)]
 pub(super) struct Outboxes {
@@ -27,29 +28,31 @@ impl Outboxes {
         }
     }
 
-    pub(super) fn push(&mut self, to: usize, msg: WorkerMsg) {
-        if let Some(q) = self.queues.get_mut(to) {
+    pub(super) fn push(&mut self, to: WorkerId, msg: WorkerMsg) {
+        if let Some(q) = self.queues.get_mut(to.index()) {
             q.push_back(msg);
             self.waiting += 1;
         }
     }
 
-    pub(super) fn push_front(&mut self, to: usize, msg: WorkerMsg) {
-        if let Some(q) = self.queues.get_mut(to) {
+    pub(super) fn push_front(&mut self, to: WorkerId, msg: WorkerMsg) {
+        if let Some(q) = self.queues.get_mut(to.index()) {
             q.push_front(msg);
             self.waiting += 1;
         }
     }
 
-    pub(super) fn pop(&mut self, to: usize) -> Option<WorkerMsg> {
-        let msg = self.queues.get_mut(to)?.pop_front()?;
+    pub(super) fn pop(&mut self, to: WorkerId) -> Option<WorkerMsg> {
+        let msg = self.queues.get_mut(to.index())?.pop_front()?;
         self.waiting -= 1;
         Some(msg)
     }
 
     /// Whether a new hand-off to `to` may start.
-    pub(super) fn has_room(&self, to: usize) -> bool {
-        self.queues.get(to).is_some_and(|q| q.len() < self.limit)
+    pub(super) fn has_room(&self, to: WorkerId) -> bool {
+        self.queues
+            .get(to.index())
+            .is_some_and(|q| q.len() < self.limit)
     }
 
     pub(super) fn is_empty(&self) -> bool {

@@ -16,12 +16,12 @@ use super::conn::Role;
 use super::{ConnIdx, Core};
 use crate::metrics::{AgentView, Known, WorkerReport};
 use crate::msg::{AgentInfo, WorkerMsg};
-use crate::routing::AgentEntry;
+use crate::routing::{AgentEntry, WorkerId};
 
 impl Core {
     /// Queues `make()` for every other worker.
     pub(super) fn broadcast(&mut self, make: impl Fn() -> WorkerMsg) {
-        for w in 0..self.shared.workers() {
+        for w in WorkerId::all(self.shared.workers()) {
             if w != self.index {
                 self.outboxes.push(w, make());
             }
@@ -29,7 +29,7 @@ impl Core {
     }
 
     /// Queues `msg` for worker `to`.
-    pub(super) fn post(&mut self, to: usize, msg: WorkerMsg) {
+    pub(super) fn post(&mut self, to: WorkerId, msg: WorkerMsg) {
         self.outboxes.push(to, msg);
     }
 
@@ -162,14 +162,14 @@ impl Core {
                     capabilities: entry
                         .map(|e| e.capabilities.iter().map(|c| c.to_string()).collect())
                         .unwrap_or_default(),
-                    home_worker: a.home,
+                    home_worker: a.home.index(),
                     max_concurrent: a.limit,
                     detaching: self.detach_waiting.contains_key(&a.session),
                 }
             })
             .collect();
         WorkerReport {
-            worker: self.index,
+            worker: self.index.index(),
             generation: self.router.table().generation.0,
             changes: self.metrics.changes(self.router.metric_names(), known),
             agents,

@@ -390,7 +390,7 @@ impl Core {
             n => n.min(u64::from(limits.max_inflight_per_agent)) as u32,
         };
         self.session_seq += 1;
-        let session = SessionId(((self.index as u64) << 48) | self.session_seq);
+        let session = SessionId((u64::from(self.index.0) << 48) | self.session_seq);
         let mut token = [0u8; 16];
         if !self.random.fill(&mut token) {
             self.shared.agents.fetch_sub(1, Ordering::Relaxed);
@@ -426,7 +426,7 @@ impl Core {
             &ControlFrame::AttachOk {
                 session,
                 lane_token: LaneToken(token),
-                worker: self.index as u64,
+                worker: u64::from(self.index.0),
                 lanes,
                 max_concurrent: u64::from(limit),
             },
@@ -474,7 +474,7 @@ impl Core {
         self.write_control(
             ci,
             &ControlFrame::LaneOk {
-                worker: self.index as u64,
+                worker: u64::from(self.index.0),
             },
         );
         self.update_conn_timer(ci);

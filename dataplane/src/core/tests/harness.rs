@@ -30,7 +30,7 @@ use dmsc_protocol::Status;
 use crate::config::Config;
 use crate::core::{Core, Random, Shared, SocketCaps};
 use crate::msg::WorkerMsg;
-use crate::routing::TableGeneration;
+use crate::routing::{TableGeneration, WorkerId};
 use crate::stats::WorkerStats;
 
 use super::alloc::counted;
@@ -293,7 +293,7 @@ impl Harness {
                 ];
                 Node {
                     core: Core::new(
-                        w,
+                        WorkerId(w as u16),
                         shared.clone(),
                         endpoint,
                         server.clone(),
@@ -632,7 +632,8 @@ impl Harness {
                 progress = true;
             }
             for to in 0..self.nodes.len() {
-                while let Some(msg) = counted(|| self.nodes[w].core.poll_message(to)) {
+                let dest = WorkerId(to as u16);
+                while let Some(msg) = counted(|| self.nodes[w].core.poll_message(dest)) {
                     self.nodes[to].inbox.push_back(msg);
                     progress = true;
                 }
