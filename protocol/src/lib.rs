@@ -20,7 +20,6 @@
 //! The normative description of the formats is `docs/PROTOCOL.md`.
 
 #![warn(missing_docs)]
-
 #![forbid(unsafe_code)]
 
 pub mod card;
