@@ -215,6 +215,49 @@ async fn no_certificate_code(pki: &Pki, gw: std::net::SocketAddr) -> u64 {
     }
 }
 
+/// A client offering an ALPN other than `dmsc/1` (with a valid certificate) is refused in the
+/// handshake with `no_application_protocol` (alert 120), as section 2.2 says, and the gateway
+/// counts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_alpn_is_refused_with_no_application_protocol() {
+    let pki = Pki::new();
+    let gw = gateway(&pki, 1, |_| {});
+    let me = pki.agent("alpn");
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca.cert_der()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(me.cert_chain(), me.private_key())
+        .unwrap();
+    tls.alpn_protocols = vec![b"dmsc/2".to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(crypto)));
+    let started = std::time::Instant::now();
+    let error = match tokio::time::timeout(
+        Duration::from_secs(5),
+        endpoint.connect(gw.local_addr(), "localhost").unwrap(),
+    )
+    .await
+    .expect("refused within 5 s")
+    {
+        Ok(conn) => conn.closed().await,
+        Err(e) => e,
+    };
+    eprintln!("wrong ALPN refused after {:?}", started.elapsed());
+    match error {
+        quinn::ConnectionError::ConnectionClosed(close) => {
+            assert_eq!(u64::from(close.error_code), 0x178)
+        }
+        other => panic!("expected a transport close, got {other:?}"),
+    }
+    assert_eq!(gw.stats().handshakes_refused, 1);
+    gw.shutdown(Duration::from_secs(1));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_client_certificates_close_with_the_documented_alerts() {
     let pki = Pki::new();
