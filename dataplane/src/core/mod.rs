@@ -12,6 +12,7 @@
 //! | `conn` | QUIC connections: accepting, events, removal, per-identity limits, liveness |
 //! | `session` | the agent session on a connection's control stream: attach, lanes, cards, discovery |
 //! | `registry` | what this worker knows of agents attached anywhere; detach counting |
+//! | `catalog` | the capabilities offered, by name, for discovery |
 //! | `exchange` | one request relayed between a caller leg and a target leg |
 //! | `handoff` | the legs that cross to another worker, with their credit window |
 //! | `drain` | graceful shutdown |
@@ -75,6 +76,7 @@
 //! - The core never blocks: messages to other workers wait in bounded per-destination outboxes
 //!   (`OVERLOADED` for new hand-offs when one is full); control broadcasts are never dropped.
 
+mod catalog;
 mod conn;
 mod drain;
 mod exchange;
@@ -219,6 +221,8 @@ pub(crate) struct Core {
     handoffs_in: HashMap<HandoffId, ExKey>,
     router: Router<ConnIdx>,
     agents: HashMap<SessionId, Arc<AgentInfo>>,
+    /// The capabilities offered, for discovery.
+    catalog: catalog::Catalog,
     /// Connections of each session on this worker (its primary here, and its lanes), so that
     /// per-session lookups never scan every connection.
     session_conns: HashMap<SessionId, smallvec::SmallVec<[ConnIdx; 2]>>,
@@ -316,6 +320,7 @@ impl Core {
             iteration_start: None,
             now,
             agents: HashMap::new(),
+            catalog: catalog::Catalog::default(),
             session_conns: HashMap::new(),
             detach_waiting: HashMap::new(),
             detach_watch: HashSet::new(),

@@ -51,6 +51,12 @@ impl Core {
     pub(super) fn agent_up(&mut self, info: Arc<AgentInfo>) {
         let withdrawn = self.detach_watch.contains(&info.session)
             || self.detach_waiting.contains_key(&info.session);
+        if let Some(old) = self.agents.get(&info.session) {
+            self.catalog.remove(old.session, &old.capabilities);
+        }
+        if !withdrawn {
+            self.catalog.add(info.session, &info.capabilities);
+        }
         self.router.insert(AgentEntry {
             session: info.session,
             home: info.home,
@@ -69,6 +75,7 @@ impl Core {
     pub(super) fn agent_detaching(&mut self, session: SessionId) {
         self.detach_watch.insert(session);
         if let Some(info) = self.agents.get(&session) {
+            self.catalog.remove(session, &info.capabilities);
             let home = info.home;
             self.router.insert(AgentEntry {
                 session,
@@ -139,7 +146,9 @@ impl Core {
             }
         }
         self.router.remove(session);
-        self.agents.remove(&session);
+        if let Some(info) = self.agents.remove(&session) {
+            self.catalog.remove(session, &info.capabilities);
+        }
         self.detach_watch.remove(&session);
         self.detach_waiting.remove(&session);
     }

@@ -12,7 +12,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hashbrown::HashMap;
 use quinn_proto::{ReadError, WriteError};
 use tracing::{debug, warn};
 
@@ -480,49 +479,49 @@ impl Core {
         self.update_conn_timer(ci);
     }
 
+    /// Answers a `DISCOVER` from the catalog: only capabilities matching the prefix are read.
     fn discover(&self, query_id: u64, prefix: &str, tag: &str) -> ControlFrame {
         let mut entries: Vec<DiscoveryEntry> = Vec::new();
         let mut truncated = false;
-        let mut seen: HashMap<&str, usize> = HashMap::new();
-        for info in self.agents.values() {
-            let routable = self
-                .router
-                .find(info.session)
-                .and_then(|i| self.router.agent(i))
-                .is_some_and(|a| !a.capabilities.is_empty());
-            if !routable {
-                continue;
-            }
-            for skill in &info.card.skills {
-                if !skill.id.starts_with(prefix)
-                    || (!tag.is_empty() && !skill.tags.iter().any(|t| t == tag))
-                {
+        for (capability, providers) in self.catalog.matching(prefix) {
+            // The providers whose skill carries the tag (all of them without one), and the
+            // skill of one of them to describe the capability.
+            let mut described = None;
+            let mut count = 0;
+            for session in providers {
+                let Some(info) = self.agents.get(session) else {
                     continue;
-                }
-                if let Some(&i) = seen.get(skill.id.as_str()) {
-                    entries[i].providers += 1;
-                    continue;
-                }
-                if entries.len() >= MAX_DISCOVERY_ENTRIES {
-                    truncated = true;
-                    continue;
-                }
-                seen.insert(&skill.id, entries.len());
-                let clip = |v: &[String]| -> Vec<String> {
-                    v.iter()
-                        .take(MAX_LIST_ITEMS)
-                        .map(|s| truncate(s, MAX_DISCOVERY_STRING_BYTES))
-                        .collect()
                 };
-                entries.push(DiscoveryEntry {
-                    capability: skill.id.clone(),
-                    description: truncate(&skill.description, MAX_DISCOVERY_STRING_BYTES),
-                    providers: 1,
-                    tags: clip(&skill.tags),
-                    input_modes: clip(skill.effective_input_modes(&info.card)),
-                    output_modes: clip(skill.effective_output_modes(&info.card)),
-                });
+                let Some(skill) = info.card.skills.iter().find(|s| s.id == capability) else {
+                    continue;
+                };
+                if !tag.is_empty() && !skill.tags.iter().any(|t| t == tag) {
+                    continue;
+                }
+                count += 1;
+                described.get_or_insert((info, skill));
             }
+            let Some((info, skill)) = described else {
+                continue;
+            };
+            if entries.len() >= MAX_DISCOVERY_ENTRIES {
+                truncated = true;
+                break;
+            }
+            let clip = |v: &[String]| -> Vec<String> {
+                v.iter()
+                    .take(MAX_LIST_ITEMS)
+                    .map(|s| truncate(s, MAX_DISCOVERY_STRING_BYTES))
+                    .collect()
+            };
+            entries.push(DiscoveryEntry {
+                capability: skill.id.clone(),
+                description: truncate(&skill.description, MAX_DISCOVERY_STRING_BYTES),
+                providers: count,
+                tags: clip(&skill.tags),
+                input_modes: clip(skill.effective_input_modes(&info.card)),
+                output_modes: clip(skill.effective_output_modes(&info.card)),
+            });
         }
         // Keep the frame under the control-frame limit.
         let mut size = 0;
@@ -544,7 +543,6 @@ impl Core {
             }
         }
         entries.truncate(keep);
-        entries.sort_by(|a, b| a.capability.cmp(&b.capability));
         ControlFrame::DiscoverResult {
             query_id,
             truncated,

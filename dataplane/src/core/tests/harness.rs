@@ -341,6 +341,21 @@ impl Harness {
         home: usize,
         transport: TransportConfig,
     ) -> usize {
+        let mut card = AgentCard::new(name, "test agent", "1.0.0");
+        for c in capabilities {
+            card = card.with_skill(Skill::new(*c, *c));
+        }
+        self.agent_with_card(name, card, home, transport)
+    }
+
+    /// An agent named `name` attaching with `card`.
+    pub(super) fn agent_with_card(
+        &mut self,
+        name: &str,
+        card: AgentCard,
+        home: usize,
+        transport: TransportConfig,
+    ) -> usize {
         let n = self.agents.len();
         let workers = self.nodes.len() as u16;
         // A source port that the steering sends to `home`.
@@ -366,10 +381,6 @@ impl Harness {
         .expect("client crypto");
         let mut client = ClientConfig::new(Arc::new(crypto));
         client.transport_config(Arc::new(transport));
-        let mut card = AgentCard::new(name, "test agent", "1.0.0");
-        for c in capabilities {
-            card = card.with_skill(Skill::new(*c, *c));
-        }
         let mut agent = TestAgent {
             addr: addr(2, port),
             endpoint: Endpoint::new(Arc::new(EndpointConfig::default()), None, true, None),

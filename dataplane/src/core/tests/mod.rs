@@ -426,3 +426,68 @@ fn an_agent_that_closes_is_unrouted() {
     assert_eq!(h.agents[a].calls[call].status(), Some(Status::NoRoute));
     assert_eq!(h.shared.agents.load(Relaxed), 1);
 }
+
+/// Discovery answers from the catalog: prefix and tag filters, providers counted, a detaching
+/// agent's capabilities withdrawn, names in order.
+#[test]
+fn discovery_filters_by_prefix_and_tag_and_withdraws_detaching_agents() {
+    use dmsc_protocol::card::{AgentCard, Skill};
+    let mut h = Harness::new(2, config(Limits::default()));
+    let card = |name: &str, skills: &[(&str, &[&str])]| {
+        skills
+            .iter()
+            .fold(AgentCard::new(name, "d", "1"), |c, (id, tags)| {
+                c.with_skill(Skill::new(*id, *id).with_tags(tags.iter().copied()))
+            })
+    };
+    let t = TransportConfig::default;
+    let a = h.agent_with_card(
+        "a",
+        card("a", &[("translate", &["text"]), ("trace", &[])]),
+        0,
+        t(),
+    );
+    let b = h.agent_with_card("b", card("b", &[("translate", &["text", "fast"])]), 1, t());
+    let _c = h.agent_with_card("c", card("c", &[("summarize", &["text"])]), 0, t());
+    h.run();
+    let ask = |h: &mut Harness, q: u64, prefix: &str, tag: &str| {
+        let frame = ControlFrame::Discover {
+            query_id: q,
+            prefix: prefix.into(),
+            tag: tag.into(),
+        };
+        h.send_control(a, &frame);
+        h.run();
+        h.agents[a]
+            .frames
+            .iter()
+            .find_map(|f| match f {
+                ControlFrame::DiscoverResult {
+                    query_id, entries, ..
+                } if *query_id == q => Some(
+                    entries
+                        .iter()
+                        .map(|e| (e.capability.clone(), e.providers))
+                        .collect::<Vec<_>>(),
+                ),
+                _ => None,
+            })
+            .expect("an answer")
+    };
+    assert_eq!(
+        ask(&mut h, 1, "tr", ""),
+        vec![("trace".into(), 1), ("translate".into(), 2)]
+    );
+    assert_eq!(
+        ask(&mut h, 2, "", "text"),
+        vec![("summarize".into(), 1), ("translate".into(), 2)]
+    );
+    assert_eq!(ask(&mut h, 3, "", "fast"), vec![("translate".into(), 1)]);
+    assert!(ask(&mut h, 4, "zzz", "").is_empty());
+    h.send_control(b, &ControlFrame::Detach);
+    h.run();
+    assert_eq!(
+        ask(&mut h, 5, "translate", ""),
+        vec![("translate".into(), 1)]
+    );
+}
