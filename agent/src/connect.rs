@@ -43,8 +43,6 @@ pub(crate) fn keep_alive_interval(idle_timeout: Duration) -> Duration {
 }
 
 /// The QUIC transport settings of every connection to the gateway.
-///
-/// These replace the ones `tls::client_config` sets.
 pub(crate) fn transport_config(
     max_concurrent: u32,
     idle_timeout: Duration,

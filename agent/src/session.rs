@@ -72,12 +72,8 @@ impl Agent {
                 );
             }
         }
-        let (mut client, identity) = client_config(
-            config.cert_chain,
-            config.private_key,
-            &config.trust_anchors,
-            config.max_concurrent,
-        )?;
+        let (mut client, identity) =
+            client_config(config.cert_chain, config.private_key, &config.trust_anchors)?;
         client.transport_config(Arc::new(transport_config(
             config.max_concurrent,
             config.idle_timeout,

@@ -6,7 +6,6 @@
 //! given to quinn is a fixed placeholder ([`SERVER_NAME`]) that the verifier ignores.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use dmsc_identity::{
     spiffe_id_from_cert, Credentials, PrincipalKind, Resumption, SpiffeId, SpiffeVerifier, TlsError,
@@ -18,18 +17,13 @@ use crate::AgentError;
 
 /// The server name passed to quinn; the verifier ignores it.
 pub(crate) const SERVER_NAME: &str = "dmsc-gateway";
-/// Interval of QUIC keep-alive pings.
-const KEEP_ALIVE: Duration = Duration::from_secs(5);
-/// QUIC idle timeout, in milliseconds.
-const IDLE_TIMEOUT_MS: u32 = 30_000;
-
-/// Builds the quinn client configuration for `dmsc/1`, and returns it with the agent's own
-/// identity (read from its leaf certificate).
+/// Builds the quinn client configuration for `dmsc/1` (TLS only: the transport settings are
+/// `connect::transport_config`'s), and returns it with the agent's own identity (read from its
+/// leaf certificate).
 pub(crate) fn client_config(
     cert_chain: Vec<CertificateDer<'static>>,
     private_key: PrivateKeyDer<'static>,
     trust_anchors: &[CertificateDer<'static>],
-    max_concurrent: u32,
 ) -> Result<(quinn::ClientConfig, SpiffeId), AgentError> {
     let leaf = cert_chain
         .first()
@@ -59,22 +53,7 @@ pub(crate) fn client_config(
         Resumption::Allowed,
     )
     .map_err(tls_error)?;
-
-    let mut transport = quinn::TransportConfig::default();
-    transport
-        .keep_alive_interval(Some(KEEP_ALIVE))
-        .max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
-            IDLE_TIMEOUT_MS,
-        ))))
-        // Twice the concurrency limit in stream credit: the gateway enforces `max_concurrent`
-        // itself, and a finished stream's credit only returns once its FIN is acknowledged and
-        // MAX_STREAMS has arrived; without the headroom a target at its limit would see spurious
-        // OVERLOADED answers in that window.
-        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(max_concurrent.saturating_mul(2)))
-        .max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
-    let mut config = quinn::ClientConfig::new(Arc::new(quic));
-    config.transport_config(Arc::new(transport));
-    Ok((config, identity))
+    Ok((quinn::ClientConfig::new(Arc::new(quic)), identity))
 }
 
 /// rustls's own refusals (a key that does not match the certificate, an unusable trust anchor)
@@ -104,16 +83,15 @@ mod tests {
                 &["localhost"],
             )
             .unwrap();
-        let err =
-            client_config(gw.cert_chain(), gw.private_key(), &[ca.cert_der()], 8).unwrap_err();
+        let err = client_config(gw.cert_chain(), gw.private_key(), &[ca.cert_der()]).unwrap_err();
         assert!(err.to_string().contains("not an agent"), "{err}");
         let agent = ca
             .issue(&SpiffeId::agent("test.local", "a").unwrap(), &[])
             .unwrap();
         let (_, id) =
-            client_config(agent.cert_chain(), agent.private_key(), &[ca.cert_der()], 8).unwrap();
+            client_config(agent.cert_chain(), agent.private_key(), &[ca.cert_der()]).unwrap();
         assert_eq!(id.as_str(), "spiffe://test.local/agent/a");
-        let err = client_config(agent.cert_chain(), agent.private_key(), &[], 8).unwrap_err();
+        let err = client_config(agent.cert_chain(), agent.private_key(), &[]).unwrap_err();
         assert!(err.to_string().contains("trust anchor"), "{err}");
     }
 }
