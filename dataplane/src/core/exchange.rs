@@ -16,10 +16,11 @@
 //!
 //! Each flow is bounded: nothing more is read from a leg while bytes already read wait for the
 //! other leg (QUIC flow control pushes back to the sender), and a flow into a hand-off leg has a
-//! credit window ([`HANDOFF_WINDOW`]) that the receiving worker acknowledges. An exchange whose
-//! queued bytes are refused by their destination for longer than `limits.stall_timeout_ms` is
-//! ended on both legs with `STALLED`: a caller that does not read its answer, or a target that
-//! does not read its request, holds its stream for that long at most.
+//! credit window ([`HANDOFF_WINDOW`]) that the receiving worker acknowledges. Once the response
+//! began, an exchange in which no byte moves in either direction for `limits.stall_timeout_ms`
+//! is ended on both legs with `STALLED`: a caller that does not read its answer, a target that
+//! does not read its request or goes quiet in the middle of its response, holds its stream for
+//! that long at most.
 
 use std::time::Instant;
 
@@ -222,9 +223,9 @@ impl Exchange {
         flow.unacked = flow.unacked.saturating_sub(n);
     }
 
+    /// No byte moved in either direction for `stall_ms`.
     fn stalled(&self, now: Instant, stall_ms: u64) -> bool {
-        let waiting = !self.req.queue.is_empty() || !self.resp.queue.is_empty();
-        waiting && after(self.last_progress, stall_ms) <= now
+        after(self.last_progress, stall_ms) <= now
     }
 }
 

@@ -491,3 +491,24 @@ fn discovery_filters_by_prefix_and_tag_and_withdraws_detaching_agents() {
         vec![("translate".into(), 1)]
     );
 }
+
+/// A target that begins its answer and then goes quiet (alive, acknowledging, sending nothing)
+/// holds the exchange for the stall timeout at most.
+#[test]
+fn a_target_that_goes_quiet_mid_answer_is_ended_as_stalled() {
+    let limits = Limits {
+        stall_timeout_ms: 2_000,
+        ..Limits::default()
+    };
+    let (mut h, a, b) = pair(limits);
+    h.agents[b].serve = Serve::Begin(10);
+    let call = h.invoke(a, "echo", b"");
+    h.advance(Duration::from_millis(500));
+    assert!(!h.agents[a].calls[call].finished);
+    assert_eq!(h.agents[a].calls[call].status(), Some(Status::Ok));
+    assert!(h.run_until(Duration::from_secs(3), |h| h.agents[a].calls[call].finished));
+    assert_eq!(
+        h.agents[a].calls[call].reset,
+        Some(StreamCode::Stalled.code())
+    );
+}
