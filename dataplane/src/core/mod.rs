@@ -349,6 +349,40 @@ impl Core {
         self.index
     }
 
+    /// Exchanges in progress on this worker.
+    #[cfg(test)]
+    pub(crate) fn exchanges_len(&self) -> usize {
+        self.exchanges.len()
+    }
+
+    /// A line per connection, for diagnosing a test.
+    #[cfg(test)]
+    pub(crate) fn describe_connections(&mut self) -> Vec<String> {
+        let now = self.now;
+        self.conns
+            .iter_mut()
+            .map(|(ci, c)| {
+                format!(
+                    "{ci:?} role={:?} closed={} drained={} timer={:?} quic_timeout={:?} attach={:?} last_heard={:?} streams={} now={now:?}",
+                    c.role,
+                    c.quic.is_closed(),
+                    c.quic.is_drained(),
+                    c.timer,
+                    c.quic.poll_timeout(),
+                    c.attach_deadline,
+                    c.last_heard,
+                    c.streams.len()
+                )
+            })
+            .collect()
+    }
+
+    /// Connections open on this worker (including ones closing).
+    #[cfg(test)]
+    pub(crate) fn connections(&self) -> usize {
+        self.conn_count
+    }
+
     /// Bytes of control-stream answers waiting to be handed to QUIC, over all connections.
     #[cfg(test)]
     pub(crate) fn control_backlog(&self) -> usize {

@@ -111,6 +111,11 @@ pub(super) struct Call {
 }
 
 impl Call {
+    /// Whether the request went out (the agent had a connection and stream credit).
+    pub(super) fn was_sent(&self) -> bool {
+        self.stream.is_some()
+    }
+
     /// The answer's status, once its header is complete.
     pub(super) fn status(&self) -> Option<Status> {
         ResponseHeader::decode(&self.response, 16 * 1024)
@@ -500,11 +505,22 @@ impl Harness {
         agent.write_control(Kind::Primary, bytes);
     }
 
-    /// Agent `a` closes its primary connection (as an agent that exits cleanly does).
+    /// Agent `a` closes all its connections (as an agent that exits does). Its own calls still
+    /// open end as lost (`reset` = `u64::MAX`): QUIC reports no loss for a close of one's own.
     pub(super) fn close(&mut self, a: usize) {
         let now = self.now;
-        for c in self.agents[a].conns.values_mut() {
+        let agent = &mut self.agents[a];
+        for c in agent.conns.values_mut() {
             c.quic.close(now, VarInt::from_u32(0), bytes::Bytes::new());
+            for role in c.streams.values() {
+                if let StreamRole::Call(id) = *role {
+                    let call = &mut agent.calls[id];
+                    if !call.finished {
+                        call.finished = true;
+                        call.reset = Some(u64::MAX);
+                    }
+                }
+            }
         }
     }
 

@@ -2,6 +2,7 @@
 
 mod alloc;
 mod harness;
+mod soak;
 mod statuses;
 
 use std::sync::atomic::Ordering::Relaxed;
