@@ -207,7 +207,7 @@ impl Core {
                 if conn.control == Some(id) {
                     self.read_control(ci, now);
                 } else if let Some(&key) = conn.streams.get(&id) {
-                    self.pumps.push_back(key);
+                    self.schedule(key);
                 }
             }
             Event::Stream(StreamEvent::Stopped { id, error_code }) => {
@@ -301,7 +301,7 @@ impl Core {
                 conn.streams.insert(id, key);
             }
             WorkerStats::add(&self.stats.requests, 1);
-            self.pumps.push_back(key);
+            self.schedule(key);
         }
     }
 
@@ -363,10 +363,7 @@ impl Core {
     /// Frees connection `ci` once quinn-proto has drained it.
     pub(super) fn remove_conn(&mut self, ci: ConnIdx, now: Instant) {
         self.connection_gone(ci, now);
-        if let Some(conn) = self.conns.take(ci) {
-            if let Some(t) = conn.timer {
-                self.timers.remove_conn(t, ci);
-            }
+        if self.conns.take(ci).is_some() {
             self.conn_count -= 1;
             WorkerStats::sub(&self.stats.connections, 1);
         }

@@ -146,6 +146,8 @@ pub(crate) struct Exchange {
     pub(super) deadline: Option<Instant>,
     /// Stall checks replaced the request deadline (the response began).
     stall_armed: bool,
+    /// The exchange waits in the pump queue.
+    scheduled: bool,
     /// When bytes last moved in either flow.
     last_progress: Instant,
     /// Metrics slot of the capability, once routed.
@@ -242,6 +244,7 @@ impl Core {
             resp: Flow::default(),
             deadline: None,
             stall_armed: false,
+            scheduled: false,
             last_progress: now,
             metric: None,
             started: None,
@@ -253,8 +256,21 @@ impl Core {
         self.exchanges.get_mut(key)
     }
 
+    /// Queues exchange `key` to be pumped, once however many events ask for it.
+    pub(super) fn schedule(&mut self, key: ExKey) {
+        if let Some(x) = self.exchanges.get_mut(key) {
+            if !x.scheduled {
+                x.scheduled = true;
+                self.pumps.push_back(key);
+            }
+        }
+    }
+
     pub(super) fn run_pumps(&mut self, now: Instant) {
         while let Some(key) = self.pumps.pop_front() {
+            if let Some(x) = self.exchanges.get_mut(key) {
+                x.scheduled = false;
+            }
             self.pump(key, now);
             self.pumped += 1;
             if self.pumped >= super::PUMP_BUDGET {
@@ -531,7 +547,7 @@ impl Core {
         };
         x.up = Some(LegState::new(Leg::Local { conn: tci, stream }));
         x.req.queue.insert(0, header);
-        self.pumps.push_back(key);
+        self.schedule(key);
         true
     }
 
@@ -648,7 +664,7 @@ impl Core {
         x.resp.queue.push(Bytes::from(out));
         x.resp.fin = true;
         self.stop_request_body(key);
-        self.pumps.push_back(key);
+        self.schedule(key);
     }
 
     /// The rest of the caller's request body is not wanted (the answer is already decided, or
@@ -783,7 +799,7 @@ impl Core {
                 }
             }
         }
-        self.pumps.push_back(key);
+        self.schedule(key);
     }
 
     pub(super) fn stream_stopped(
@@ -809,7 +825,7 @@ impl Core {
         } else {
             // The target stopped reading the request (it may answer without reading all of it).
             self.stop_request_body(key);
-            self.pumps.push_back(key);
+            self.schedule(key);
         }
     }
 
@@ -826,7 +842,7 @@ impl Core {
             x.close_leg(Side::Up);
             self.target_failed(key);
         }
-        self.pumps.push_back(key);
+        self.schedule(key);
     }
 
     pub(super) fn maybe_finish(&mut self, key: ExKey, now: Instant) {

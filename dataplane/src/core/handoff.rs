@@ -43,7 +43,7 @@ impl Core {
                     }
                     ToHome::Open { .. } => {}
                 }
-                self.pumps.push_back(key);
+                self.schedule(key);
             }
             HandoffEvent::ToOrigin(event) => {
                 let key = id.key;
@@ -75,7 +75,7 @@ impl Core {
                     }
                     ToOrigin::StopRequest => self.stop_request_body(key),
                 }
-                self.pumps.push_back(key);
+                self.schedule(key);
             }
         }
     }

@@ -1,40 +1,38 @@
 //! Connection timers and request deadlines.
 //!
-//! Connection timers are few and move often (a connection's QUIC timer changes on most
-//! transmits), so they live in an ordered set keyed by due time. Request deadlines are many and
-//! mostly cancelled (the answer comes first), so they live in a heap with lazy deletion: an
-//! entry names its exchange with a generation and is ignored when it fires if the exchange has
-//! ended or its deadline changed. The heap is compacted when stale entries outnumber live ones.
+//! Both live in heaps with lazy deletion, since both move far more often than they fire: a
+//! connection's timer changes on most transmits, and a request's deadline is usually cancelled
+//! by its answer. Moving a timer pushes a new entry and leaves the old one; an entry is ignored
+//! when it comes due if it no longer matches (the connection's current timer, or the exchange's
+//! current deadline: exchange keys carry a generation, so an entry of an ended exchange never
+//! matches its slot's next occupant). A heap is compacted when stale entries outnumber live
+//! ones, so it stays within twice the live entries plus a constant.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap};
+use std::collections::BinaryHeap;
 use std::time::Instant;
 
 use super::{mark_dirty, ConnIdx, Core};
 use crate::msg::ExKey;
 
-/// Stale deadline entries tolerated beyond twice the live exchanges before compaction.
-const DEADLINE_SLACK: usize = 1024;
+/// Stale entries tolerated beyond twice the live ones before a heap is compacted.
+const SLACK: usize = 1024;
 
 #[derive(Debug, Default)]
 pub(super) struct Timers {
-    conns: BTreeSet<(Instant, ConnIdx)>,
+    conns: BinaryHeap<Reverse<(Instant, ConnIdx)>>,
     deadlines: BinaryHeap<Reverse<(Instant, ExKey)>>,
 }
 
 impl Timers {
     /// The earliest time anything is due.
     pub(super) fn next(&self) -> Option<Instant> {
-        let conn = self.conns.first().map(|t| t.0);
+        let conn = self.conns.peek().map(|Reverse(t)| t.0);
         let deadline = self.deadlines.peek().map(|Reverse(t)| t.0);
         match (conn, deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
-    }
-
-    pub(super) fn remove_conn(&mut self, at: Instant, ci: ConnIdx) {
-        self.conns.remove(&(at, ci));
     }
 }
 
@@ -57,12 +55,16 @@ impl Core {
         if next == conn.timer {
             return;
         }
-        if let Some(old) = conn.timer {
-            self.timers.conns.remove(&(old, ci));
-        }
         conn.timer = next;
-        if let Some(at) = next {
-            self.timers.conns.insert((at, ci));
+        let Some(at) = next else {
+            return;
+        };
+        let live = self.conn_count;
+        let heap = &mut self.timers.conns;
+        heap.push(Reverse((at, ci)));
+        if heap.len() > 2 * live + SLACK {
+            let conns = &self.conns;
+            heap.retain(|Reverse((at, ci))| conns.get(*ci).is_some_and(|c| c.timer == Some(*at)));
         }
     }
 
@@ -75,7 +77,7 @@ impl Core {
         let live = self.exchanges.len();
         let heap = &mut self.timers.deadlines;
         heap.push(Reverse((at, key)));
-        if heap.len() > 2 * live + DEADLINE_SLACK {
+        if heap.len() > 2 * live + SLACK {
             let exchanges = &self.exchanges;
             heap.retain(|Reverse((at, key))| {
                 exchanges.get(*key).is_some_and(|x| x.deadline == Some(*at))
@@ -84,12 +86,12 @@ impl Core {
     }
 
     pub(super) fn fire_timers(&mut self, now: Instant) {
-        while let Some(&(at, ci)) = self.timers.conns.first() {
+        while let Some(&Reverse((at, ci))) = self.timers.conns.peek() {
             if at > now {
                 break;
             }
-            self.timers.conns.pop_first();
-            let Some(conn) = self.conns.get_mut(ci) else {
+            self.timers.conns.pop();
+            let Some(conn) = self.conns.get_mut(ci).filter(|c| c.timer == Some(at)) else {
                 continue;
             };
             conn.timer = None;
