@@ -193,19 +193,39 @@ async fn refusal_code(pki: &Pki, gw: std::net::SocketAddr, id: &IssuedIdentity) 
 
 /// Like [`refusal_code`], for a client that presents no certificate.
 async fn no_certificate_code(pki: &Pki, gw: std::net::SocketAddr) -> u64 {
+    handshake_close_code(pki, gw, None, dmsc_protocol::ALPN_AGENT).await
+}
+
+/// Connects with a plain rustls client (a certificate if `identity` is given, and ALPN `alpn`)
+/// and returns the transport close code the handshake ends with.
+async fn handshake_close_code(
+    pki: &Pki,
+    gw: std::net::SocketAddr,
+    identity: Option<&IssuedIdentity>,
+    alpn: &[u8],
+) -> u64 {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki.ca.cert_der()).unwrap();
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![dmsc_protocol::ALPN_AGENT.to_vec()];
+        .with_root_certificates(roots);
+    let mut tls = match identity {
+        Some(me) => builder
+            .with_client_auth_cert(me.cert_chain(), me.private_key())
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![alpn.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(crypto)));
-    let error = match endpoint.connect(gw, "localhost").unwrap().await {
+    let connecting = endpoint.connect(gw, "localhost").unwrap();
+    let error = match tokio::time::timeout(Duration::from_secs(5), connecting)
+        .await
+        .expect("the handshake ends within 5 s")
+    {
         Ok(conn) => conn.closed().await,
         Err(e) => e,
     };
@@ -223,37 +243,8 @@ async fn a_wrong_alpn_is_refused_with_no_application_protocol() {
     let pki = Pki::new();
     let gw = gateway(&pki, 1, |_| {});
     let me = pki.agent("alpn");
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.ca.cert_der()).unwrap();
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(me.cert_chain(), me.private_key())
-        .unwrap();
-    tls.alpn_protocols = vec![b"dmsc/2".to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(crypto)));
-    let started = std::time::Instant::now();
-    let error = match tokio::time::timeout(
-        Duration::from_secs(5),
-        endpoint.connect(gw.local_addr(), "localhost").unwrap(),
-    )
-    .await
-    .expect("refused within 5 s")
-    {
-        Ok(conn) => conn.closed().await,
-        Err(e) => e,
-    };
-    eprintln!("wrong ALPN refused after {:?}", started.elapsed());
-    match error {
-        quinn::ConnectionError::ConnectionClosed(close) => {
-            assert_eq!(u64::from(close.error_code), 0x178)
-        }
-        other => panic!("expected a transport close, got {other:?}"),
-    }
+    let code = handshake_close_code(&pki, gw.local_addr(), Some(&me), b"dmsc/2").await;
+    assert_eq!(code, 0x178);
     assert_eq!(gw.stats().handshakes_refused, 1);
     gw.shutdown(Duration::from_secs(1));
 }

@@ -915,30 +915,14 @@ impl TestAgent {
             match role {
                 StreamRole::Call(id) if self.read_responses => {
                     let call = &mut self.calls[id];
-                    let mut recv = c.quic.recv_stream(stream);
-                    let read = recv.read(true);
-                    if let Ok(mut chunks) = read {
-                        loop {
-                            match chunks.next(usize::MAX) {
-                                Ok(Some(chunk)) => {
-                                    call.response.extend_from_slice(&chunk.bytes);
-                                    progress = true;
-                                }
-                                Ok(None) => {
-                                    call.finished = true;
-                                    progress = true;
-                                    break;
-                                }
-                                Err(ReadError::Reset(code)) => {
-                                    call.finished = true;
-                                    call.reset = Some(code.into_inner());
-                                    progress = true;
-                                    break;
-                                }
-                                Err(ReadError::Blocked) => break,
-                            }
+                    let end = read_stream(&mut c.quic, stream, &mut call.response, &mut progress);
+                    match end {
+                        StreamEnd::Open => {}
+                        StreamEnd::Finished => call.finished = true,
+                        StreamEnd::Reset(code) => {
+                            call.finished = true;
+                            call.reset = Some(code);
                         }
-                        let _ = chunks.finalize();
                     }
                 }
                 StreamRole::Call(_) => {}
@@ -946,29 +930,11 @@ impl TestAgent {
                     let reads = matches!(self.serve, Serve::Echo | Serve::Hold | Serve::Finish);
                     let incoming = &mut self.incoming[i];
                     if reads && !incoming.fin && incoming.reset.is_none() {
-                        let mut recv = c.quic.recv_stream(stream);
-                        let read = recv.read(true);
-                        if let Ok(mut chunks) = read {
-                            loop {
-                                match chunks.next(usize::MAX) {
-                                    Ok(Some(chunk)) => {
-                                        incoming.request.extend_from_slice(&chunk.bytes);
-                                        progress = true;
-                                    }
-                                    Ok(None) => {
-                                        incoming.fin = true;
-                                        progress = true;
-                                        break;
-                                    }
-                                    Err(ReadError::Reset(code)) => {
-                                        incoming.reset = Some(code.into_inner());
-                                        progress = true;
-                                        break;
-                                    }
-                                    Err(ReadError::Blocked) => break,
-                                }
-                            }
-                            let _ = chunks.finalize();
+                        let into = &mut incoming.request;
+                        match read_stream(&mut c.quic, stream, into, &mut progress) {
+                            StreamEnd::Open => {}
+                            StreamEnd::Finished => incoming.fin = true,
+                            StreamEnd::Reset(code) => incoming.reset = Some(code),
                         }
                     }
                     if self.serve == Serve::Echo && incoming.fin && !incoming.answered {
@@ -1020,6 +986,48 @@ impl TestAgent {
         }
         progress
     }
+}
+
+/// How a read of a stream left it.
+enum StreamEnd {
+    /// More may come.
+    Open,
+    /// The peer finished it.
+    Finished,
+    /// The peer reset it with this code.
+    Reset(u64),
+}
+
+/// Reads what `stream` holds into `into`; `progress` is set if anything happened.
+fn read_stream(
+    quic: &mut quinn_proto::Connection,
+    stream: StreamId,
+    into: &mut Vec<u8>,
+    progress: &mut bool,
+) -> StreamEnd {
+    let mut recv = quic.recv_stream(stream);
+    let Ok(mut chunks) = recv.read(true) else {
+        return StreamEnd::Open;
+    };
+    let end = loop {
+        match chunks.next(usize::MAX) {
+            Ok(Some(chunk)) => {
+                into.extend_from_slice(&chunk.bytes);
+                *progress = true;
+            }
+            Ok(None) => {
+                *progress = true;
+                break StreamEnd::Finished;
+            }
+            Err(ReadError::Reset(code)) => {
+                *progress = true;
+                break StreamEnd::Reset(code.into_inner());
+            }
+            Err(ReadError::Blocked) => break StreamEnd::Open,
+        }
+    };
+    let _ = chunks.finalize();
+    end
 }
 
 fn ok_header(out: &mut Vec<u8>) {
