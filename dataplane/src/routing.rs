@@ -275,11 +275,12 @@ impl<C: Copy> Router<C> {
         Some(e.session)
     }
 
-    /// Counts a request as outstanding on `idx` without selection (hand-off arrivals); false,
-    /// counting nothing, when the agent is at its limit or gone.
+    /// Counts a request as outstanding on `idx` without selection (hand-off arrivals: the
+    /// handing worker applied the limit of its own count); false, counting nothing, when the
+    /// agent is gone or takes no requests (detaching: limit 0).
     pub fn begin(&mut self, idx: AgentIdx) -> bool {
         match self.entry_mut(idx) {
-            Some(e) if e.outstanding < e.limit => {
+            Some(e) if e.limit > 0 => {
                 e.outstanding += 1;
                 true
             }

@@ -27,6 +27,8 @@ use crate::stats::WorkerStats;
 const WAKER: Token = Token(usize::MAX);
 /// Datagrams received per `recvmmsg` call.
 const BATCH: usize = 16;
+/// How soon to retry delivering to a worker whose inbox was full.
+const RETRY_FULL_INBOX: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// The channels between workers: each worker's inbox sender and the waker of its poll.
 #[derive(Debug)]
@@ -148,17 +150,22 @@ impl Worker {
             }
         }
         let mut inbox_left = false;
+        let mut peer_full = false;
         loop {
             let now = Instant::now();
-            let busy =
-                inbox_left || self.core.has_messages() || self.sockets.iter().any(|s| s.readable);
-            let timeout = if busy {
+            let busy = inbox_left || self.sockets.iter().any(|s| s.readable);
+            let mut timeout = if busy {
                 Some(std::time::Duration::ZERO)
             } else {
                 self.core
                     .poll_timeout()
                     .map(|at| at.saturating_duration_since(now))
             };
+            if peer_full {
+                // Messages wait for a worker whose inbox is full: try again shortly, without
+                // spinning (spinning would take the very core that worker may need).
+                timeout = Some(timeout.map_or(RETRY_FULL_INBOX, |t| t.min(RETRY_FULL_INBOX)));
+            }
             WorkerStats::add(&self.stats.wakeups, 1);
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != std::io::ErrorKind::Interrupted {
@@ -187,7 +194,7 @@ impl Worker {
             inbox_left = self.drain_inbox(now);
             self.core.handle_timeout(now);
             self.transmit(now);
-            self.deliver();
+            peer_full = self.deliver();
             if self.core.end_iteration(Instant::now()) {
                 return;
             }
@@ -303,17 +310,20 @@ impl Worker {
         }
     }
 
-    /// Hands the core's messages to the other workers' inboxes, waking each once.
-    fn deliver(&mut self) {
+    /// Hands the core's messages to the other workers' inboxes, waking each once; true if some
+    /// are left because a destination's inbox is full.
+    fn deliver(&mut self) -> bool {
         if !self.core.has_messages() {
-            return;
+            return false;
         }
+        let mut full = false;
         for to in WorkerId::all(self.mailboxes.senders.len()) {
             while let Some(msg) = self.core.poll_message(to) {
                 match self.mailboxes.senders[to.index()].try_send(msg) {
                     Ok(()) => self.woken[to.index()] = true,
                     Err(TrySendError::Full(msg)) => {
                         self.core.requeue_message(to, msg);
+                        full = true;
                         break;
                     }
                     Err(TrySendError::Disconnected(_)) => {}
@@ -325,6 +335,7 @@ impl Worker {
                 let _ = self.mailboxes.wakers[to].wake();
             }
         }
+        full
     }
 }
 

@@ -119,6 +119,9 @@ pub(super) struct Flow {
     pub(super) unacked: usize,
     /// Bytes written to a local destination that came from a remote source, to acknowledge.
     to_ack: usize,
+    /// Bytes queued here that the remote source never sent (the rewritten header on the home
+    /// side, a gateway answer on the caller's side): written, but not acknowledged.
+    uncounted: usize,
 }
 
 impl Flow {
@@ -202,6 +205,11 @@ impl Exchange {
         fin: bool,
         now: Instant,
     ) {
+        if self.leg(source).is_none_or(|l| l.recv == Half::Closed) {
+            // This side already ended the leg (a deadline answer, a cancel): what the twin
+            // sent meanwhile is not wanted.
+            return;
+        }
         if source == Side::Up && !chunks.is_empty() {
             note_response(self, &chunks[0]);
             self.phase = Phase::Responding;
@@ -219,10 +227,18 @@ impl Exchange {
         }
     }
 
-    /// The remote `dest` leg wrote `n` bytes of what it was handed.
-    pub(super) fn acked(&mut self, dest: Side, n: usize) {
+    /// The remote `dest` leg wrote `n` bytes of what it was handed: bytes are moving.
+    pub(super) fn acked(&mut self, dest: Side, n: usize, now: Instant) {
         let flow = self.flow_into(dest);
         flow.unacked = flow.unacked.saturating_sub(n);
+        if n > 0 {
+            self.last_progress = now;
+        }
+    }
+
+    /// Whether the `side` leg has been ended on this worker (both halves closed).
+    pub(super) fn leg_ended(&self, side: Side) -> bool {
+        self.leg(side).is_some_and(LegState::done)
     }
 
     /// No byte moved in either direction for `stall_ms`.
@@ -546,6 +562,7 @@ impl Core {
             return false;
         };
         x.up = Some(LegState::new(Leg::Local { conn: tci, stream }));
+        x.req.uncounted += header.len();
         x.req.queue.insert(0, header);
         self.schedule(key);
         true
@@ -594,7 +611,9 @@ impl Core {
                         }
                     }
                 }
-                flow.to_ack += wrote;
+                let own = wrote.min(flow.uncounted);
+                flow.uncounted -= own;
+                flow.to_ack += wrote - own;
                 let finished = flow.queue.is_empty() && flow.fin;
                 if finished {
                     let _ = send_stream.finish();
@@ -661,6 +680,7 @@ impl Core {
         x.status.get_or_insert(status);
         x.phase = Phase::Responding;
         x.resp.queue.clear();
+        x.resp.uncounted = out.len();
         x.resp.queue.push(Bytes::from(out));
         x.resp.fin = true;
         self.stop_request_body(key);

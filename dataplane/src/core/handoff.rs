@@ -35,7 +35,7 @@ impl Core {
                 };
                 match event {
                     ToHome::Data { chunks, fin } => x.take_remote(Side::Down, chunks, fin, now),
-                    ToHome::Ack(n) => x.acked(Side::Down, n),
+                    ToHome::Ack(n) => x.acked(Side::Down, n, now),
                     ToHome::Cancel(code) => {
                         x.close_leg(Side::Down);
                         x.flow_into(Side::Down).clear();
@@ -52,7 +52,10 @@ impl Core {
                 };
                 match event {
                     ToOrigin::Data { chunks, fin } => x.take_remote(Side::Up, chunks, fin, now),
-                    ToOrigin::Ack(n) => x.acked(Side::Up, n),
+                    ToOrigin::Ack(n) => x.acked(Side::Up, n, now),
+                    // This side already ended the target leg (its deadline answer, a cancel):
+                    // the home's news of the target comes too late to matter.
+                    ToOrigin::Fail(_) | ToOrigin::TargetFailed(_) if x.leg_ended(Side::Up) => {}
                     ToOrigin::Fail(status) => {
                         x.close_leg(Side::Up);
                         if x.phase != Phase::Responding {
@@ -92,9 +95,10 @@ impl Core {
         let Some(tci) = self.router.agent(idx).and_then(|a| a.local) else {
             return fail(self, Status::TargetFailed);
         };
-        // The agent's per-worker limit holds for hand-offs too.
+        // Counted even at the agent's limit (the origin applied its own, PROTOCOL.md 6.2);
+        // refused only when the agent is detaching here.
         if !self.router.begin(idx) {
-            return fail(self, Status::Overloaded);
+            return fail(self, Status::TargetFailed);
         }
         let key = self.new_exchange(
             Leg::Remote {

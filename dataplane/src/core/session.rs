@@ -2,11 +2,12 @@
 //! discovery, `DETACH`.
 //!
 //! Control work is bounded so that one agent cannot grow the gateway's memory or hold its
-//! worker: the gateway reads a connection's control stream only while nothing it wrote on that
-//! stream is still waiting to be handed to QUIC (an agent that does not read its answers stops
-//! being read, and QUIC flow control pushes back on it); it decodes at most
-//! [`FRAMES_PER_READ`] frames per read; and a worker handles at most [`CONTROL_BUDGET`] frames
-//! per iteration, deferring the rest to the next.
+//! worker: the gateway handles a connection's control frames one at a time and reads the next
+//! only once the answer to the previous one has been handed to QUIC (an agent that does not
+//! read its answers stops being read, QUIC flow control pushes back on it, and the gateway
+//! holds at most one answer for it); it handles at most [`FRAMES_PER_READ`] frames per read;
+//! and a worker does at most [`CONTROL_BUDGET`] units of control work per iteration, deferring
+//! the rest to the next.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -46,109 +47,94 @@ pub(super) enum AfterRefusal {
 }
 
 impl Core {
-    /// Reads and handles what arrived on connection `ci`'s control stream, within the bounds
-    /// described in the module docs.
+    /// Reads and handles what arrived on connection `ci`'s control stream, a frame at a time,
+    /// within the bounds described in the module docs: it stops as soon as an answer cannot
+    /// be handed to QUIC at once (and resumes from `flush_control` when it has been).
     pub(super) fn read_control(&mut self, ci: ConnIdx, now: Instant) {
-        let Some(conn) = self.conns.get_mut(ci) else {
-            return;
-        };
-        let Some(id) = conn.control else {
-            return;
-        };
-        if !conn.ctl_out.is_empty() {
-            // Answers are still waiting: read more once they are out (`flush_control`).
-            conn.control_stalled = true;
-            return;
-        }
-        if self.control_work >= CONTROL_BUDGET {
-            self.defer_control(ci);
-            return;
-        }
-        let mut frames: smallvec::SmallVec<[ControlFrame; 4]> = smallvec::SmallVec::new();
+        let mut handled = 0;
         let mut finished = false;
-        let mut error = None;
-        let mut more = false;
-        let mut transmit = false;
-        // Frames already buffered come first.
         loop {
-            if frames.len() >= FRAMES_PER_READ {
-                more = true;
+            let Some(conn) = self.conns.get_mut(ci) else {
+                return;
+            };
+            let Some(id) = conn.control else {
+                return;
+            };
+            if !conn.ctl_out.is_empty() {
+                // An answer is still waiting: read more once it is out (`flush_control`).
+                conn.control_stalled = true;
+                break;
+            }
+            if conn.close_after.is_some() || conn.quic.is_closed() {
+                // Refused, or closing: nothing more the agent says is acted on.
+                return;
+            }
+            if self.control_work >= CONTROL_BUDGET || handled >= FRAMES_PER_READ {
+                self.defer_control(ci);
                 break;
             }
             match conn.ctl_in.next_frame() {
-                Ok(Some(frame)) => frames.push(frame),
-                Ok(None) => break,
+                Ok(Some(frame)) => {
+                    handled += 1;
+                    self.control_work += match frame {
+                        ControlFrame::Discover { .. } => DISCOVER_COST,
+                        _ => 1,
+                    };
+                    self.on_control(ci, frame, now);
+                    self.write_control_out(ci);
+                    continue;
+                }
+                Ok(None) if finished => {
+                    // The agent closed its control stream: it is leaving.
+                    return self.close_conn(
+                        ci,
+                        now,
+                        ConnectionCode::NoError,
+                        "control stream closed",
+                    );
+                }
+                Ok(None) => {}
                 Err(e) => {
-                    error = Some(e);
-                    break;
+                    debug!(parent: &conn.span, error = %e, "malformed control frame");
+                    let frame_too_long =
+                        matches!(e, dmsc_protocol::DecodeError::TooLong { what: "frame", .. });
+                    let code = if frame_too_long {
+                        ConnectionCode::FrameTooLarge
+                    } else {
+                        ConnectionCode::ProtocolViolation
+                    };
+                    return self.close_conn(ci, now, code, "malformed control frame");
                 }
             }
-        }
-        if !more && error.is_none() {
-            let mut recv = conn.quic.recv_stream(id);
-            let read = recv.read(true);
-            if let Ok(mut chunks) = read {
-                'read: loop {
+            // No whole frame buffered: read one more piece of the stream.
+            let mut got = false;
+            let mut transmit = false;
+            {
+                let mut recv = conn.quic.recv_stream(id);
+                let read = recv.read(true);
+                if let Ok(mut chunks) = read {
                     match chunks.next(CONTROL_READ_BYTES) {
                         Ok(Some(chunk)) => {
                             conn.ctl_in.extend(&chunk.bytes);
-                            loop {
-                                if frames.len() >= FRAMES_PER_READ {
-                                    more = true;
-                                    break 'read;
-                                }
-                                match conn.ctl_in.next_frame() {
-                                    Ok(Some(frame)) => frames.push(frame),
-                                    Ok(None) => break,
-                                    Err(e) => {
-                                        error = Some(e);
-                                        break 'read;
-                                    }
-                                }
-                            }
+                            got = true;
                         }
                         Ok(None) | Err(ReadError::Reset(_)) => {
                             finished = true;
-                            break;
+                            got = true;
                         }
-                        Err(ReadError::Blocked) => break,
+                        Err(ReadError::Blocked) => {}
                     }
-                }
-                if chunks.finalize().should_transmit() {
-                    transmit = true;
+                    transmit = chunks.finalize().should_transmit();
                 }
             }
-        }
-        if transmit {
-            mark_dirty(&mut self.dirty, conn, ci);
-        }
-        if let Some(e) = error {
-            debug!(parent: &conn.span, error = %e, "malformed control frame");
-            let code = if matches!(e, dmsc_protocol::DecodeError::TooLong { what: "frame", .. }) {
-                ConnectionCode::FrameTooLarge
-            } else {
-                ConnectionCode::ProtocolViolation
-            };
-            return self.close_conn(ci, now, code, "malformed control frame");
-        }
-        for frame in frames {
-            self.control_work += match frame {
-                ControlFrame::Discover { .. } => DISCOVER_COST,
-                _ => 1,
-            };
-            self.on_control(ci, frame, now);
-        }
-        if more {
-            self.defer_control(ci);
-        }
-        if finished {
-            let leaving = self.conns.get(ci).is_some_and(|c| c.close_after.is_none());
-            if leaving {
-                // The agent closed its control stream: it is leaving.
-                self.close_conn(ci, now, ConnectionCode::NoError, "control stream closed");
+            if transmit {
+                mark_dirty(&mut self.dirty, conn, ci);
+            }
+            if !got {
+                break;
             }
         }
-        self.flush_control(ci, now);
+        self.write_control_out(ci);
     }
 
     /// Reads connection `ci`'s control stream again in a later iteration.
@@ -189,34 +175,54 @@ impl Core {
     /// Hands what waits on connection `ci`'s control stream to QUIC; reads the stream again
     /// if it had stopped for the backlog and the backlog is gone.
     pub(super) fn flush_control(&mut self, ci: ConnIdx, now: Instant) {
+        if self.write_control_out(ci) {
+            let stalled = self
+                .conns
+                .get_mut(ci)
+                .is_some_and(|c| std::mem::take(&mut c.control_stalled));
+            if stalled {
+                self.read_control(ci, now);
+            }
+        }
+    }
+
+    /// Writes what waits on connection `ci`'s control stream into QUIC; true when nothing
+    /// waits any more. After a refusal, finishes the stream once everything is written.
+    fn write_control_out(&mut self, ci: ConnIdx) -> bool {
         let Some(conn) = self.conns.get_mut(ci) else {
-            return;
+            return false;
         };
         let Some(id) = conn.control else {
-            return;
+            return false;
         };
         if conn.ctl_out.is_empty() && conn.close_after.is_none() {
-            return;
+            return true;
         }
         match conn.quic.send_stream(id).write(&conn.ctl_out) {
             Ok(n) => {
                 conn.ctl_out.drain(..n);
+                if n > 0 {
+                    mark_dirty(&mut self.dirty, conn, ci);
+                }
             }
             Err(WriteError::Blocked) => {}
             Err(_) => conn.ctl_out.clear(),
         }
-        if conn.ctl_out.is_empty() {
-            // Give back the memory of a large answer.
-            if conn.ctl_out.capacity() > 4096 {
-                conn.ctl_out = Vec::new();
-            }
-            if conn.close_after.is_some() {
-                // Nothing more will be said; the close follows when the peer has it all.
-                let _ = conn.quic.send_stream(id).finish();
-            } else if std::mem::take(&mut conn.control_stalled) {
-                self.read_control(ci, now);
-            }
+        if !conn.ctl_out.is_empty() {
+            return false;
         }
+        // Give back the memory of a large answer.
+        if conn.ctl_out.capacity() > 4096 {
+            conn.ctl_out = Vec::new();
+        }
+        if conn.close_after.is_some() {
+            // Nothing more will be said; the close follows when the peer has it all.
+            if conn.quic.send_stream(id).finish().is_ok() {
+                mark_dirty(&mut self.dirty, conn, ci);
+            }
+            return false;
+        }
+        true
     }
 
     pub(super) fn refuse(
@@ -246,7 +252,8 @@ impl Core {
         let Some(conn) = self.conns.get_mut(ci) else {
             return;
         };
-        if conn.quic.is_closed() {
+        if conn.quic.is_closed() || conn.close_after.is_some() {
+            // Closing, or refused with a close to follow: the agent's later frames are moot.
             return;
         }
         let role = conn.role;

@@ -57,7 +57,7 @@ impl Random for SeededRandom {
 
 pub(super) struct Node {
     pub(super) core: Core,
-    inbox: VecDeque<WorkerMsg>,
+    pub(super) inbox: VecDeque<WorkerMsg>,
     listen: SocketAddr,
     lane: SocketAddr,
     /// A paused core takes no input and produces nothing (a stalled worker thread).
@@ -221,6 +221,8 @@ pub(super) struct TestAgent {
     client: ClientConfig,
     conns: HashMap<ConnectionHandle, ClientConn>,
     card: Vec<u8>,
+    /// Control frames written right behind `ATTACH`, in the same write (pipelined).
+    after_attach: Vec<u8>,
     pub(super) serve: Serve,
     /// The `max_concurrent` the agent sends in its `ATTACH` (0: the gateway's default). Set it
     /// before the first [`Harness::run`] after [`Harness::agent`].
@@ -392,6 +394,7 @@ impl Harness {
             client,
             conns: HashMap::new(),
             card: card.to_json(),
+            after_attach: Vec::new(),
             serve: Serve::Echo,
             max_concurrent: 0,
             read_control: true,
@@ -606,7 +609,7 @@ impl Harness {
     }
 
     /// One round over the network, the cores and the agents; true if anything happened.
-    fn step(&mut self) -> bool {
+    pub(super) fn step(&mut self) -> bool {
         let now = self.now;
         let mut progress = false;
         let mut later = VecDeque::new();
@@ -691,6 +694,11 @@ impl Harness {
 }
 
 impl TestAgent {
+    /// Pipelines `frame` right behind the `ATTACH` this agent sends when it connects.
+    pub(super) fn queue_after_attach(&mut self, frame: &ControlFrame) {
+        frame.encode(&mut self.after_attach).unwrap();
+    }
+
     fn connect(&mut self, now: Instant, remote: SocketAddr, kind: Kind) {
         let (ch, quic) = self
             .endpoint
@@ -805,6 +813,9 @@ impl TestAgent {
                 };
                 let mut bytes = Vec::new();
                 frame.encode(&mut bytes).unwrap();
+                if c.kind == Kind::Primary {
+                    bytes.append(&mut self.after_attach);
+                }
                 c.pending.insert(stream, (VecDeque::from([bytes]), false));
             }
             Event::ConnectionLost { reason } => {

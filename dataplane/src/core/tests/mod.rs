@@ -1,6 +1,7 @@
 //! Deterministic tests of the core: several cores and in-memory QUIC agents on a virtual clock.
 
 mod alloc;
+mod handoffs;
 mod harness;
 mod soak;
 mod statuses;
