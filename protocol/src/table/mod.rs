@@ -401,7 +401,7 @@ impl Table {
     }
 }
 
-pub use validate::validate;
+pub use validate::{group_name_problem, validate};
 
 impl Relation {
     /// Every relation, in code order.

@@ -144,8 +144,9 @@ pub fn validate(parts: &TableParts) -> Result<(), TableError> {
     Ok(())
 }
 
-/// A group name: 1 to [`MAX_GROUP_NAME_BYTES`] bytes of ASCII letters, digits, `_`, `-`, `.`.
-pub(crate) fn group_name_problem(name: &str) -> Option<String> {
+/// What is wrong with a group name, if anything: it must be 1 to [`MAX_GROUP_NAME_BYTES`] bytes
+/// of ASCII letters, digits, `_`, `-`, `.`.
+pub fn group_name_problem(name: &str) -> Option<String> {
     if name.is_empty() || name.len() > MAX_GROUP_NAME_BYTES {
         return Some(format!(
             "group name must be 1 to {MAX_GROUP_NAME_BYTES} bytes"
