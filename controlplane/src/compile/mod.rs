@@ -16,6 +16,8 @@
 //!   specificity), so each (relation, pattern, group) has one rule;
 //! - carries each group's rate limit (burst defaulting to the rate).
 
+use std::collections::HashMap;
+
 use dmsc_protocol::card::validate_capability_name;
 use dmsc_protocol::spiffe::{validate_name, validate_trust_domain};
 use dmsc_protocol::table::{
@@ -191,11 +193,14 @@ pub fn compile(config: &DomainConfig) -> Result<Table, CompileError> {
     Ok(Table::new(parts)?)
 }
 
-/// Rules as collected, naming capabilities and prefixes by text (borrowed from the config).
+/// Rules as collected: capability names and prefixes interned in order of first appearance
+/// (ids renumbered into byte order by [`Rules::intern`]).
 #[derive(Default)]
 struct Rules<'a> {
-    exact: Vec<(Relation, &'a str, GroupId, Effect)>,
-    wildcard: Vec<(Relation, &'a str, GroupId, Effect)>,
+    names: Interner<'a>,
+    prefixes: Interner<'a>,
+    exact: Vec<ExactRule>,
+    wildcard: Vec<WildcardRule>,
 }
 
 impl<'a> Rules<'a> {
@@ -206,48 +211,45 @@ impl<'a> Rules<'a> {
         effect: Effect,
         pattern: &'a Spanned<String>,
     ) -> Result<(), dmsc_protocol::table::PatternError> {
-        let text = pattern.get_ref().as_str();
-        match CapabilityPattern::parse(text)? {
-            CapabilityPattern::Exact(_) => self.exact.push((relation, text, group, effect)),
-            CapabilityPattern::Prefix(_) => {
-                // `parse` accepted a trailing '*'.
-                let prefix = &text[..text.len() - 1];
-                self.wildcard.push((relation, prefix, group, effect));
-            }
+        match CapabilityPattern::parse_borrowed(pattern.get_ref())? {
+            (name, false) => self.exact.push(ExactRule {
+                relation,
+                capability: CapabilityId(self.names.id(name)),
+                group,
+                effect,
+            }),
+            (prefix, true) => self.wildcard.push(WildcardRule {
+                relation,
+                pattern: PatternId(self.prefixes.id(prefix)),
+                group,
+                effect,
+            }),
         }
         Ok(())
     }
 
-    /// Interns names and prefixes and resolves duplicates (deny wins): the table's lists.
+    /// Renumbers names and prefixes into byte order, sorts the rules and resolves duplicates
+    /// (deny wins): the table's lists.
     #[allow(clippy::type_complexity)]
     fn intern(
-        self,
+        mut self,
         catalog: Vec<&'a str>,
     ) -> (Vec<String>, Vec<String>, Vec<ExactRule>, Vec<WildcardRule>) {
-        let mut names = catalog;
-        names.extend(self.exact.iter().map(|r| r.1));
-        names.sort_unstable();
-        names.dedup();
-        let mut prefixes: Vec<&str> = self.wildcard.iter().map(|r| r.1).collect();
-        prefixes.sort_unstable();
-        prefixes.dedup();
-        // Every name and prefix looked up here was put in `names`/`prefixes` above, so the
-        // search always succeeds; 0 is never used.
-        let index = |list: &[&str], s: &str| list.binary_search(&s).unwrap_or(0) as u32;
-
-        let mut exact: Vec<ExactRule> = self
-            .exact
-            .iter()
-            .map(|&(relation, name, group, effect)| ExactRule {
-                relation,
-                capability: CapabilityId(index(&names, name)),
-                group,
-                effect,
-            })
-            .collect();
+        for name in catalog {
+            self.names.id(name);
+        }
+        let (names, name_ids) = self.names.sorted();
+        let (prefixes, prefix_ids) = self.prefixes.sorted();
+        for r in &mut self.exact {
+            r.capability = CapabilityId(name_ids[r.capability.0 as usize]);
+        }
+        for r in &mut self.wildcard {
+            r.pattern = PatternId(prefix_ids[r.pattern.0 as usize]);
+        }
+        let mut exact = self.exact;
         exact.sort_unstable();
-        // Sorted by (relation, capability, group, effect) with Allow < Deny: keep the last of
-        // each key, so a deny beats an allow of the same key.
+        // Sorted by (relation, capability, group, effect) with Allow < Deny: of each key keep
+        // the deny if there is one.
         exact.dedup_by(|later, earlier| {
             let same = (later.relation, later.capability, later.group)
                 == (earlier.relation, earlier.capability, earlier.group);
@@ -256,16 +258,7 @@ impl<'a> Rules<'a> {
             }
             same
         });
-        let mut wildcard: Vec<WildcardRule> = self
-            .wildcard
-            .iter()
-            .map(|&(relation, prefix, group, effect)| WildcardRule {
-                relation,
-                pattern: PatternId(index(&prefixes, prefix)),
-                group,
-                effect,
-            })
-            .collect();
+        let mut wildcard = self.wildcard;
         wildcard.sort_unstable();
         wildcard.dedup_by(|later, earlier| {
             let same = (later.relation, later.pattern, later.group)
@@ -275,12 +268,40 @@ impl<'a> Rules<'a> {
             }
             same
         });
-        (
-            names.into_iter().map(str::to_owned).collect(),
-            prefixes.into_iter().map(str::to_owned).collect(),
-            exact,
-            wildcard,
-        )
+        (names, prefixes, exact, wildcard)
+    }
+}
+
+/// Strings to provisional dense ids, in order of first appearance.
+#[derive(Default)]
+struct Interner<'a> {
+    ids: HashMap<&'a str, u32>,
+    strings: Vec<&'a str>,
+}
+
+impl<'a> Interner<'a> {
+    fn id(&mut self, s: &'a str) -> u32 {
+        let next = self.strings.len() as u32;
+        *self.ids.entry(s).or_insert_with(|| {
+            self.strings.push(s);
+            next
+        })
+    }
+
+    /// The strings in byte order, and for each provisional id its final id (its position in
+    /// that order). Deterministic whatever the hash map's iteration order, which is not used.
+    fn sorted(self) -> (Vec<String>, Vec<u32>) {
+        let mut order: Vec<u32> = (0..self.strings.len() as u32).collect();
+        order.sort_unstable_by_key(|&i| self.strings[i as usize]);
+        let mut final_id = vec![0; order.len()];
+        for (position, &provisional) in order.iter().enumerate() {
+            final_id[provisional as usize] = position as u32;
+        }
+        let strings = order
+            .iter()
+            .map(|&i| self.strings[i as usize].to_owned())
+            .collect();
+        (strings, final_id)
     }
 }
 

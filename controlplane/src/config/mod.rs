@@ -11,7 +11,10 @@ use std::path::Path;
 
 use serde::Deserialize;
 use thiserror::Error;
-use toml::Spanned;
+
+/// A value with the byte range it came from in the source text, so errors can point at it.
+/// Build one in code with `Spanned::new(0..0, value)`.
+pub use toml::Spanned;
 
 /// The development domain, as TOML (see [`DomainConfig::development`]).
 pub const DEVELOPMENT_TOML: &str = include_str!("development.toml");

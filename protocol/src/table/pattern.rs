@@ -118,6 +118,15 @@ impl CapabilityPattern {
     /// Parses a pattern. Only a trailing `*` is a wildcard; a capability whose name ends in `*`
     /// cannot be named exactly.
     pub fn parse(text: &str) -> Result<Self, PatternError> {
+        Ok(match CapabilityPattern::parse_borrowed(text)? {
+            (name, false) => CapabilityPattern::Exact(name.to_owned()),
+            (prefix, true) => CapabilityPattern::Prefix(prefix.to_owned()),
+        })
+    }
+
+    /// Like [`CapabilityPattern::parse`] without allocating: the exact name or the prefix,
+    /// borrowed from `text`, and whether it is a prefix.
+    pub fn parse_borrowed(text: &str) -> Result<(&str, bool), PatternError> {
         let capability = |reason: String| PatternError::Capability {
             pattern: cut(text),
             reason,
@@ -136,14 +145,14 @@ impl CapabilityPattern {
                 if prefix.chars().any(|c| c.is_control() || c.is_whitespace()) {
                     return Err(capability("holds whitespace or a control character".into()));
                 }
-                Ok(CapabilityPattern::Prefix(prefix.to_owned()))
+                Ok((prefix, true))
             }
             None => {
                 if text.contains('*') {
                     return Err(capability("only a trailing '*' is a wildcard".into()));
                 }
                 validate_capability_name(text).map_err(|e| capability(e.to_string()))?;
-                Ok(CapabilityPattern::Exact(text.to_owned()))
+                Ok((text, false))
             }
         }
     }
