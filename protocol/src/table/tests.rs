@@ -368,6 +368,26 @@ fn validate_rejects_dangling_ids_disorder_and_bad_names() {
         body: vec![1],
     });
     assert!(validate(&p).is_err());
+    // Everything the encoder writes must be within the decoder's limits.
+    let mut p = good.clone();
+    p.gateways.push("g".repeat(256));
+    assert!(matches!(
+        validate(&p),
+        Err(TableError::Invalid {
+            section: "gateways",
+            ..
+        })
+    ));
+    let mut p = good.clone();
+    p.members[0].pattern.name = "a".repeat(2049);
+    p.members[0].pattern.name_match = NameMatch::Exact;
+    assert!(matches!(
+        validate(&p),
+        Err(TableError::Invalid {
+            section: "members",
+            ..
+        })
+    ));
     assert_eq!(validate(&good), Ok(()));
     let t = Table::new(good).unwrap();
     assert_eq!(t.expect_domain(D), Ok(()));

@@ -6,7 +6,7 @@ use super::{
 };
 use crate::card::validate_capability_name;
 use crate::limits::MAX_CAPABILITY_BYTES;
-use crate::spiffe::{validate_name, validate_trust_domain, PrincipalKind};
+use crate::spiffe::{validate_name, validate_trust_domain, PrincipalKind, MAX_SPIFFE_ID_BYTES};
 
 /// Checks `parts` against every rule of the format: limits on counts and names, well-formed
 /// names and patterns, lists in canonical order without duplicates, ids that name an entry.
@@ -17,6 +17,13 @@ pub fn validate(parts: &TableParts) -> Result<(), TableError> {
 
     limit("gateways", parts.gateways.len(), MAX_GATEWAYS)?;
     for (i, id) in parts.gateways.iter().enumerate() {
+        if id.len() > MAX_CAPABILITY_BYTES {
+            return Err(invalid(
+                "gateways",
+                i,
+                format!("gateway id is longer than {MAX_CAPABILITY_BYTES} bytes"),
+            ));
+        }
         validate_name("gateway id", id).map_err(|e| invalid("gateways", i, e.to_string()))?;
     }
     ascending("gateways", &parts.gateways, |a, b| a < b)?;
@@ -34,6 +41,13 @@ pub fn validate(parts: &TableParts) -> Result<(), TableError> {
     for (i, m) in parts.members.iter().enumerate() {
         group_in_range("members", i, m.group.0, groups)?;
         let p = &m.pattern;
+        if p.name.len() > MAX_SPIFFE_ID_BYTES {
+            return Err(invalid(
+                "members",
+                i,
+                format!("name is longer than {MAX_SPIFFE_ID_BYTES} bytes"),
+            ));
+        }
         match (p.kind, p.name_match) {
             (PrincipalKind::Control, NameMatch::Exact) if p.name.is_empty() => {}
             (PrincipalKind::Control, _) => {
