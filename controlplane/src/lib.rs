@@ -1,8 +1,14 @@
 //! The DMSC control plane.
 //!
-//! For now this is the `dmsc-control` command's development PKI ([`pki`]): creating a CA for a
-//! trust domain, issuing SPIFFE identities to agents and gateways, and listing them. It does not
-//! yet distribute configuration or talk to gateways.
+//! - [`config`]: the domain configuration (`domain.toml`), its validation, and the embedded
+//!   development domain.
+//! - [`compile`]: the table compiler, a pure function from a configuration to a
+//!   [`Table`](dmsc_protocol::table::Table) generation.
+//! - [`pki`]: the `dmsc-control` command's development PKI: creating a CA for a trust domain,
+//!   issuing SPIFFE identities to agents and gateways, and listing them.
+//!
+//! It does not yet push tables to gateways, collect their registrations or serve anything (see
+//! `docs/CONTROL.md`, "What is not built yet").
 
 #![forbid(unsafe_code)]
 
@@ -10,6 +16,8 @@ use std::io::Write;
 
 use clap::{Parser, Subcommand};
 
+pub mod compile;
+pub mod config;
 pub mod pki;
 
 pub use pki::PkiError;

@@ -12,10 +12,14 @@
 //! - [`card`]: the A2A agent-card model, parsed from the JSON agents publish.
 //! - [`spiffe`]: SPIFFE IDs, the identities in certificates and in the caller field (parsing and
 //!   building only; certificates themselves are the business of `dmsc-identity`).
+//! - [`table`]: the compiled routing and policy tables the control plane pushes to gateways,
+//!   their canonical encoding, and the evaluation helpers a gateway applies per connection,
+//!   per capability and per request.
 //! - [`limits`]: every length limit of the protocol.
 //!
 //! It opens no sockets, reads no clock, touches no file, starts no threads and holds no
-//! cryptography or certificate machinery: callers pass bytes in and get values or typed errors
+//! certificate machinery; its one cryptographic primitive is SHA-256 (from `ring`), which names
+//! table generations by content: callers pass bytes in and get values or typed errors
 //! back, so every decoder can be driven by tests and fuzzers directly.
 //! The normative description of the formats is `docs/PROTOCOL.md`.
 
@@ -28,6 +32,7 @@ pub mod header;
 pub mod limits;
 pub mod spiffe;
 pub mod status;
+pub mod table;
 pub mod varint;
 
 mod codec;

@@ -265,6 +265,12 @@ fn segment_problem(segment: &str) -> Option<String> {
         .map(|c| format!("{segment:?} contains {c:?} (allowed: letters, digits, '.', '-', '_')"))
 }
 
+/// Checks an agent name or gateway id (one path segment): letters, digits, `.`, `-`, `_`, not
+/// empty, not `.` or `..`. `what` names the value in the error.
+pub fn validate_name(what: &'static str, value: &str) -> Result<(), SpiffeIdError> {
+    check_name(what, value)
+}
+
 fn check_name(what: &'static str, value: &str) -> Result<(), SpiffeIdError> {
     match segment_problem(value) {
         None => Ok(()),
