@@ -84,7 +84,7 @@ fn lookup_select(c: &mut Criterion) {
         g.bench_function(format!("{caps}_capabilities"), |b| {
             b.iter(|| {
                 i = (i + 7919) % names.len();
-                match r.select("spiffe://dmsc.local/agent/caller", black_box(&names[i])) {
+                match r.select(&dmsc_protocol::table::GroupSet::EMPTY, black_box(&names[i])) {
                     Selection::Local(t, _) => {
                         r.finish(t);
                         black_box(t)
@@ -102,7 +102,7 @@ fn lookup_select(c: &mut Criterion) {
         b.iter(|| {
             i = (i + 7919) % 1000;
             match r.select(
-                "spiffe://dmsc.local/agent/caller",
+                &dmsc_protocol::table::GroupSet::EMPTY,
                 black_box(&names[i * 100]),
             ) {
                 Selection::Local(t, _) => {
@@ -115,7 +115,7 @@ fn lookup_select(c: &mut Criterion) {
     });
     let (mut r, _) = router(1000);
     g.bench_function("no_route", |b| {
-        b.iter(|| black_box(r.select("spiffe://dmsc.local/agent/caller", black_box("missing"))))
+        b.iter(|| black_box(r.select(&dmsc_protocol::table::GroupSet::EMPTY, black_box("missing"))))
     });
     g.finish();
 }

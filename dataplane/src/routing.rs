@@ -20,6 +20,9 @@ use std::sync::Arc;
 use hashbrown::HashMap;
 use smallvec::SmallVec;
 
+use dmsc_protocol::spiffe::SpiffeId;
+use dmsc_protocol::table::{allowed, Column, GroupSet, Relation, Table};
+
 use crate::slab::{Key, Slab};
 
 use dmsc_protocol::control::SessionId;
@@ -29,10 +32,13 @@ use dmsc_protocol::control::SessionId;
 pub struct Generation(pub u64);
 
 /// Invocation policy of a table generation.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Policy {
     /// Every authenticated agent of the domain may invoke every capability (standalone mode).
     AllowAll,
+    /// The compiled policy of a control plane: callers' groups and per-capability columns
+    /// decide (`docs/CONTROL.md`).
+    Table(Arc<Table>),
 }
 
 /// An immutable routing and policy table, as installed on every worker.
@@ -53,13 +59,39 @@ impl TableGeneration {
         })
     }
 
-    /// Whether `_caller` may invoke `_capability` under this table.
-    #[inline]
-    pub fn allows(&self, _caller: &str, _capability: &str) -> bool {
-        match self.policy {
-            Policy::AllowAll => true,
+    /// A generation enforcing `table`.
+    pub fn compiled(generation: Generation, table: Arc<Table>) -> Arc<Self> {
+        Arc::new(Self {
+            generation,
+            policy: Policy::Table(table),
+        })
+    }
+
+    /// The groups of the caller with SPIFFE ID `id` (computed once per connection). Empty
+    /// under [`Policy::AllowAll`], where groups do not matter, and for an unparsable ID.
+    pub fn groups_of(&self, id: &str) -> GroupSet {
+        match &self.policy {
+            Policy::AllowAll => GroupSet::EMPTY,
+            Policy::Table(table) => SpiffeId::parse(id)
+                .map(|id| table.groups_of(&id))
+                .unwrap_or(GroupSet::EMPTY),
         }
     }
+
+    /// The column deciding `relation` for `capability` (computed once per capability, when it
+    /// first appears or a generation is installed); `None` when everything is allowed.
+    pub fn column(&self, relation: Relation, capability: &str) -> Option<Column> {
+        match &self.policy {
+            Policy::AllowAll => None,
+            Policy::Table(table) => Some(table.column(relation, capability)),
+        }
+    }
+}
+
+/// Whether a caller in `groups` passes `column` (`None`: no policy applies). Bit operations.
+#[inline]
+pub fn permits(groups: &GroupSet, column: Option<&Column>) -> bool {
+    column.is_none_or(|c| allowed(groups, c))
 }
 
 /// Names a worker (a core) of the gateway: 0 to `workers - 1`, at most 256 workers.
@@ -162,6 +194,8 @@ struct Candidates {
     remote: SmallVec<[AgentIdx; 4]>,
     /// Where this capability's metrics go.
     metric: MetricSlot,
+    /// Which groups may invoke it under the installed table (`None`: everyone).
+    column: Option<Column>,
 }
 
 impl Candidates {
@@ -224,19 +258,24 @@ impl<C: Copy> Router<C> {
         &self.table
     }
 
-    /// Installs a new table generation. Call between event-loop iterations only.
+    /// Installs a new table generation and recomputes every capability's policy column
+    /// (once per capability, here, never per request). Call between event-loop iterations
+    /// only.
     pub fn install(&mut self, table: Arc<TableGeneration>) {
+        for (name, c) in self.by_capability.iter_mut() {
+            c.column = table.column(Relation::Invoke, name);
+        }
         self.table = table;
     }
 
     /// Picks a target for `capability` on behalf of `caller`, and counts the request as
     /// outstanding on it (release it with [`Router::finish`]).
     #[inline]
-    pub fn select(&mut self, caller: &str, capability: &str) -> Selection {
+    pub fn select(&mut self, caller: &GroupSet, capability: &str) -> Selection {
         let Some(cands) = self.by_capability.get(capability) else {
             return Selection::NoRoute;
         };
-        if !self.table.allows(caller, capability) {
+        if !permits(caller, cands.column.as_ref()) {
             return Selection::Denied;
         }
         self.rng ^= self.rng << 13;
@@ -382,6 +421,7 @@ impl<C: Copy> Router<C> {
                         direct: SmallVec::new(),
                         remote: SmallVec::new(),
                         metric,
+                        column: self.table.column(Relation::Invoke, cap),
                     };
                     self.by_capability.entry(cap.clone()).or_insert(c)
                 }
@@ -455,11 +495,11 @@ mod tests {
     #[test]
     fn unknown_capability_has_no_route() {
         let mut r: Router<u8> = Router::new(TableGeneration::standalone(), 7, 16);
-        assert_eq!(r.select("c", "nope"), Selection::NoRoute);
+        assert_eq!(r.select(&GroupSet::EMPTY, "nope"), Selection::NoRoute);
         r.insert(entry(1, &["echo"], Some(0), 4));
-        assert_eq!(r.select("c", "nope"), Selection::NoRoute);
+        assert_eq!(r.select(&GroupSet::EMPTY, "nope"), Selection::NoRoute);
         assert!(matches!(
-            r.select("c", "echo"),
+            r.select(&GroupSet::EMPTY, "echo"),
             Selection::Local(_, MetricSlot(0))
         ));
     }
@@ -470,11 +510,13 @@ mod tests {
         let remote = r.insert(entry(1, &["echo"], None, 100));
         let local = r.insert(entry(2, &["echo"], Some(3), 100));
         for _ in 0..50 {
-            assert!(matches!(r.select("c", "echo"), Selection::Local(a, _) if a == local));
+            assert!(
+                matches!(r.select(&GroupSet::EMPTY, "echo"), Selection::Local(a, _) if a == local)
+            );
         }
         r.set_local(SessionId(2), None);
         assert!(
-            matches!(r.select("c", "echo"), Selection::Handoff(i, _) if i == remote || i == local)
+            matches!(r.select(&GroupSet::EMPTY, "echo"), Selection::Handoff(i, _) if i == remote || i == local)
         );
     }
 
@@ -483,9 +525,11 @@ mod tests {
         let mut r: Router<u8> = Router::new(TableGeneration::standalone(), 5, 16);
         let local = r.insert(entry(1, &["echo"], Some(0), 1));
         let remote = r.insert(entry(2, &["echo"], None, 1));
-        assert!(matches!(r.select("c", "echo"), Selection::Local(a, _) if a == local));
-        assert!(matches!(r.select("c", "echo"), Selection::Handoff(x, _) if x == remote));
-        assert_eq!(r.select("c", "echo"), Selection::Overloaded);
+        assert!(matches!(r.select(&GroupSet::EMPTY, "echo"), Selection::Local(a, _) if a == local));
+        assert!(
+            matches!(r.select(&GroupSet::EMPTY, "echo"), Selection::Handoff(x, _) if x == remote)
+        );
+        assert_eq!(r.select(&GroupSet::EMPTY, "echo"), Selection::Overloaded);
     }
 
     #[test]
@@ -494,13 +538,16 @@ mod tests {
         let a = r.insert(entry(1, &["echo"], Some(0), 10));
         let b = r.insert(entry(2, &["echo"], Some(1), 10));
         for _ in 0..20 {
-            assert!(matches!(r.select("c", "echo"), Selection::Local(..)));
+            assert!(matches!(
+                r.select(&GroupSet::EMPTY, "echo"),
+                Selection::Local(..)
+            ));
         }
         assert_eq!(r.agent(a).unwrap().outstanding, 10);
         assert_eq!(r.agent(b).unwrap().outstanding, 10);
-        assert_eq!(r.select("c", "echo"), Selection::Overloaded);
+        assert_eq!(r.select(&GroupSet::EMPTY, "echo"), Selection::Overloaded);
         r.finish(b);
-        assert!(matches!(r.select("c", "echo"), Selection::Local(x, _) if x == b));
+        assert!(matches!(r.select(&GroupSet::EMPTY, "echo"), Selection::Local(x, _) if x == b));
     }
 
     #[test]
@@ -508,10 +555,13 @@ mod tests {
         let mut r: Router<u8> = Router::new(TableGeneration::standalone(), 1, 16);
         r.insert(entry(1, &["a", "b"], Some(0), 4));
         r.insert(entry(1, &["b", "c"], Some(0), 4));
-        assert_eq!(r.select("x", "a"), Selection::NoRoute);
-        assert!(matches!(r.select("x", "c"), Selection::Local(..)));
+        assert_eq!(r.select(&GroupSet::EMPTY, "a"), Selection::NoRoute);
+        assert!(matches!(
+            r.select(&GroupSet::EMPTY, "c"),
+            Selection::Local(..)
+        ));
         assert!(r.remove(SessionId(1)).is_some());
-        assert_eq!(r.select("x", "b"), Selection::NoRoute);
+        assert_eq!(r.select(&GroupSet::EMPTY, "b"), Selection::NoRoute);
         assert!(r.is_empty());
         assert_eq!(r.capabilities().count(), 0);
     }
@@ -523,7 +573,7 @@ mod tests {
         assert_eq!(r.metric_names().len(), 2);
         let slots: Vec<MetricSlot> = ["a", "b", "c"]
             .iter()
-            .map(|c| match r.select("x", c) {
+            .map(|c| match r.select(&GroupSet::EMPTY, c) {
                 Selection::Local(_, m) => m,
                 other => panic!("{other:?}"),
             })
@@ -533,7 +583,7 @@ mod tests {
         r.remove(SessionId(1));
         r.insert(entry(2, &["b"], Some(0), 4));
         assert!(matches!(
-            r.select("x", "b"),
+            r.select(&GroupSet::EMPTY, "b"),
             Selection::Local(_, MetricSlot(1))
         ));
     }
@@ -543,12 +593,12 @@ mod tests {
     fn a_stale_index_releases_nothing_of_the_agent_that_took_the_slot() {
         let mut r: Router<u8> = Router::new(TableGeneration::standalone(), 3, 16);
         r.insert(entry(1, &["echo"], Some(0), 4));
-        let Selection::Local(old, _) = r.select("c", "echo") else {
+        let Selection::Local(old, _) = r.select(&GroupSet::EMPTY, "echo") else {
             panic!("routed")
         };
         r.remove(SessionId(1));
         let new = r.insert(entry(2, &["echo"], Some(0), 4));
-        assert!(matches!(r.select("c", "echo"), Selection::Local(x, _) if x == new));
+        assert!(matches!(r.select(&GroupSet::EMPTY, "echo"), Selection::Local(x, _) if x == new));
         assert_eq!(r.agent(new).unwrap().outstanding, 1);
         assert!(r.agent(old).is_none());
         assert_eq!(r.finish(old), None, "the stale index releases nothing");
@@ -598,7 +648,9 @@ mod tests {
         assert_eq!(got, expect);
         // Every agent is selectable exactly up to its limit of one.
         let mut picked = 0;
-        while let Selection::Local(..) | Selection::Handoff(..) = r.select("c", "shared") {
+        while let Selection::Local(..) | Selection::Handoff(..) =
+            r.select(&GroupSet::EMPTY, "shared")
+        {
             picked += 1;
         }
         assert_eq!(picked, expect["shared"]);

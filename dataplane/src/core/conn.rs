@@ -14,6 +14,7 @@ use quinn_proto::{ConnectionHandle, Dir, Event, StreamEvent, StreamId};
 use tracing::{debug, warn};
 
 use dmsc_protocol::control::{FrameBuffer, SessionId};
+use dmsc_protocol::table::GroupSet;
 use dmsc_protocol::{ConnectionCode, StreamCode};
 
 use super::exchange::Leg;
@@ -102,6 +103,9 @@ pub(super) struct Conn {
     pub(super) identity: Option<Arc<str>>,
     /// Whether this connection counts against its identity's connection limit.
     pub(super) counted: bool,
+    /// The policy groups of the identity under the installed table (computed at the handshake
+    /// and again when a generation is installed, never per request).
+    pub(super) groups: GroupSet,
     pub(super) role: Role,
     pub(super) control: Option<StreamId>,
     pub(super) ctl_in: FrameBuffer,
@@ -141,6 +145,7 @@ impl Core {
             socket,
             identity: None,
             counted: false,
+            groups: GroupSet::EMPTY,
             role: Role::Pending,
             control: None,
             ctl_in: FrameBuffer::new(limits.max_card_bytes + 1024),
@@ -253,6 +258,7 @@ impl Core {
         conn.counted = true;
         let over = *count > self.shared.config.limits.max_connections_per_identity;
         debug!(parent: &conn.span, identity = %id, "handshake complete");
+        conn.groups = self.router.table().groups_of(&id);
         conn.identity = Some(id);
         if over {
             debug!(parent: &conn.span, "too many connections for one identity");

@@ -477,7 +477,8 @@ impl Core {
         let Some(caller) = conn.identity.as_deref() else {
             return self.answer(key, Status::Denied, "no caller identity");
         };
-        let (target, local, metric) = match self.router.select(caller, header.capability) {
+        let groups = conn.groups;
+        let (target, local, metric) = match self.router.select(&groups, header.capability) {
             Selection::Local(t, m) => (t, true, m),
             Selection::Handoff(t, m) => (t, false, m),
             Selection::NoRoute => {

@@ -101,6 +101,7 @@ use quinn_proto::{DatagramEvent, EcnCodepoint, Endpoint, ServerConfig, VarInt};
 use tracing::warn;
 
 use dmsc_protocol::control::SessionId;
+use dmsc_protocol::table::GroupSet;
 use dmsc_protocol::{ConnectionCode, StreamCode};
 
 use crate::config::Config;
@@ -443,7 +444,7 @@ impl Core {
             WorkerMsg::DetachDone { session } => self.detach_done(session),
             WorkerMsg::AgentDown { session } => self.agent_down(session, now),
             WorkerMsg::Handoff { id, event } => self.on_handoff(id, event, now),
-            WorkerMsg::Install(table) => self.router.install(table),
+            WorkerMsg::Install(table) => self.install(table),
             WorkerMsg::Snapshot { known, reply } => {
                 let _ = reply.try_send(self.report(&known));
             }
@@ -636,6 +637,18 @@ impl Core {
             let bytes = buf[..t.size].to_vec();
             self.responses.push_back((socket, t, bytes));
         }
+    }
+
+    /// Installs a table generation: the router recomputes its capabilities' policy columns,
+    /// and every connection its identity's groups. Requests already routed are not affected.
+    fn install(&mut self, table: Arc<TableGeneration>) {
+        for (_, conn) in self.conns.iter_mut() {
+            conn.groups = conn
+                .identity
+                .as_deref()
+                .map_or(GroupSet::EMPTY, |id| table.groups_of(id));
+        }
+        self.router.install(table);
     }
 
     /// Polls connection `ci`'s endpoint and application events.

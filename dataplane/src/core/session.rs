@@ -21,11 +21,13 @@ use dmsc_protocol::control::{ControlFrame, DiscoveryEntry, LaneToken, Refusal, S
 use dmsc_protocol::limits::{
     MAX_CONTROL_FRAME_BYTES, MAX_DISCOVERY_ENTRIES, MAX_DISCOVERY_STRING_BYTES, MAX_LIST_ITEMS,
 };
+use dmsc_protocol::table::{GroupSet, Relation};
 use dmsc_protocol::ConnectionCode;
 
 use super::conn::Role;
 use super::{mark_dirty, ConnIdx, Core};
 use crate::msg::{AgentInfo, WorkerMsg};
+use crate::routing::permits;
 use crate::stats::WorkerStats;
 
 /// Control frames decoded per read of one control stream.
@@ -326,7 +328,8 @@ impl Core {
                     tag,
                 },
             ) => {
-                let frame = self.discover(query_id, &prefix, &tag);
+                let groups = self.conns.get(ci).map_or(GroupSet::EMPTY, |c| c.groups);
+                let frame = self.discover(&groups, query_id, &prefix, &tag);
                 self.write_control(ci, &frame);
             }
             (Role::Primary(session), ControlFrame::Detach) => {
@@ -486,11 +489,19 @@ impl Core {
         self.update_conn_timer(ci);
     }
 
-    /// Answers a `DISCOVER` from the catalog: only capabilities matching the prefix are read.
-    fn discover(&self, query_id: u64, prefix: &str, tag: &str) -> ControlFrame {
+    /// Answers a `DISCOVER` from the catalog: only capabilities matching the prefix are read,
+    /// and only those the caller's groups may see under the installed table are shown.
+    fn discover(&self, groups: &GroupSet, query_id: u64, prefix: &str, tag: &str) -> ControlFrame {
         let mut entries: Vec<DiscoveryEntry> = Vec::new();
         let mut truncated = false;
+        let table = self.router.table();
         for (capability, providers) in self.catalog.matching(prefix) {
+            if !permits(
+                groups,
+                table.column(Relation::Discover, capability).as_ref(),
+            ) {
+                continue;
+            }
             // The providers whose skill carries the tag (all of them without one), and the
             // skill of one of them to describe the capability.
             let mut described = None;

@@ -514,3 +514,82 @@ fn a_target_that_goes_quiet_mid_answer_is_ended_as_stalled() {
         Some(StreamCode::Stalled.code())
     );
 }
+
+/// A compiled policy installed on every worker: DENIED for callers no group allows, discovery
+/// shows only what the caller's groups may see, and requests of allowed callers go on. Groups
+/// are computed per connection when the table is installed, columns per capability.
+#[test]
+fn an_installed_policy_denies_and_hides_what_it_does_not_allow() {
+    use std::sync::Arc;
+
+    use dmsc_protocol::spiffe::PrincipalKind;
+    use dmsc_protocol::table::{
+        CapabilityId, Effect, ExactRule, GroupId, IdentityPattern, Membership, NameMatch, Relation,
+        Table, TableParts,
+    };
+
+    use crate::msg::WorkerMsg;
+    use crate::routing::{Generation, TableGeneration};
+
+    let (mut h, a, _b) = pair(Limits::default());
+    let c = h.agent("c", &["other"], 0);
+    h.run();
+    let member = |name: &str, group| Membership {
+        pattern: IdentityPattern {
+            kind: PrincipalKind::Agent,
+            name_match: NameMatch::Exact,
+            name: name.into(),
+        },
+        group: GroupId(group),
+    };
+    let allow = |relation| ExactRule {
+        relation,
+        capability: CapabilityId(0),
+        group: GroupId(0),
+        effect: Effect::Allow,
+    };
+    let parts = TableParts {
+        domain: "harness.test".into(),
+        groups: vec!["callers".into(), "others".into()],
+        members: vec![member("a", 0), member("c", 1)],
+        capabilities: vec!["echo".into()],
+        exact_rules: vec![allow(Relation::Invoke), allow(Relation::Discover)],
+        ..TableParts::default()
+    };
+    let table = TableGeneration::compiled(Generation(1), Arc::new(Table::new(parts).unwrap()));
+    let now = h.now;
+    for node in &mut h.nodes {
+        node.core
+            .handle_message(now, WorkerMsg::Install(table.clone()));
+    }
+    h.run();
+    let allowed = h.invoke(a, "echo", b"hi");
+    let denied = h.invoke(c, "echo", b"hi");
+    h.run();
+    assert_eq!(h.agents[a].calls[allowed].payload(), b"hi");
+    assert_eq!(h.agents[c].calls[denied].status(), Some(Status::Denied));
+    let discover = |h: &mut Harness, who: usize| {
+        let frame = ControlFrame::Discover {
+            query_id: 7,
+            prefix: String::new(),
+            tag: String::new(),
+        };
+        h.send_control(who, &frame);
+        h.run();
+        h.agents[who]
+            .frames
+            .iter()
+            .find_map(|f| match f {
+                ControlFrame::DiscoverResult { entries, .. } => Some(
+                    entries
+                        .iter()
+                        .map(|e| e.capability.clone())
+                        .collect::<Vec<_>>(),
+                ),
+                _ => None,
+            })
+            .expect("an answer")
+    };
+    assert_eq!(discover(&mut h, a), vec!["echo".to_owned()]);
+    assert!(discover(&mut h, c).is_empty());
+}
