@@ -21,7 +21,7 @@ use hashbrown::HashMap;
 use smallvec::SmallVec;
 
 use dmsc_protocol::spiffe::SpiffeId;
-use dmsc_protocol::table::{allowed, Column, GroupSet, Relation, Table};
+use dmsc_protocol::table::{allowed, Column, GroupSet, Limit, Relation, Table};
 
 use crate::slab::{Key, Slab};
 
@@ -75,6 +75,14 @@ impl TableGeneration {
             Policy::Table(table) => SpiffeId::parse(id)
                 .map(|id| table.groups_of(&id))
                 .unwrap_or(GroupSet::EMPTY),
+        }
+    }
+
+    /// The rate limit of a caller in `groups` (`None`: unlimited).
+    pub fn rate_limit_of(&self, groups: &GroupSet) -> Option<Limit> {
+        match &self.policy {
+            Policy::AllowAll => None,
+            Policy::Table(table) => table.rate_limit_of(groups),
         }
     }
 

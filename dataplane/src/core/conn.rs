@@ -18,7 +18,8 @@ use dmsc_protocol::table::GroupSet;
 use dmsc_protocol::{ConnectionCode, StreamCode};
 
 use super::exchange::Leg;
-use super::{after, close, mark_dirty, Core, IntoVarInt};
+use super::ratelimit::Bucket;
+use super::{after, close, mark_dirty, Core, IntoVarInt, Principal};
 use crate::msg::{ExKey, WorkerMsg};
 use crate::stats::WorkerStats;
 
@@ -106,6 +107,8 @@ pub(super) struct Conn {
     /// The policy groups of the identity under the installed table (computed at the handshake
     /// and again when a generation is installed, never per request).
     pub(super) groups: GroupSet,
+    /// The installed table limits the identity's rate (its bucket is in the core's principals).
+    pub(super) rate_limited: bool,
     pub(super) role: Role,
     pub(super) control: Option<StreamId>,
     pub(super) ctl_in: FrameBuffer,
@@ -146,6 +149,7 @@ impl Core {
             identity: None,
             counted: false,
             groups: GroupSet::EMPTY,
+            rate_limited: false,
             role: Role::Pending,
             control: None,
             ctl_in: FrameBuffer::new(limits.max_card_bytes + 1024),
@@ -253,12 +257,24 @@ impl Core {
             return self.close_conn(ci, now, ConnectionCode::Unauthenticated, "no identity");
         };
         let id: Arc<str> = id.into();
-        let count = self.per_identity.entry(id.clone()).or_insert(0);
-        *count += 1;
+        let table = self.router.table();
+        let groups = table.groups_of(&id);
+        let workers = self.shared.workers();
+        let principal = self
+            .per_identity
+            .entry(id.clone())
+            .or_insert_with(|| Principal {
+                conns: 0,
+                bucket: table
+                    .rate_limit_of(&groups)
+                    .map(|limit| Bucket::new(limit, workers, now)),
+            });
+        principal.conns += 1;
         conn.counted = true;
-        let over = *count > self.shared.config.limits.max_connections_per_identity;
+        conn.rate_limited = principal.bucket.is_some();
+        let over = principal.conns > self.shared.config.limits.max_connections_per_identity;
         debug!(parent: &conn.span, identity = %id, "handshake complete");
-        conn.groups = self.router.table().groups_of(&id);
+        conn.groups = groups;
         conn.identity = Some(id);
         if over {
             debug!(parent: &conn.span, "too many connections for one identity");
@@ -325,9 +341,9 @@ impl Core {
         conn.ctl_out = Vec::new();
         if std::mem::take(&mut conn.counted) {
             if let Some(id) = conn.identity.as_ref() {
-                if let Some(n) = self.per_identity.get_mut(id) {
-                    *n -= 1;
-                    if *n == 0 {
+                if let Some(p) = self.per_identity.get_mut(id) {
+                    p.conns -= 1;
+                    if p.conns == 0 {
                         self.per_identity.remove(id);
                     }
                 }

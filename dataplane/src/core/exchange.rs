@@ -478,6 +478,18 @@ impl Core {
             return self.answer(key, Status::Denied, "no caller identity");
         };
         let groups = conn.groups;
+        if conn.rate_limited {
+            let within = match self.per_identity.get_mut(caller) {
+                Some(super::Principal {
+                    bucket: Some(bucket),
+                    ..
+                }) => bucket.take(now),
+                _ => true,
+            };
+            if !within {
+                return self.answer(key, Status::RateLimited, "over the caller's rate limit");
+            }
+        }
         let (target, local, metric) = match self.router.select(&groups, header.capability) {
             Selection::Local(t, m) => (t, true, m),
             Selection::Handoff(t, m) => (t, false, m),

@@ -82,6 +82,7 @@ mod drain;
 mod exchange;
 mod handoff;
 mod outbox;
+mod ratelimit;
 mod registry;
 mod session;
 mod timers;
@@ -101,7 +102,6 @@ use quinn_proto::{DatagramEvent, EcnCodepoint, Endpoint, ServerConfig, VarInt};
 use tracing::warn;
 
 use dmsc_protocol::control::SessionId;
-use dmsc_protocol::table::GroupSet;
 use dmsc_protocol::{ConnectionCode, StreamCode};
 
 use crate::config::Config;
@@ -164,6 +164,15 @@ impl Shared {
     }
 }
 
+/// What a worker keeps per verified identity.
+#[derive(Debug)]
+struct Principal {
+    /// Connections of the identity on this worker that count against its limit.
+    conns: usize,
+    /// The identity's token bucket on this worker, if the installed table limits it.
+    bucket: Option<ratelimit::Bucket>,
+}
+
 /// Where a core gets unpredictable bytes (lane tokens, selection seeds). The shell passes the
 /// operating system's generator; tests pass a seeded one.
 pub(crate) trait Random: Send {
@@ -217,7 +226,8 @@ pub(crate) struct Core {
     accepting: bool,
     conns: Conns,
     conn_count: usize,
-    per_identity: HashMap<Arc<str>, usize>,
+    /// Per verified identity on this worker: its connections and its rate limit.
+    per_identity: HashMap<Arc<str>, Principal>,
     exchanges: Slab<Exchange>,
     handoffs_in: HashMap<HandoffId, ExKey>,
     router: Router<ConnIdx>,
@@ -640,13 +650,26 @@ impl Core {
     }
 
     /// Installs a table generation: the router recomputes its capabilities' policy columns,
-    /// and every connection its identity's groups. Requests already routed are not affected.
+    /// every connection its identity's groups, every principal its rate limit. Requests
+    /// already routed are not affected.
     fn install(&mut self, table: Arc<TableGeneration>) {
+        let workers = self.shared.workers();
+        let now = self.now;
+        for (id, principal) in self.per_identity.iter_mut() {
+            let groups = table.groups_of(id);
+            principal.bucket = table
+                .rate_limit_of(&groups)
+                .map(|limit| ratelimit::Bucket::new(limit, workers, now));
+        }
         for (_, conn) in self.conns.iter_mut() {
-            conn.groups = conn
-                .identity
-                .as_deref()
-                .map_or(GroupSet::EMPTY, |id| table.groups_of(id));
+            let Some(id) = conn.identity.as_deref() else {
+                continue;
+            };
+            conn.groups = table.groups_of(id);
+            conn.rate_limited = self
+                .per_identity
+                .get(id)
+                .is_some_and(|p| p.bucket.is_some());
         }
         self.router.install(table);
     }

@@ -515,25 +515,19 @@ fn a_target_that_goes_quiet_mid_answer_is_ended_as_stalled() {
     );
 }
 
-/// A compiled policy installed on every worker: DENIED for callers no group allows, discovery
-/// shows only what the caller's groups may see, and requests of allowed callers go on. Groups
-/// are computed per connection when the table is installed, columns per capability.
-#[test]
-fn an_installed_policy_denies_and_hides_what_it_does_not_allow() {
+/// A two-group table: agent `a` is a caller allowed to invoke and discover `echo` (with a rate
+/// limit if given), agent `c` is in another group with no rule.
+fn policy_table(rate: Option<(u32, u32)>) -> std::sync::Arc<crate::routing::TableGeneration> {
     use std::sync::Arc;
 
     use dmsc_protocol::spiffe::PrincipalKind;
     use dmsc_protocol::table::{
-        CapabilityId, Effect, ExactRule, GroupId, IdentityPattern, Membership, NameMatch, Relation,
-        Table, TableParts,
+        CapabilityId, Effect, ExactRule, GroupId, IdentityPattern, Membership, NameMatch,
+        RateLimit, Relation, Table, TableParts,
     };
 
-    use crate::msg::WorkerMsg;
     use crate::routing::{Generation, TableGeneration};
 
-    let (mut h, a, _b) = pair(Limits::default());
-    let c = h.agent("c", &["other"], 0);
-    h.run();
     let member = |name: &str, group| Membership {
         pattern: IdentityPattern {
             kind: PrincipalKind::Agent,
@@ -554,15 +548,38 @@ fn an_installed_policy_denies_and_hides_what_it_does_not_allow() {
         members: vec![member("a", 0), member("c", 1)],
         capabilities: vec!["echo".into()],
         exact_rules: vec![allow(Relation::Invoke), allow(Relation::Discover)],
+        rate_limits: rate
+            .map(|(per_second, burst)| RateLimit {
+                group: GroupId(0),
+                per_second,
+                burst,
+            })
+            .into_iter()
+            .collect(),
         ..TableParts::default()
     };
-    let table = TableGeneration::compiled(Generation(1), Arc::new(Table::new(parts).unwrap()));
+    TableGeneration::compiled(Generation(1), Arc::new(Table::new(parts).unwrap()))
+}
+
+/// Installs `table` on every core of `h`.
+fn install(h: &mut Harness, table: &std::sync::Arc<crate::routing::TableGeneration>) {
     let now = h.now;
     for node in &mut h.nodes {
         node.core
-            .handle_message(now, WorkerMsg::Install(table.clone()));
+            .handle_message(now, crate::msg::WorkerMsg::Install(table.clone()));
     }
     h.run();
+}
+
+/// A compiled policy installed on every worker: DENIED for callers no group allows, discovery
+/// shows only what the caller's groups may see, and requests of allowed callers go on. Groups
+/// are computed per connection when the table is installed, columns per capability.
+#[test]
+fn an_installed_policy_denies_and_hides_what_it_does_not_allow() {
+    let (mut h, a, _b) = pair(Limits::default());
+    let c = h.agent("c", &["other"], 0);
+    h.run();
+    install(&mut h, &policy_table(None));
     let allowed = h.invoke(a, "echo", b"hi");
     let denied = h.invoke(c, "echo", b"hi");
     h.run();
@@ -592,4 +609,37 @@ fn an_installed_policy_denies_and_hides_what_it_does_not_allow() {
     };
     assert_eq!(discover(&mut h, a), vec!["echo".to_owned()]);
     assert!(discover(&mut h, c).is_empty());
+}
+
+/// A rate limit from the installed table: each worker allows its share of the group's rate
+/// and burst; over it, RATE_LIMITED.
+#[test]
+fn a_caller_over_its_rate_limit_gets_rate_limited() {
+    let (mut h, a, _b) = pair(Limits::default());
+    h.run();
+    // 10 per second with a burst of 2, over 2 workers: 5 per second and 1 at once per worker.
+    install(&mut h, &policy_table(Some((10, 2))));
+    let burst: Vec<usize> = (0..3).map(|_| h.invoke(a, "echo", b"x")).collect();
+    h.run();
+    let statuses: Vec<_> = burst
+        .iter()
+        .map(|&c| h.agents[a].calls[c].status())
+        .collect();
+    let ok = statuses.iter().filter(|s| **s == Some(Status::Ok)).count();
+    let limited = statuses
+        .iter()
+        .filter(|s| **s == Some(Status::RateLimited))
+        .count();
+    assert_eq!((ok, limited), (1, 2), "{statuses:?}");
+    // Then one request every 100 ms for 2 s: about one in two passes (5 per second).
+    let mut passed = 0;
+    for _ in 0..20 {
+        h.advance(Duration::from_millis(100));
+        let call = h.invoke(a, "echo", b"x");
+        h.run();
+        if h.agents[a].calls[call].status() == Some(Status::Ok) {
+            passed += 1;
+        }
+    }
+    assert!((9..=11).contains(&passed), "{passed} of 20 passed");
 }
