@@ -242,7 +242,18 @@ async fn attach_once(shared: &Shared) -> Result<Attached, AgentError> {
                 worker,
                 lanes,
                 max_concurrent,
-            } => Ok((session, lane_token, worker, lanes, max_concurrent)),
+                refused,
+            } => {
+                if !refused.is_empty() {
+                    // The domain's policy does not let this agent offer these: requests for
+                    // them will not come (PROTOCOL.md 6.1).
+                    tracing::warn!(
+                        ?refused,
+                        "the gateway refused some capabilities of the card"
+                    );
+                }
+                Ok((session, lane_token, worker, lanes, max_concurrent))
+            }
             other => Err(other),
         },
     )

@@ -290,6 +290,7 @@ async fn serve_connection(
                     worker: 0,
                     lanes: state.lane_list.clone(),
                     max_concurrent: 64,
+                    refused: Vec::new(),
                 },
             )
             .await?;

@@ -11,6 +11,7 @@
 //! (extensions from later revisions). A frame longer than the receiver's limit is a connection
 //! error (`FRAME_TOO_LARGE`). The frame layouts are in `docs/PROTOCOL.md`.
 
+use crate::card::MAX_SKILLS;
 use crate::codec::{block_prefix, put_bytes, Reader};
 use crate::limits::{
     MAX_ADDRESS_BYTES, MAX_CAPABILITY_BYTES, MAX_CARD_BYTES, MAX_CONTROL_FRAME_BYTES,
@@ -152,6 +153,10 @@ pub enum ControlFrame {
         lanes: Vec<String>,
         /// The concurrency limit the gateway applies per worker.
         max_concurrent: u64,
+        /// Capabilities of the card the domain's policy does not let this agent advertise: the
+        /// agent is attached without them. On the wire only when not empty (a trailing field
+        /// older receivers ignore).
+        refused: Vec<String>,
     },
     /// The attach, lane or update was refused; the gateway then closes the connection (for an
     /// attach or lane) with `ATTACH_REFUSED`.
@@ -241,8 +246,10 @@ impl ControlFrame {
                 worker,
                 lanes,
                 max_concurrent,
+                refused,
             } => {
                 check("lanes", lanes.len(), MAX_LANES)?;
+                check("refused", refused.len(), MAX_SKILLS)?;
                 p.extend_from_slice(&session.0.to_be_bytes());
                 p.extend_from_slice(&lane_token.0);
                 varint::encode(*worker, &mut p);
@@ -252,6 +259,13 @@ impl ControlFrame {
                     put_bytes(&mut p, lane.as_bytes());
                 }
                 varint::encode(*max_concurrent, &mut p);
+                if !refused.is_empty() {
+                    varint::encode(refused.len() as u64, &mut p);
+                    for capability in refused {
+                        check("refused capability", capability.len(), MAX_CAPABILITY_BYTES)?;
+                        put_bytes(&mut p, capability.as_bytes());
+                    }
+                }
                 frame_type::ATTACH_OK
             }
             Self::AttachRefused { refusal, reason } => {
@@ -386,12 +400,22 @@ impl ControlFrame {
                 for _ in 0..count {
                     lanes.push(r.str("lane address", MAX_ADDRESS_BYTES)?.to_owned());
                 }
+                let max_concurrent = r.varint("max_concurrent")?;
+                let mut refused = Vec::new();
+                if !r.is_empty() {
+                    let count = r.count("refused", MAX_SKILLS)?;
+                    for _ in 0..count {
+                        let capability = r.str("refused capability", MAX_CAPABILITY_BYTES)?;
+                        refused.push(capability.to_owned());
+                    }
+                }
                 Self::AttachOk {
                     session,
                     lane_token,
                     worker,
                     lanes,
-                    max_concurrent: r.varint("max_concurrent")?,
+                    max_concurrent,
+                    refused,
                 }
             }
             frame_type::ATTACH_REFUSED => Self::AttachRefused {
@@ -542,6 +566,15 @@ mod tests {
                 worker: 1,
                 lanes: vec!["127.0.0.1:4434".into(), "127.0.0.1:4435".into()],
                 max_concurrent: 256,
+                refused: Vec::new(),
+            },
+            ControlFrame::AttachOk {
+                session: SessionId(3),
+                lane_token: LaneToken([9; 16]),
+                worker: 0,
+                lanes: Vec::new(),
+                max_concurrent: 8,
+                refused: vec!["billing.refund".into(), "secret".into()],
             },
             ControlFrame::AttachRefused {
                 refusal: Refusal::BadCard,

@@ -20,6 +20,7 @@ use dmsc_protocol::card::AgentCard;
 use dmsc_protocol::control::{ControlFrame, DiscoveryEntry, LaneToken, Refusal, SessionId};
 use dmsc_protocol::limits::{
     MAX_CONTROL_FRAME_BYTES, MAX_DISCOVERY_ENTRIES, MAX_DISCOVERY_STRING_BYTES, MAX_LIST_ITEMS,
+    MAX_MESSAGE_BYTES,
 };
 use dmsc_protocol::table::{GroupSet, Relation};
 use dmsc_protocol::ConnectionCode;
@@ -299,22 +300,30 @@ impl Core {
                 );
             }
             (Role::Primary(session), ControlFrame::UpdateCard { card }) => {
+                let groups = self.conns.get(ci).map_or(GroupSet::EMPTY, |c| c.groups);
                 let (refusal, reason) = match self.parse_card(&card) {
                     Ok(card) => {
-                        if let Some(old) = self.agents.get(&session) {
-                            let info = Arc::new(AgentInfo {
-                                session,
-                                home: self.index,
-                                identity: old.identity.clone(),
-                                lane_token: old.lane_token,
-                                limit: old.limit,
-                                capabilities: card.capabilities().map(Box::from).collect(),
-                                card,
-                            });
-                            self.broadcast(|| WorkerMsg::AgentUp(info.clone()));
-                            self.agent_up(info);
+                        let (capabilities, refused) = self.admit(&groups, &card);
+                        match self.agents.get(&session) {
+                            _ if capabilities.is_empty() => {
+                                (Some(Refusal::NotPermitted), not_permitted(&refused))
+                            }
+                            Some(old) => {
+                                let info = Arc::new(AgentInfo {
+                                    session,
+                                    home: self.index,
+                                    identity: old.identity.clone(),
+                                    lane_token: old.lane_token,
+                                    limit: old.limit,
+                                    capabilities,
+                                    card,
+                                });
+                                self.broadcast(|| WorkerMsg::AgentUp(info.clone()));
+                                self.agent_up(info);
+                                (None, partly_refused(&refused))
+                            }
+                            None => (None, String::new()),
                         }
-                        (None, String::new())
                     }
                     Err(reason) => (Some(Refusal::BadCard), reason),
                 };
@@ -387,6 +396,12 @@ impl Core {
                 return self.refuse(ci, Refusal::BadCard, reason, now, AfterRefusal::Close)
             }
         };
+        let groups = self.conns.get(ci).map_or(GroupSet::EMPTY, |c| c.groups);
+        let (capabilities, refused) = self.admit(&groups, &card);
+        if capabilities.is_empty() {
+            let reason = not_permitted(&refused);
+            return self.refuse(ci, Refusal::NotPermitted, reason, now, AfterRefusal::Close);
+        }
         let limits = &self.shared.config.limits;
         let attached = self.shared.agents.fetch_add(1, Ordering::Relaxed);
         if attached >= limits.max_agents {
@@ -411,7 +426,7 @@ impl Core {
             identity,
             lane_token: LaneToken(token),
             limit,
-            capabilities: card.capabilities().map(Box::from).collect(),
+            capabilities,
             card,
         });
         self.session_conns.entry(session).or_default().push(ci);
@@ -438,6 +453,7 @@ impl Core {
                 worker: u64::from(self.index.0),
                 lanes,
                 max_concurrent: u64::from(limit),
+                refused,
             },
         );
         self.update_conn_timer(ci);
@@ -487,6 +503,25 @@ impl Core {
             },
         );
         self.update_conn_timer(ci);
+    }
+
+    /// The capabilities of `card` an agent in `groups` may advertise under the installed
+    /// table (all of them without one), and the names of the others.
+    fn admit(&self, groups: &GroupSet, card: &AgentCard) -> (Arc<[Box<str>]>, Vec<String>) {
+        let table = self.router.table();
+        let mut refused = Vec::new();
+        let capabilities = card
+            .capabilities()
+            .filter(|c| {
+                let ok = permits(groups, table.column(Relation::Advertise, c).as_ref());
+                if !ok {
+                    refused.push((*c).to_owned());
+                }
+                ok
+            })
+            .map(Box::from)
+            .collect();
+        (capabilities, refused)
     }
 
     /// Answers a `DISCOVER` from the catalog: only capabilities matching the prefix are read,
@@ -567,6 +602,39 @@ impl Core {
             entries,
         }
     }
+}
+
+/// The reason of a card none of whose capabilities the agent may advertise.
+fn not_permitted(refused: &[String]) -> String {
+    listed(
+        "the domain's policy lets this agent advertise none of: ",
+        refused,
+    )
+}
+
+/// The reason of an accepted card update some of whose capabilities were refused (empty when
+/// none was).
+fn partly_refused(refused: &[String]) -> String {
+    if refused.is_empty() {
+        return String::new();
+    }
+    listed("accepted without (the domain's policy): ", refused)
+}
+
+/// `intro` followed by `names`, cut to fit a reason's limit.
+fn listed(intro: &str, names: &[String]) -> String {
+    let mut reason = String::from(intro);
+    for (i, name) in names.iter().enumerate() {
+        if reason.len() + name.len() + 7 > MAX_MESSAGE_BYTES {
+            reason.push_str(", ...");
+            break;
+        }
+        if i > 0 {
+            reason.push_str(", ");
+        }
+        reason.push_str(name);
+    }
+    reason
 }
 
 /// Compares two lane tokens without an early exit, so timing does not reveal a prefix.

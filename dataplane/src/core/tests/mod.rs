@@ -518,6 +518,15 @@ fn a_target_that_goes_quiet_mid_answer_is_ended_as_stalled() {
 /// A two-group table: agent `a` is a caller allowed to invoke and discover `echo` (with a rate
 /// limit if given), agent `c` is in another group with no rule.
 fn policy_table(rate: Option<(u32, u32)>) -> std::sync::Arc<crate::routing::TableGeneration> {
+    policy_table_with(rate, false)
+}
+
+/// As [`policy_table`]; with `advertise`, only the `callers` group may advertise `echo`, and
+/// nothing else may be advertised.
+fn policy_table_with(
+    rate: Option<(u32, u32)>,
+    advertise: bool,
+) -> std::sync::Arc<crate::routing::TableGeneration> {
     use std::sync::Arc;
 
     use dmsc_protocol::spiffe::PrincipalKind;
@@ -547,7 +556,15 @@ fn policy_table(rate: Option<(u32, u32)>) -> std::sync::Arc<crate::routing::Tabl
         groups: vec!["callers".into(), "others".into()],
         members: vec![member("a", 0), member("c", 1)],
         capabilities: vec!["echo".into()],
-        exact_rules: vec![allow(Relation::Invoke), allow(Relation::Discover)],
+        exact_rules: if advertise {
+            vec![
+                allow(Relation::Invoke),
+                allow(Relation::Advertise),
+                allow(Relation::Discover),
+            ]
+        } else {
+            vec![allow(Relation::Invoke), allow(Relation::Discover)]
+        },
         rate_limits: rate
             .map(|(per_second, burst)| RateLimit {
                 group: GroupId(0),
@@ -642,4 +659,37 @@ fn a_caller_over_its_rate_limit_gets_rate_limited() {
         }
     }
     assert!((9..=11).contains(&passed), "{passed} of 20 passed");
+}
+
+/// Admission under an installed table: an agent is attached with only the capabilities its
+/// groups may advertise, told which were refused in ATTACH_OK, and refused outright
+/// (NOT_PERMITTED) when none is left.
+#[test]
+fn an_agent_advertises_only_what_its_groups_may() {
+    let mut h = Harness::new(1, config(Limits::default()));
+    h.run();
+    install(&mut h, &policy_table_with(None, true));
+    // `a` is in `callers`, which may advertise `echo` only.
+    let a = h.agent("a", &["echo", "secret"], 0);
+    // `c` is in `others`, which may advertise nothing.
+    let c = h.agent("c", &["echo"], 0);
+    h.run();
+    let refused = h.agents[a].frames.iter().find_map(|f| match f {
+        ControlFrame::AttachOk { refused, .. } => Some(refused.clone()),
+        _ => None,
+    });
+    assert_eq!(refused, Some(vec!["secret".to_owned()]));
+    assert!(h.agents[c].session.is_none());
+    assert!(h.agents[c].frames.iter().any(|f| matches!(
+        f,
+        ControlFrame::AttachRefused {
+            refusal: dmsc_protocol::control::Refusal::NotPermitted,
+            ..
+        }
+    )));
+    let echo = h.invoke(a, "echo", b"e");
+    let secret = h.invoke(a, "secret", b"s");
+    h.run();
+    assert_eq!(h.agents[a].calls[echo].payload(), b"e");
+    assert_eq!(h.agents[a].calls[secret].status(), Some(Status::NoRoute));
 }
