@@ -37,12 +37,66 @@ pub enum Command {
     /// Manage the development PKI (CA and SPIFFE identities for agents and gateways).
     #[command(subcommand)]
     Pki(pki::PkiCommand),
+    /// Check a domain configuration and compile it: print the table generation it yields (the
+    /// SHA-256 of the table's canonical encoding) and its size, or the error with its file,
+    /// line and key. With no `--config`, the embedded development domain.
+    Compile {
+        /// The domain configuration (`domain.toml`, see docs/CONTROL.md).
+        #[arg(long, short = 'c')]
+        config: Option<std::path::PathBuf>,
+    },
+}
+
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// The PKI command failed.
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    /// The domain configuration could not be read or is not valid.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// The configuration did not compile.
+    #[error(transparent)]
+    Compile(#[from] compile::CompileError),
+    /// Writing the report failed.
+    #[error("writing the report: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+impl CommandError {
+    /// Whether the error is the user's input (a configuration to fix): exit code 64.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, CommandError::Config(_) | CommandError::Compile(_))
+    }
 }
 
 /// Runs a parsed command line, writing its report to `out`.
-pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), PkiError> {
+pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CommandError> {
     match cli.command {
-        Command::Pki(command) => pki::run(command, out),
+        Command::Pki(command) => Ok(pki::run(command, out)?),
+        Command::Compile { config } => {
+            let domain = match &config {
+                Some(path) => config::DomainConfig::load(path)?,
+                None => config::DomainConfig::development(),
+            };
+            let table = compile::compile(&domain)?;
+            let parts = table.parts();
+            writeln!(out, "generation   {}", table.generation())?;
+            writeln!(out, "domain       {}", parts.domain)?;
+            writeln!(out, "bytes        {}", table.encoded().len())?;
+            writeln!(out, "groups       {}", parts.groups.len())?;
+            writeln!(out, "members      {}", parts.members.len())?;
+            writeln!(out, "capabilities {}", parts.capabilities.len())?;
+            writeln!(
+                out,
+                "rules        {} exact, {} wildcard",
+                parts.exact_rules.len(),
+                parts.wildcard_rules.len()
+            )?;
+            writeln!(out, "rate limits  {}", parts.rate_limits.len())?;
+            Ok(())
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! `dmsc-control`: the DMSC control-plane command. All logic lives in the library; this file
-//! only parses the command line, runs it and turns an error into exit code 1.
+//! only parses the command line, runs it and turns an error into an exit code: 64 for a
+//! configuration to fix, 1 for anything else.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -14,7 +15,11 @@ fn main() -> ExitCode {
         Err(error) => {
             let _ = stdout.flush();
             eprintln!("dmsc-control: error: {error}");
-            ExitCode::FAILURE
+            if error.is_usage() {
+                ExitCode::from(64)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
