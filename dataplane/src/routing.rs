@@ -145,8 +145,8 @@ pub enum Selection {
     Handoff(AgentIdx, MetricSlot),
     /// No attached agent offers the capability.
     NoRoute,
-    /// Policy forbids the call.
-    Denied,
+    /// Policy forbids the call (the capability's metrics slot, to count it there).
+    Denied(MetricSlot),
     /// Every candidate is at its concurrency limit.
     Overloaded,
 }
@@ -284,7 +284,7 @@ impl<C: Copy> Router<C> {
             return Selection::NoRoute;
         };
         if !permits(caller, cands.column.as_ref()) {
-            return Selection::Denied;
+            return Selection::Denied(cands.metric);
         }
         self.rng ^= self.rng << 13;
         self.rng ^= self.rng >> 7;
@@ -311,6 +311,11 @@ impl<C: Copy> Router<C> {
 
     fn entry_mut(&mut self, idx: AgentIdx) -> Option<&mut AgentEntry<C>> {
         Some(&mut self.agents.get_mut(idx)?.entry)
+    }
+
+    /// The metrics slot of `capability`, if an attached agent offers it.
+    pub fn metric_slot(&self, capability: &str) -> Option<MetricSlot> {
+        Some(self.by_capability.get(capability)?.metric)
     }
 
     /// Releases a request counted by [`Router::select`] or [`Router::begin`]; returns the

@@ -487,6 +487,10 @@ impl Core {
                 _ => true,
             };
             if !within {
+                // Counted under the capability, if it is offered.
+                if let Some(slot) = self.router.metric_slot(header.capability) {
+                    self.count_under(key, slot, now);
+                }
                 return self.answer(key, Status::RateLimited, "over the caller's rate limit");
             }
         }
@@ -496,8 +500,9 @@ impl Core {
             Selection::NoRoute => {
                 return self.answer(key, Status::NoRoute, "no agent offers this capability")
             }
-            Selection::Denied => {
-                return self.answer(key, Status::Denied, "policy denies this call")
+            Selection::Denied(slot) => {
+                self.count_under(key, slot, now);
+                return self.answer(key, Status::Denied, "policy denies this call");
             }
             Selection::Overloaded => {
                 return self.answer(key, Status::Overloaded, "every candidate is at its limit")
@@ -554,6 +559,14 @@ impl Core {
                     }),
                 },
             );
+        }
+    }
+
+    /// Counts exchange `key`'s outcome under metrics slot `slot` (a capability) when it ends.
+    fn count_under(&mut self, key: ExKey, slot: MetricSlot, now: Instant) {
+        if let Some(x) = self.ex(key) {
+            x.metric = Some(slot);
+            x.started = Some(now);
         }
     }
 

@@ -602,6 +602,24 @@ fn an_installed_policy_denies_and_hides_what_it_does_not_allow() {
     h.run();
     assert_eq!(h.agents[a].calls[allowed].payload(), b"hi");
     assert_eq!(h.agents[c].calls[denied].status(), Some(Status::Denied));
+    // Denials are counted under the capability (both callers sit on worker 0).
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let now = h.now;
+    h.nodes[0].core.handle_message(
+        now,
+        crate::msg::WorkerMsg::Snapshot {
+            known: crate::metrics::Known::default(),
+            reply: tx,
+        },
+    );
+    let report = rx.try_recv().expect("a report");
+    let echo = report
+        .changes
+        .iter()
+        .find(|c| c.name == "echo")
+        .expect("echo's metrics");
+    assert_eq!(echo.metrics.statuses[Status::Denied.code() as usize], 1);
+    assert_eq!(echo.metrics.statuses[Status::Ok.code() as usize], 1);
     let discover = |h: &mut Harness, who: usize| {
         let frame = ControlFrame::Discover {
             query_id: 7,
