@@ -1,9 +1,12 @@
 //! The admin HTTP endpoint: Prometheus metrics, attached agents, health.
 //!
-//! A deliberately small HTTP/1.1 server on its own thread (loopback by default): one request
-//! per connection, `GET` only, request heads of at most 8 KiB, 2-second socket timeouts, one
-//! connection at a time. It never touches the data plane's state directly: it asks each worker
-//! for a snapshot through its inbox and merges the answers.
+//! A deliberately small HTTP/1.1 server (loopback by default): one request per connection,
+//! `GET` only (405 otherwise), request heads of at most 8 KiB that must arrive within 2 seconds,
+//! 2-second write timeouts. An accept thread hands each connection to a thread of its own, at
+//! most [`MAX_CONNECTIONS`] at once (more are answered 503 and closed), so an idle or slow
+//! client never delays another. It never touches the data plane's state directly: it asks each
+//! worker for a snapshot through its inbox and merges the answers; scrapes are serialised so
+//! that concurrent ones never apply the workers' changes out of order.
 //!
 //! | path | content |
 //! |---|---|
@@ -14,8 +17,9 @@
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::bounded;
 
@@ -31,9 +35,14 @@ use crate::worker::Mailboxes;
 
 const MAX_HEAD: usize = 8 * 1024;
 
-/// Serves admin requests on `listener` until the process exits.
+/// Time a client has to send its whole request head, and the timeout of each write.
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Admin connections served at once, each on a thread of its own; more are answered 503.
+pub(crate) const MAX_CONNECTIONS: usize = 16;
+
 /// What the admin endpoint reads from.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Sources {
     pub(crate) shared: Arc<Shared>,
     pub(crate) mailboxes: Arc<Mailboxes>,
@@ -41,14 +50,48 @@ pub(crate) struct Sources {
     pub(crate) cache: Arc<SnapshotCache>,
 }
 
+/// Serves admin requests on `listener` until the process exits: this thread only accepts, and
+/// each connection is handled on a thread of its own (at most [`MAX_CONNECTIONS`] at once).
 pub(crate) fn serve(listener: TcpListener, sources: Sources) {
+    let open = Arc::new(AtomicUsize::new(0));
     for stream in listener.incoming() {
-        let Ok(stream) = stream else {
+        let Ok(mut stream) = stream else {
             continue;
         };
-        if let Err(e) = handle(stream, &sources) {
-            tracing::debug!(error = %e, "admin request failed");
+        if open.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+            open.fetch_sub(1, Ordering::AcqRel);
+            // Never block the accept thread on a client: a fresh socket's send buffer takes
+            // this short answer at once, and the socket is closed without reading.
+            let _ = stream.set_nonblocking(true);
+            let _ = stream.write_all(
+                b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n\
+                  content-length: 5\r\nconnection: close\r\n\r\nbusy\n",
+            );
+            continue;
         }
+        let slot = OpenSlot(Arc::clone(&open));
+        let sources = sources.clone();
+        let spawned = std::thread::Builder::new()
+            .name("dmsc-admin-conn".into())
+            .spawn(move || {
+                let _slot = slot;
+                if let Err(e) = handle(stream, &sources) {
+                    tracing::debug!(error = %e, "admin request failed");
+                }
+            });
+        // On failure the closure, and with it the slot, is dropped.
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "admin endpoint could not start a connection thread");
+        }
+    }
+}
+
+/// One of the [`MAX_CONNECTIONS`], given back when dropped.
+struct OpenSlot(Arc<AtomicUsize>);
+
+impl Drop for OpenSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -59,11 +102,21 @@ fn handle(mut stream: TcpStream, sources: &Sources) -> std::io::Result<()> {
         verifier,
         cache,
     } = sources;
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let deadline = Instant::now() + IO_TIMEOUT;
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return respond(
+                &mut stream,
+                "408 Request Timeout",
+                "text/plain",
+                "request head too slow\n",
+            );
+        }
+        stream.set_read_timeout(Some(left))?;
         let n = stream.read(&mut buf)?;
         if n == 0 {
             return Ok(());
@@ -136,6 +189,8 @@ fn respond(
 #[derive(Debug, Default)]
 pub(crate) struct SnapshotCache {
     workers: Mutex<Vec<CachedWorker>>,
+    /// Held for a whole refresh, so that two readers never apply answers out of order.
+    refresh: Mutex<()>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -176,6 +231,7 @@ impl CachedWorker {
 /// Asks every worker for what changed; a worker that does not answer within a second is left
 /// out (the data plane is never blocked on the admin endpoint).
 pub(crate) fn snapshots(mailboxes: &Mailboxes, cache: &SnapshotCache) -> Vec<WorkerSnapshot> {
+    let _refresh = cache.refresh.lock().unwrap_or_else(PoisonError::into_inner);
     let workers = mailboxes.senders.len();
     let known: Vec<Known> = {
         let mut cached = cache.workers.lock().unwrap_or_else(PoisonError::into_inner);

@@ -129,3 +129,51 @@ async fn metrics_and_agents_are_served() {
     assert_eq!(get(admin, "/nope").0, "HTTP/1.1 404 Not Found");
     gw.shutdown(Duration::from_secs(1));
 }
+
+/// Sends `request` on a fresh connection and returns the status line, waiting at most 5 s.
+fn exchange(addr: std::net::SocketAddr, request: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out)
+        .unwrap_or_else(|e| panic!("no answer to {request:?} within 5 s: {e}"));
+    out.lines().next().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn idle_connections_do_not_delay_other_requests() {
+    let pki = Pki::new();
+    let gw = gateway(&pki, 2, |_| {});
+    let admin = gw.admin_addr().unwrap();
+    // Ten clients that connect and send nothing.
+    let idle: Vec<std::net::TcpStream> = (0..10)
+        .map(|_| std::net::TcpStream::connect(admin).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+
+    assert_eq!(
+        exchange(admin, "GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"),
+        "HTTP/1.1 200 OK"
+    );
+    let (status, body) = get(admin, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(value(&body, "dmsc_attached_agents"), 0.0);
+    assert_eq!(
+        exchange(
+            admin,
+            "POST /metrics HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n"
+        ),
+        "HTTP/1.1 405 Method Not Allowed"
+    );
+    // A head that never ends is cut at 8 KiB (9 KiB sent, which the server reads whole before
+    // answering, so that closing does not reset the connection under the answer).
+    let mut long = String::from("GET /healthz HTTP/1.1\r\nx: ");
+    long.push_str(&"a".repeat(9 * 1024 - long.len()));
+    assert_eq!(
+        exchange(admin, &long),
+        "HTTP/1.1 431 Request Header Fields Too Large"
+    );
+    drop(idle);
+    gw.shutdown(Duration::from_secs(1));
+}
