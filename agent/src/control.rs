@@ -213,6 +213,7 @@ pub(crate) fn frame_name(frame: &ControlFrame) -> &'static str {
         ControlFrame::Detach => "DETACH",
         ControlFrame::Detached => "DETACHED",
         ControlFrame::Drain { .. } => "DRAIN",
+        ControlFrame::CapabilitiesRefused { .. } => "CAPABILITIES_REFUSED",
         ControlFrame::Unknown { .. } => "unknown",
     }
 }

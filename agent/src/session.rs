@@ -546,6 +546,10 @@ async fn drive(
                         }
                         drain_until = Some(Instant::now() + grace + DRAIN_SLACK);
                     }
+                    ControlFrame::CapabilitiesRefused { refused } => {
+                        // A new policy of the domain: requests for these will not come.
+                        tracing::warn!(?refused, "the gateway no longer routes these capabilities");
+                    }
                     ControlFrame::Unknown { .. } => {}
                     other => {
                         tracing::debug!(frame = frame_name(&other), "unexpected control frame; ignored");

@@ -46,6 +46,8 @@ pub mod frame_type {
     pub const DETACHED: u64 = 0x0b;
     /// Gateway -> agent: the gateway is shutting down.
     pub const DRAIN: u64 = 0x0c;
+    /// Gateway -> agent: a new policy changed which capabilities of the card are routed.
+    pub const CAPABILITIES_REFUSED: u64 = 0x0d;
 }
 
 /// Why an attach, a lane or a card update was refused.
@@ -217,6 +219,13 @@ pub enum ControlFrame {
         /// Milliseconds until the gateway closes the connection.
         grace_ms: u64,
     },
+    /// A new policy of the domain changed which capabilities of the agent's card it may
+    /// advertise: these (the complete list, possibly empty) are not routed to it any more; the
+    /// others are.
+    CapabilitiesRefused {
+        /// The capabilities of the card not routed to the agent.
+        refused: Vec<String>,
+    },
     /// A frame of a type this implementation does not know; receivers ignore it.
     Unknown {
         /// Its type code.
@@ -344,6 +353,15 @@ impl ControlFrame {
             Self::Drain { grace_ms } => {
                 varint::encode((*grace_ms).min(varint::MAX), &mut p);
                 frame_type::DRAIN
+            }
+            Self::CapabilitiesRefused { refused } => {
+                check("refused", refused.len(), MAX_SKILLS)?;
+                varint::encode(refused.len() as u64, &mut p);
+                for capability in refused {
+                    check("refused capability", capability.len(), MAX_CAPABILITY_BYTES)?;
+                    put_bytes(&mut p, capability.as_bytes());
+                }
+                frame_type::CAPABILITIES_REFUSED
             }
             Self::Unknown { frame_type } => (*frame_type).min(varint::MAX),
         };
@@ -490,6 +508,17 @@ impl ControlFrame {
             frame_type::DRAIN => Self::Drain {
                 grace_ms: r.varint("grace_ms")?,
             },
+            frame_type::CAPABILITIES_REFUSED => {
+                let count = r.count("refused", MAX_SKILLS)?;
+                let mut refused = Vec::new();
+                for _ in 0..count {
+                    refused.push(
+                        r.str("refused capability", MAX_CAPABILITY_BYTES)?
+                            .to_owned(),
+                    );
+                }
+                Self::CapabilitiesRefused { refused }
+            }
             other => Self::Unknown { frame_type: other },
         };
         // Bytes left in `r` are extensions: ignored.
@@ -575,6 +604,12 @@ mod tests {
                 lanes: Vec::new(),
                 max_concurrent: 8,
                 refused: vec!["billing.refund".into(), "secret".into()],
+            },
+            ControlFrame::CapabilitiesRefused {
+                refused: vec!["secret".into()],
+            },
+            ControlFrame::CapabilitiesRefused {
+                refused: Vec::new(),
             },
             ControlFrame::AttachRefused {
                 refusal: Refusal::BadCard,

@@ -101,7 +101,7 @@ use hashbrown::{HashMap, HashSet};
 use quinn_proto::{DatagramEvent, EcnCodepoint, Endpoint, ServerConfig, VarInt};
 use tracing::warn;
 
-use dmsc_protocol::control::SessionId;
+use dmsc_protocol::control::{ControlFrame, SessionId};
 use dmsc_protocol::{ConnectionCode, StreamCode};
 
 use crate::config::Config;
@@ -672,6 +672,44 @@ impl Core {
                 .is_some_and(|p| p.bucket.is_some());
         }
         self.router.install(table);
+        self.readmit_home_agents();
+    }
+
+    /// After a new table: the agents whose home is this worker may now advertise more or fewer
+    /// of their cards' capabilities. Those whose set changed are re-announced to every worker
+    /// and told which capabilities are now refused (`CAPABILITIES_REFUSED`).
+    fn readmit_home_agents(&mut self) {
+        let homes: Vec<Arc<AgentInfo>> = self
+            .agents
+            .values()
+            .filter(|a| a.home == self.index && !self.detach_waiting.contains_key(&a.session))
+            .cloned()
+            .collect();
+        for info in homes {
+            let session = info.session;
+            let Some(ci) = self.session_conn(session, conn::Role::Primary(session)) else {
+                continue;
+            };
+            let Some(groups) = self.conns.get(ci).map(|c| c.groups) else {
+                continue;
+            };
+            let (capabilities, refused) = self.admit(&groups, &info.card);
+            if capabilities == info.capabilities {
+                continue;
+            }
+            let updated = Arc::new(AgentInfo {
+                session,
+                home: info.home,
+                identity: info.identity.clone(),
+                lane_token: info.lane_token,
+                limit: info.limit,
+                card: info.card.clone(),
+                capabilities,
+            });
+            self.broadcast(|| WorkerMsg::AgentUp(updated.clone()));
+            self.agent_up(updated);
+            self.write_control(ci, &ControlFrame::CapabilitiesRefused { refused });
+        }
     }
 
     /// Polls connection `ci`'s endpoint and application events.

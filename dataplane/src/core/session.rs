@@ -507,7 +507,11 @@ impl Core {
 
     /// The capabilities of `card` an agent in `groups` may advertise under the installed
     /// table (all of them without one), and the names of the others.
-    fn admit(&self, groups: &GroupSet, card: &AgentCard) -> (Arc<[Box<str>]>, Vec<String>) {
+    pub(super) fn admit(
+        &self,
+        groups: &GroupSet,
+        card: &AgentCard,
+    ) -> (Arc<[Box<str>]>, Vec<String>) {
         let table = self.router.table();
         let mut refused = Vec::new();
         let capabilities = card

@@ -515,14 +515,15 @@ fn a_target_that_goes_quiet_mid_answer_is_ended_as_stalled() {
     );
 }
 
-/// A two-group table: agent `a` is a caller allowed to invoke and discover `echo` (with a rate
-/// limit if given), agent `c` is in another group with no rule.
+/// A three-group table: agent `a` is a caller allowed to invoke and discover `echo` (with a rate
+/// limit if given), agent `c` is in another group with no rule, agent `b` is a provider that may
+/// advertise anything.
 fn policy_table(rate: Option<(u32, u32)>) -> std::sync::Arc<crate::routing::TableGeneration> {
     policy_table_with(rate, false)
 }
 
-/// As [`policy_table`]; with `advertise`, only the `callers` group may advertise `echo`, and
-/// nothing else may be advertised.
+/// As [`policy_table`]; with `advertise`, the `callers` group may also advertise `echo` (and
+/// nothing else).
 fn policy_table_with(
     rate: Option<(u32, u32)>,
     advertise: bool,
@@ -532,7 +533,7 @@ fn policy_table_with(
     use dmsc_protocol::spiffe::PrincipalKind;
     use dmsc_protocol::table::{
         CapabilityId, Effect, ExactRule, GroupId, IdentityPattern, Membership, NameMatch,
-        RateLimit, Relation, Table, TableParts,
+        PatternId, RateLimit, Relation, Table, TableParts, WildcardRule,
     };
 
     use crate::routing::{Generation, TableGeneration};
@@ -551,20 +552,24 @@ fn policy_table_with(
         group: GroupId(0),
         effect: Effect::Allow,
     };
+    let mut exact_rules = vec![allow(Relation::Invoke)];
+    if advertise {
+        exact_rules.push(allow(Relation::Advertise));
+    }
+    exact_rules.push(allow(Relation::Discover));
     let parts = TableParts {
         domain: "harness.test".into(),
-        groups: vec!["callers".into(), "others".into()],
-        members: vec![member("a", 0), member("c", 1)],
+        groups: vec!["callers".into(), "others".into(), "providers".into()],
+        members: vec![member("a", 0), member("b", 2), member("c", 1)],
         capabilities: vec!["echo".into()],
-        exact_rules: if advertise {
-            vec![
-                allow(Relation::Invoke),
-                allow(Relation::Advertise),
-                allow(Relation::Discover),
-            ]
-        } else {
-            vec![allow(Relation::Invoke), allow(Relation::Discover)]
-        },
+        patterns: vec![String::new()],
+        exact_rules,
+        wildcard_rules: vec![WildcardRule {
+            relation: Relation::Advertise,
+            pattern: PatternId(0),
+            group: GroupId(2),
+            effect: Effect::Allow,
+        }],
         rate_limits: rate
             .map(|(per_second, burst)| RateLimit {
                 group: GroupId(0),
@@ -710,4 +715,42 @@ fn an_agent_advertises_only_what_its_groups_may() {
     h.run();
     assert_eq!(h.agents[a].calls[echo].payload(), b"e");
     assert_eq!(h.agents[a].calls[secret].status(), Some(Status::NoRoute));
+}
+
+/// A new table that narrows what an attached agent may advertise withdraws the capabilities at
+/// once, on every worker, and tells the agent (CAPABILITIES_REFUSED); one that widens it again
+/// restores them.
+#[test]
+fn a_new_policy_withdraws_and_restores_attached_capabilities() {
+    let (mut h, c, _b) = pair(Limits::default());
+    // `a` attaches (no policy yet) offering echo and secret, with its home on worker 1.
+    let a = h.agent("a", &["echo", "secret"], 1);
+    h.run();
+    let call = h.invoke(c, "secret", b"1");
+    h.run();
+    assert_eq!(h.agents[c].calls[call].status(), Some(Status::Ok));
+    // A table under which `a` may advertise echo only; `a` is also the one caller it lets
+    // invoke echo, so `a` checks the routing itself.
+    install(&mut h, &policy_table_with(None, true));
+    let told = h.agents[a].frames.iter().find_map(|f| match f {
+        ControlFrame::CapabilitiesRefused { refused } => Some(refused.clone()),
+        _ => None,
+    });
+    assert_eq!(told, Some(vec!["secret".to_owned()]));
+    let secret = h.invoke(a, "secret", b"2");
+    let echo = h.invoke(a, "echo", b"3");
+    h.run();
+    assert_eq!(h.agents[a].calls[secret].status(), Some(Status::NoRoute));
+    assert_eq!(h.agents[a].calls[echo].payload(), b"3");
+    // Back to no policy: everything is advertised again, and the agent is told nothing is
+    // refused.
+    install(&mut h, &crate::routing::TableGeneration::standalone());
+    let last = h.agents[a].frames.iter().rev().find_map(|f| match f {
+        ControlFrame::CapabilitiesRefused { refused } => Some(refused.clone()),
+        _ => None,
+    });
+    assert_eq!(last, Some(Vec::new()));
+    let again = h.invoke(c, "secret", b"4");
+    h.run();
+    assert_eq!(h.agents[c].calls[again].payload(), b"4");
 }
