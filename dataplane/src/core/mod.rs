@@ -431,7 +431,12 @@ impl Core {
             Some(DatagramEvent::ConnectionEvent(ch, ev)) => {
                 let ci = ConnIdx::from(ch);
                 if let Some(conn) = self.conns.get_mut(ci) {
-                    conn.last_heard = now;
+                    // Only the peer's own address counts: migration is off, so quinn drops what
+                    // comes from another one (a NAT rebinding, or a spoofer that knows the
+                    // connection id), and that must not keep the connection alive.
+                    if remote == conn.quic.remote_address() {
+                        conn.last_heard = now;
+                    }
                     conn.quic.handle_event(ev);
                     mark_dirty(&mut self.dirty, conn, ci);
                 }

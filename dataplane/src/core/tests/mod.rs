@@ -754,3 +754,29 @@ fn a_new_policy_withdraws_and_restores_attached_capabilities() {
     h.run();
     assert_eq!(h.agents[c].calls[again].payload(), b"4");
 }
+
+/// Datagrams from another address than the peer's (a NAT rebinding; migration is off, so quinn
+/// drops them) do not keep a connection alive: it is closed as UNRESPONSIVE after the peer
+/// timeout, and the agent is unroutable.
+#[test]
+fn packets_from_a_new_address_do_not_keep_a_connection_alive() {
+    let limits = Limits {
+        peer_timeout_ms: 1_500,
+        ..Limits::default()
+    };
+    let mut h = Harness::new(2, config(limits));
+    let mut chatty = TransportConfig::default();
+    chatty.keep_alive_interval(Some(Duration::from_millis(300)));
+    let b = h.agent_with("b", &["echo"], 1, chatty);
+    let a = h.agent("a", &["other"], 0);
+    h.run();
+    // `b`'s address changes under it (its NAT rebinds): it keeps sending (its own keep-alives),
+    // from elsewhere.
+    let rebound = std::net::SocketAddr::new(h.agents[b].addr.ip(), h.agents[b].addr.port() + 2);
+    h.agents[b].addr = rebound;
+    h.advance(Duration::from_secs(3));
+    assert_eq!(h.stats(1).unresponsive_peers.load(Relaxed), 1);
+    let call = h.invoke(a, "echo", b"");
+    h.run();
+    assert_eq!(h.agents[a].calls[call].status(), Some(Status::NoRoute));
+}
