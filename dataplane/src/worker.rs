@@ -38,11 +38,12 @@ pub(crate) struct Mailboxes {
 }
 
 impl Mailboxes {
-    /// Sends `msg` to worker `to` from outside the workers (blocking while its inbox is full).
-    pub(crate) fn send_blocking(&self, to: usize, msg: WorkerMsg) -> bool {
-        let sent = self.senders[to].send(msg).is_ok();
-        let _ = self.wakers[to].wake();
-        sent
+    /// Sends `msg` to worker `to` from outside the workers (blocking while its inbox is full;
+    /// a worker that has stopped takes nothing, which is fine for what is sent this way).
+    pub(crate) fn send_blocking(&self, to: usize, msg: WorkerMsg) {
+        if self.senders[to].send(msg).is_ok() {
+            let _ = self.wakers[to].wake();
+        }
     }
 }
 

@@ -136,14 +136,7 @@ fn pipelined_discovers_with_large_answers_hold_one_answer_at_most() {
     let flooder = h.agent_with("flood", &["f"], 0, small);
     h.run();
     h.agents[flooder].read_control = false;
-    for q in 0..16 {
-        let frame = ControlFrame::Discover {
-            query_id: q,
-            prefix: String::new(),
-            tag: String::new(),
-        };
-        h.send_control(flooder, &frame);
-    }
+    h.send_discovers(flooder, 16);
     h.advance(Duration::from_millis(200));
     let backlog = h.nodes[0].core.control_backlog();
     // One answer is about 260 KB here (256 entries of 1 KB descriptions).
@@ -153,12 +146,7 @@ fn pipelined_discovers_with_large_answers_hold_one_answer_at_most() {
     );
     h.agents[flooder].read_control = true;
     assert!(h.run_until(Duration::from_secs(10), |h| {
-        h.agents[flooder]
-            .frames
-            .iter()
-            .filter(|f| matches!(f, ControlFrame::DiscoverResult { .. }))
-            .count()
-            == 16
+        h.agents[flooder].discover_answers() == 16
     }));
 }
 

@@ -508,6 +508,18 @@ impl Harness {
         agent.write_control(Kind::Primary, bytes);
     }
 
+    /// Agent `a` pipelines `n` `DISCOVER`s for everything (query ids 0 to `n - 1`).
+    pub(super) fn send_discovers(&mut self, a: usize, n: u64) {
+        for query_id in 0..n {
+            let frame = ControlFrame::Discover {
+                query_id,
+                prefix: String::new(),
+                tag: String::new(),
+            };
+            self.send_control(a, &frame);
+        }
+    }
+
     /// Agent `a` closes all its connections (as an agent that exits does). Its own calls still
     /// open end as lost (`reset` = `u64::MAX`): QUIC reports no loss for a close of one's own.
     pub(super) fn close(&mut self, a: usize) {
@@ -694,6 +706,14 @@ impl Harness {
 }
 
 impl TestAgent {
+    /// `DISCOVER_RESULT`s received so far.
+    pub(super) fn discover_answers(&self) -> usize {
+        self.frames
+            .iter()
+            .filter(|f| matches!(f, ControlFrame::DiscoverResult { .. }))
+            .count()
+    }
+
     /// Pipelines `frame` right behind the `ATTACH` this agent sends when it connects.
     pub(super) fn queue_after_attach(&mut self, frame: &ControlFrame) {
         frame.encode(&mut self.after_attach).unwrap();

@@ -103,14 +103,7 @@ fn a_discover_flood_from_an_agent_that_does_not_read_is_bounded() {
     }
     h.run();
     h.agents[flooder].read_control = false;
-    for q in 0..2_000 {
-        let frame = ControlFrame::Discover {
-            query_id: q,
-            prefix: String::new(),
-            tag: String::new(),
-        };
-        h.send_control(flooder, &frame);
-    }
+    h.send_discovers(flooder, 2_000);
     h.advance(Duration::from_millis(200));
     let backlog = h.nodes[0].core.control_backlog();
     assert!(
@@ -127,12 +120,7 @@ fn a_discover_flood_from_an_agent_that_does_not_read_is_bounded() {
     // Once the agent reads, every query is answered.
     h.agents[flooder].read_control = true;
     assert!(h.run_until(Duration::from_secs(5), |h| {
-        h.agents[flooder]
-            .frames
-            .iter()
-            .filter(|f| matches!(f, ControlFrame::DiscoverResult { .. }))
-            .count()
-            == 2_000
+        h.agents[flooder].discover_answers() == 2_000
     }));
 }
 
@@ -236,20 +224,9 @@ fn control_work_over_the_budget_is_deferred_and_resumed() {
     let mut h = Harness::new(1, config(Limits::default()));
     let a = h.agent("a", &["x"], 0);
     h.run();
-    for q in 0..600 {
-        let frame = ControlFrame::Discover {
-            query_id: q,
-            prefix: String::new(),
-            tag: String::new(),
-        };
-        h.send_control(a, &frame);
-    }
+    h.send_discovers(a, 600);
     h.run();
-    let answers = h.agents[a]
-        .frames
-        .iter()
-        .filter(|f| matches!(f, ControlFrame::DiscoverResult { .. }))
-        .count();
+    let answers = h.agents[a].discover_answers();
     assert_eq!(answers, 600);
 }
 
