@@ -8,6 +8,8 @@
 //! - [`header`]: the request and response headers at the start of every invocation stream.
 //! - [`control`]: the frames of the agent control stream (attach, lanes, capability updates,
 //!   discovery, detach and drain).
+//! - [`ctl`]: the frames of `dmsc-ctl/1`, the session on which the control plane pushes tables
+//!   to a gateway.
 //! - [`status`]: response status codes and the QUIC stream and connection error codes.
 //! - [`card`]: the A2A agent-card model, parsed from the JSON agents publish.
 //! - [`spiffe`]: SPIFFE IDs, the identities in certificates and in the caller field (parsing and
@@ -28,6 +30,7 @@
 
 pub mod card;
 pub mod control;
+pub mod ctl;
 pub mod header;
 pub mod limits;
 pub mod spiffe;

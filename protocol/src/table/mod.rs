@@ -41,6 +41,7 @@ use crate::DecodeError;
 mod codec;
 mod eval;
 mod pattern;
+pub mod sections;
 mod validate;
 
 pub use eval::{allowed, Column, GroupSet};
