@@ -48,6 +48,7 @@ pub(crate) struct Sources {
     pub(crate) mailboxes: Arc<Mailboxes>,
     pub(crate) verifier: Arc<SpiffeVerifier>,
     pub(crate) cache: Arc<SnapshotCache>,
+    pub(crate) control: Arc<crate::control::ControlState>,
 }
 
 /// Serves admin requests on `listener` until the process exits: this thread only accepts, and
@@ -101,6 +102,7 @@ fn handle(mut stream: TcpStream, sources: &Sources) -> std::io::Result<()> {
         mailboxes,
         verifier,
         cache,
+        control,
     } = sources;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     let deadline = Instant::now() + IO_TIMEOUT;
@@ -146,11 +148,12 @@ fn handle(mut stream: TcpStream, sources: &Sources) -> std::io::Result<()> {
     let path = target.split('?').next().unwrap_or("");
     match path {
         "/metrics" => {
-            let body = render_metrics(
+            let mut body = render_metrics(
                 &snapshots(mailboxes, cache),
                 &StatsSnapshot::collect(&shared.stats),
                 &verifier.refusals(),
             );
+            control.render(&mut body);
             respond(&mut stream, "200 OK", "text/plain; version=0.0.4", &body)
         }
         "/agents" => {
@@ -269,6 +272,7 @@ pub(crate) fn snapshots(mailboxes: &Mailboxes, cache: &SnapshotCache) -> Vec<Wor
             Some(WorkerSnapshot {
                 worker: report.worker,
                 generation: report.generation,
+                table: report.table,
                 capabilities: entry.capabilities(),
                 agents: report.agents,
             })
@@ -444,6 +448,21 @@ pub(crate) fn render_metrics(
             "dmsc_table_generation{{worker=\"{}\"}} {}",
             s.worker, s.generation
         );
+    }
+    counter(
+        &mut o,
+        "dmsc_table_info",
+        "The compiled table each worker holds, by its content name (absent in standalone mode).",
+        "gauge",
+    );
+    for s in snaps {
+        if let Some(name) = s.table {
+            let _ = writeln!(
+                o,
+                "dmsc_table_info{{worker=\"{}\",generation=\"{name}\"}} 1",
+                s.worker
+            );
+        }
     }
 
     let caps = merge(snaps);

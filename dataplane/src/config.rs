@@ -72,6 +72,12 @@ pub struct Config {
     /// Address of the admin HTTP endpoint (`/metrics`, `/agents`, `/healthz`); `None` turns
     /// it off. Keep it on loopback or a management network: it is not authenticated.
     pub admin_listen: Option<SocketAddr>,
+    /// The control plane's `dmsc-ctl/1` address; `None` runs standalone (every authenticated
+    /// agent may invoke everything).
+    pub control: Option<SocketAddr>,
+    /// With `control`: how long to wait for the first pushed table before starting from the
+    /// last good table saved under `state_dir`, in milliseconds.
+    pub control_timeout_ms: u64,
     /// Limits on what peers may send and hold.
     pub limits: Limits,
 }
@@ -153,6 +159,8 @@ impl Default for Config {
             key: None,
             ca: None,
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 4480))),
+            control: None,
+            control_timeout_ms: 10_000,
             limits: Limits::default(),
         }
     }

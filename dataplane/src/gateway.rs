@@ -68,6 +68,8 @@ pub struct GatewayHandle {
     mailboxes: Arc<Mailboxes>,
     verifier: Arc<dmsc_identity::SpiffeVerifier>,
     snapshots: Arc<crate::admin::SnapshotCache>,
+    control: Arc<crate::control::ControlState>,
+    installs: Arc<std::sync::atomic::AtomicU64>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -79,7 +81,19 @@ impl Gateway {
     /// Validates `config`, binds every socket, and starts the workers.
     ///
     /// Returns once all sockets are bound, so the gateway is reachable when this returns.
+    /// Every authenticated agent may invoke everything ([`TableGeneration::standalone`]) until
+    /// a table is installed.
     pub fn start(config: Config, identity: GatewayIdentity) -> Result<GatewayHandle, StartError> {
+        Self::start_with(config, identity, TableGeneration::standalone())
+    }
+
+    /// [`Gateway::start`] with every worker holding `table` from its first iteration (a
+    /// table pushed by the control plane, or the last good one saved on disk).
+    pub fn start_with(
+        config: Config,
+        identity: GatewayIdentity,
+        table: Arc<TableGeneration>,
+    ) -> Result<GatewayHandle, StartError> {
         config.validate()?;
         let workers = config.worker_count();
         let (crypto, verifier) = crate::tls::server_crypto(
@@ -165,7 +179,6 @@ impl Gateway {
         } else {
             Vec::new()
         };
-        let table = TableGeneration::standalone();
         let mut threads = Vec::with_capacity(workers);
         for (w, ((poll, socks), inbox)) in polls.into_iter().zip(sockets).zip(receivers).enumerate()
         {
@@ -219,12 +232,14 @@ impl Gateway {
             threads.push(thread);
         }
         let snapshots = Arc::new(crate::admin::SnapshotCache::default());
+        let control = Arc::new(crate::control::ControlState::default());
         if let Some(listener) = admin {
             let sources = crate::admin::Sources {
                 shared: shared.clone(),
                 mailboxes: mailboxes.clone(),
                 verifier: verifier.clone(),
                 cache: snapshots.clone(),
+                control: control.clone(),
             };
             std::thread::Builder::new()
                 .name("dmsc-admin".into())
@@ -241,6 +256,8 @@ impl Gateway {
             mailboxes,
             verifier,
             snapshots,
+            control,
+            installs: Arc::new(std::sync::atomic::AtomicU64::new(table.generation.0)),
             threads,
         })
     }
@@ -264,7 +281,13 @@ impl GatewayHandle {
 
     /// The Prometheus text the admin endpoint serves at `/metrics`.
     pub fn metrics_text(&self) -> String {
-        crate::admin::render_metrics(&self.snapshot(), &self.stats(), &self.verifier.refusals())
+        let mut text = crate::admin::render_metrics(
+            &self.snapshot(),
+            &self.stats(),
+            &self.verifier.refusals(),
+        );
+        self.control.render(&mut text);
+        text
     }
 
     /// The per-worker lane addresses offered to agents.
@@ -282,11 +305,28 @@ impl GatewayHandle {
         StatsSnapshot::collect(&self.shared.stats)
     }
 
-    /// Installs a table generation on every worker (between their event-loop iterations).
+    /// Installs a table generation on every worker (between their event-loop iterations),
+    /// without waiting for them; [`ControlLink::install`](crate::ControlLink::install) waits.
     pub fn install(&self, table: Arc<TableGeneration>) {
         for w in 0..self.shared.workers() {
-            self.mailboxes
-                .send_blocking(w, WorkerMsg::Install(table.clone()));
+            self.mailboxes.send_blocking(
+                w,
+                WorkerMsg::Install {
+                    table: table.clone(),
+                    done: None,
+                },
+            );
+        }
+    }
+
+    /// What the control-plane client needs of this gateway (see [`crate::ControlClient`]).
+    pub fn control_link(&self) -> crate::ControlLink {
+        crate::ControlLink {
+            mailboxes: self.mailboxes.clone(),
+            workers: self.shared.workers(),
+            installs: self.installs.clone(),
+            snapshots: self.snapshots.clone(),
+            state: self.control.clone(),
         }
     }
 

@@ -23,6 +23,7 @@ pub mod slab;
 
 mod admin;
 mod bootstrap;
+mod control;
 mod core;
 mod gateway;
 mod metrics;
@@ -33,6 +34,10 @@ mod worker;
 
 pub use bootstrap::{dev_identity, DevIdentityPaths};
 pub use config::{Config, ConfigError, Limits};
+pub use control::{
+    load_saved, ControlClient, ControlError, ControlLink, ControlSettings, ControlState,
+    InstallError, SAVED_TABLE,
+};
 pub use gateway::{Gateway, GatewayHandle, GatewayIdentity, StartError};
 pub use metrics::{AgentView, CapabilityMetrics, WorkerSnapshot};
 pub use stats::{StatsSnapshot, WorkerStats};

@@ -10,7 +10,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 
-use dmsc_dataplane::{dev_identity, Config, Gateway};
+use dmsc_dataplane::routing::{Generation, TableGeneration};
+use dmsc_dataplane::{dev_identity, Config, ControlClient, ControlSettings, Gateway};
+use dmsc_identity::Credentials;
 
 /// The DMSC gateway: agents attach over QUIC with mutual TLS and invoke each other by
 /// capability. With no flags it listens on 127.0.0.1:4433 and creates a development PKI under
@@ -124,6 +126,14 @@ struct Args {
     /// Do not serve the admin endpoint.
     #[arg(long)]
     no_admin: bool,
+    /// The control plane's dmsc-ctl/1 address: serve the tables it pushes (and, while it is
+    /// unreachable, the last one saved under the state directory) [default: none, standalone].
+    #[arg(long)]
+    control: Option<SocketAddr>,
+    /// With --control: how long to wait for the first pushed table before starting from the
+    /// saved one, ms [default: 10000].
+    #[arg(long)]
+    control_timeout_ms: Option<u64>,
     /// Capabilities with metrics of their own, per worker [default: 64].
     #[arg(long)]
     max_metric_capabilities: Option<usize>,
@@ -187,7 +197,38 @@ fn run(args: &Args, config: Config) -> anyhow::Result<()> {
         }
     }
     let drain = Duration::from_millis(config.limits.drain_timeout_ms);
-    let gateway = Gateway::start(config, identity)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, stop.clone()).context("installing signal handler")?;
+    }
+    let (table, client) = match config.control {
+        None => (TableGeneration::standalone(), None),
+        Some(addr) => {
+            let client = ControlClient::start(ControlSettings {
+                addr,
+                domain: config.domain.clone(),
+                gateway_id: config.gateway_id.clone(),
+                credentials: Credentials {
+                    cert_chain: identity.cert_chain.clone(),
+                    private_key: identity.private_key.clone_key(),
+                },
+                trust_anchors: identity.trust_anchors.clone(),
+                state_dir: config.state_dir.clone(),
+            })?;
+            let Some(table) = first_table(&client, &config, &stop) else {
+                return Ok(());
+            };
+            println!("table generation:  {}", table.generation());
+            (
+                TableGeneration::compiled(Generation(0), table),
+                Some(client),
+            )
+        }
+    };
+    let gateway = Gateway::start_with(config, identity, table)?;
+    if let Some(client) = &client {
+        client.attach(gateway.control_link());
+    }
     if let Some(admin) = gateway.admin_addr() {
         println!("admin endpoint:    http://{admin}/metrics  /agents  /healthz");
     }
@@ -202,10 +243,6 @@ fn run(args: &Args, config: Config) -> anyhow::Result<()> {
         }
     );
 
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(signal, stop.clone()).context("installing signal handler")?;
-    }
     while !stop.load(Ordering::Relaxed) && !gateway.is_finished() {
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -213,6 +250,42 @@ fn run(args: &Args, config: Config) -> anyhow::Result<()> {
     gateway.shutdown(drain);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The table to start with: the first one the control plane pushes; if none arrives within
+/// `control_timeout_ms`, the last good one saved on disk; with neither, keep waiting for the
+/// control plane (agents are not accepted meanwhile). `None` when stopped while waiting.
+fn first_table(
+    client: &ControlClient,
+    config: &Config,
+    stop: &AtomicBool,
+) -> Option<Arc<dmsc_protocol::table::Table>> {
+    let timeout = Duration::from_millis(config.control_timeout_ms);
+    let started = std::time::Instant::now();
+    let mut warned = false;
+    while !stop.load(Ordering::Relaxed) {
+        if let Some(table) = client.wait_first(Duration::from_millis(100)) {
+            return Some(table);
+        }
+        if started.elapsed() < timeout {
+            continue;
+        }
+        if let Some(saved) = client.saved() {
+            tracing::warn!(
+                generation = %saved.generation(),
+                "no table from the control plane within {} ms; starting from the saved table",
+                config.control_timeout_ms
+            );
+            return Some(saved.clone());
+        }
+        if !warned {
+            tracing::warn!(
+                "no table from the control plane and none saved; waiting for the control plane before accepting agents"
+            );
+            warned = true;
+        }
+    }
+    None
 }
 
 /// The error and its causes on one line, leaving out causes a message already quotes (typed
@@ -288,6 +361,10 @@ fn config_from(args: &Args) -> anyhow::Result<Config> {
     if args.no_admin {
         c.admin_listen = None;
     }
+    if args.control.is_some() {
+        c.control = args.control;
+    }
+    set!(control_timeout_ms <- args.control_timeout_ms);
     c.validate()?;
     Ok(c)
 }

@@ -89,6 +89,7 @@ pub(crate) struct MetricsChange {
 pub(crate) struct WorkerReport {
     pub(crate) worker: usize,
     pub(crate) generation: u64,
+    pub(crate) table: Option<dmsc_protocol::table::Generation>,
     pub(crate) changes: Vec<MetricsChange>,
     pub(crate) agents: Vec<AgentView>,
 }
@@ -181,8 +182,10 @@ pub struct AgentView {
 pub struct WorkerSnapshot {
     /// The worker.
     pub worker: usize,
-    /// Installed table generation.
+    /// How many tables this worker has installed since it started.
     pub generation: u64,
+    /// The content name (SHA-256) of the installed compiled table; `None` in standalone mode.
+    pub table: Option<dmsc_protocol::table::Generation>,
     /// Per-capability metrics.
     pub capabilities: Vec<(String, CapabilityMetrics)>,
     /// Agents whose primary connection is on this worker.

@@ -92,8 +92,12 @@ pub(crate) enum WorkerMsg {
     AgentDown { session: SessionId },
     /// A step of a handed-off request.
     Handoff { id: HandoffId, event: HandoffEvent },
-    /// Install a new table generation between iterations.
-    Install(Arc<TableGeneration>),
+    /// Install a new table generation between iterations; then send the worker's index on
+    /// `done`, if given (the gateway acknowledges a pushed table once every worker has).
+    Install {
+        table: Arc<TableGeneration>,
+        done: Option<crossbeam_channel::Sender<usize>>,
+    },
     /// Stop accepting, tell agents to drain, close after `grace`.
     Drain { grace: Duration },
     /// Send a copy of the worker's metrics and agents (read between iterations).

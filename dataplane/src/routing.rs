@@ -27,7 +27,8 @@ use crate::slab::{Key, Slab};
 
 use dmsc_protocol::control::SessionId;
 
-/// A table generation number; 0 is the standalone table the gateway starts with.
+/// The gateway's own count of table installs: 0 is the table it started with, each install
+/// adds one. The table's content name is [`TableGeneration::name`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Generation(pub u64);
 
@@ -65,6 +66,14 @@ impl TableGeneration {
             generation,
             policy: Policy::Table(table),
         })
+    }
+
+    /// The content name of the compiled table (its SHA-256), if this generation has one.
+    pub fn name(&self) -> Option<dmsc_protocol::table::Generation> {
+        match &self.policy {
+            Policy::AllowAll => None,
+            Policy::Table(table) => Some(table.generation()),
+        }
     }
 
     /// The groups of the caller with SPIFFE ID `id` (computed once per connection). Empty

@@ -459,7 +459,12 @@ impl Core {
             WorkerMsg::DetachDone { session } => self.detach_done(session),
             WorkerMsg::AgentDown { session } => self.agent_down(session, now),
             WorkerMsg::Handoff { id, event } => self.on_handoff(id, event, now),
-            WorkerMsg::Install(table) => self.install(table),
+            WorkerMsg::Install { table, done } => {
+                self.install(table);
+                if let Some(done) = done {
+                    let _ = done.try_send(self.index.index());
+                }
+            }
             WorkerMsg::Snapshot { known, reply } => {
                 let _ = reply.try_send(self.report(&known));
             }

@@ -180,6 +180,7 @@ impl Core {
         WorkerReport {
             worker: self.index.index(),
             generation: self.router.table().generation.0,
+            table: self.router.table().name(),
             changes: self.metrics.changes(self.router.metric_names(), known),
             agents,
         }

@@ -564,8 +564,13 @@ fn policy_table_with(
 fn install(h: &mut Harness, table: &std::sync::Arc<crate::routing::TableGeneration>) {
     let now = h.now;
     for node in &mut h.nodes {
-        node.core
-            .handle_message(now, crate::msg::WorkerMsg::Install(table.clone()));
+        node.core.handle_message(
+            now,
+            crate::msg::WorkerMsg::Install {
+                table: table.clone(),
+                done: None,
+            },
+        );
     }
     h.run();
 }

@@ -1,0 +1,678 @@
+//! The gateway's side of `dmsc-ctl/1` (`docs/CONTROL.md` section 6): a session with the
+//! control plane on a thread of its own, off the worker cores.
+//!
+//! The client says which table it holds, applies what the control plane pushes (decoding and
+//! validating it on this thread, never on a worker), installs it on every worker through a
+//! [`ControlLink`] and acknowledges only once every worker holds it. It saves each installed
+//! table to disk, so a gateway restarted while the control plane is down starts from its last
+//! good table (fail static), and it reconnects with backoff after any failure.
+//!
+//! Start-up order: [`ControlClient::start`] first (it connects at once), then
+//! [`ControlClient::wait_first`] for the table to start the gateway with, then
+//! [`ControlClient::attach`] with the running gateway's [`ControlLink`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dmsc_identity::{Credentials, PrincipalKind, Resumption, SpiffeVerifier};
+use dmsc_protocol::ctl::{self, CloseCode, Frame, Hello, NackCode, Push, PushBody, Rejection};
+use dmsc_protocol::table::sections::{apply_delta, DeltaError};
+use dmsc_protocol::table::{Generation, Table, TableError};
+use rustls::pki_types::CertificateDer;
+
+use crate::msg::WorkerMsg;
+use crate::routing::TableGeneration;
+use crate::worker::Mailboxes;
+
+/// Time every worker gets to take a new table before the push is refused `INSTALL_FAILED`.
+pub const INSTALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// QUIC keep-alive interval on the session.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// QUIC idle timeout of the session.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// First reconnect delay; it doubles after each failed attempt up to [`MAX_BACKOFF`].
+pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest reconnect delay.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often the gateway reports its agents (only when they changed).
+pub const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+/// The file, under the state directory, holding the last table installed.
+pub const SAVED_TABLE: &str = "table/last-good.dmsct";
+
+/// Where and as whom to reach the control plane.
+#[derive(Debug)]
+pub struct ControlSettings {
+    /// The control plane's `dmsc-ctl/1` address.
+    pub addr: SocketAddr,
+    /// The trust domain (the control plane must be `spiffe://<domain>/control`).
+    pub domain: String,
+    /// This gateway's id, as in its certificate.
+    pub gateway_id: String,
+    /// The gateway's certificate and key (the same as for agents).
+    pub credentials: Credentials,
+    /// The domain CA certificates.
+    pub trust_anchors: Vec<CertificateDer<'static>>,
+    /// The state directory; the last good table is saved under it ([`SAVED_TABLE`]).
+    pub state_dir: PathBuf,
+}
+
+/// Why the client could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The TLS configuration could not be built.
+    #[error("control-plane TLS setup: {0}")]
+    Tls(#[from] dmsc_identity::TlsError),
+    /// The client's thread or runtime could not be started.
+    #[error("starting the control-plane client: {0}")]
+    Start(#[from] std::io::Error),
+}
+
+/// What the gateway's admin endpoint shows of the session. Updated by the client thread,
+/// read by the admin thread.
+#[derive(Debug, Default)]
+pub struct ControlState {
+    configured: AtomicBool,
+    connected: AtomicBool,
+    sessions: AtomicU64,
+    acks: AtomicU64,
+    nacks: AtomicU64,
+}
+
+impl ControlState {
+    /// Prometheus text for the session's metrics (nothing when no control plane is set).
+    pub(crate) fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        if !self.configured.load(Ordering::Relaxed) {
+            return;
+        }
+        let g = |a: &AtomicBool| u8::from(a.load(Ordering::Relaxed));
+        let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let _ = write!(
+            out,
+            "# HELP dmsc_control_connected 1 while the session with the control plane is up.\n\
+             # TYPE dmsc_control_connected gauge\n\
+             dmsc_control_connected {}\n\
+             # HELP dmsc_control_sessions_total Sessions established with the control plane.\n\
+             # TYPE dmsc_control_sessions_total counter\n\
+             dmsc_control_sessions_total {}\n\
+             # HELP dmsc_control_pushes_total Pushes answered, by answer.\n\
+             # TYPE dmsc_control_pushes_total counter\n\
+             dmsc_control_pushes_total{{result=\"ack\"}} {}\n\
+             dmsc_control_pushes_total{{result=\"nack\"}} {}\n",
+            g(&self.connected),
+            c(&self.sessions),
+            c(&self.acks),
+            c(&self.nacks),
+        );
+    }
+}
+
+/// Why a table could not be installed on every worker.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    /// Some worker did not take the table in time (it is stopping, or its inbox is full).
+    #[error("{missing} of {workers} workers did not take the table within {timeout:?}")]
+    Timeout {
+        /// Workers that had not confirmed.
+        missing: usize,
+        /// All workers.
+        workers: usize,
+        /// The time allowed.
+        timeout: Duration,
+    },
+}
+
+/// What the control client needs of a running gateway: installing tables on every worker and
+/// reading its agents. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ControlLink {
+    pub(crate) mailboxes: Arc<Mailboxes>,
+    pub(crate) workers: usize,
+    pub(crate) installs: Arc<AtomicU64>,
+    pub(crate) snapshots: Arc<crate::admin::SnapshotCache>,
+    pub(crate) state: Arc<ControlState>,
+}
+
+impl ControlLink {
+    /// Installs `table` on every worker and returns once each has it (between its event-loop
+    /// iterations; requests already routed finish on the table they started with).
+    pub fn install(&self, table: Arc<Table>, timeout: Duration) -> Result<(), InstallError> {
+        let count = self.installs.fetch_add(1, Ordering::Relaxed) + 1;
+        let generation = TableGeneration::compiled(crate::routing::Generation(count), table);
+        let (done, confirmed) = crossbeam_channel::bounded(self.workers);
+        let deadline = Instant::now() + timeout;
+        let mut sent = 0;
+        for w in 0..self.workers {
+            let msg = WorkerMsg::Install {
+                table: generation.clone(),
+                done: Some(done.clone()),
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self.mailboxes.senders[w].send_timeout(msg, left).is_ok() {
+                let _ = self.mailboxes.wakers[w].wake();
+                sent += 1;
+            }
+        }
+        drop(done);
+        let mut got = 0;
+        while got < sent {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match confirmed.recv_timeout(left) {
+                Ok(_) => got += 1,
+                Err(_) => break,
+            }
+        }
+        if got == self.workers {
+            Ok(())
+        } else {
+            Err(InstallError::Timeout {
+                missing: self.workers - got,
+                workers: self.workers,
+                timeout,
+            })
+        }
+    }
+
+    /// The agents attached, as reported in `STATUS`.
+    pub fn status(&self) -> ctl::Status {
+        let snaps = crate::admin::snapshots(&self.mailboxes, &self.snapshots);
+        let mut identities: Vec<String> = Vec::new();
+        let mut capabilities = std::collections::BTreeSet::new();
+        let mut agents = 0u64;
+        for s in &snaps {
+            for a in &s.agents {
+                agents += 1;
+                identities.push(a.identity.clone());
+                capabilities.extend(a.capabilities.iter().cloned());
+            }
+        }
+        identities.sort_unstable();
+        identities.dedup();
+        identities.truncate(ctl::MAX_STATUS_AGENTS);
+        ctl::Status {
+            agents,
+            capabilities: capabilities.len() as u64,
+            identities,
+        }
+    }
+}
+
+/// The running client. See the module documentation for the start-up order.
+#[derive(Debug)]
+pub struct ControlClient {
+    first: crossbeam_channel::Receiver<Arc<Table>>,
+    /// The session's counters until a gateway is attached.
+    state: Arc<ControlState>,
+    link: tokio::sync::watch::Sender<Option<ControlLink>>,
+    saved: Option<Arc<Table>>,
+}
+
+impl ControlClient {
+    /// Loads the saved table (if any, and valid for this domain) and starts the session
+    /// thread, which connects at once.
+    pub fn start(settings: ControlSettings) -> Result<Self, ControlError> {
+        let saved = match load_saved(&settings.state_dir, &settings.domain) {
+            Ok(t) => t.map(Arc::new),
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring the saved table");
+                None
+            }
+        };
+        let verifier = Arc::new(SpiffeVerifier::new(
+            &settings.trust_anchors,
+            &[PrincipalKind::Control],
+            &[settings.domain.as_str()],
+        )?);
+        let crypto = dmsc_identity::client_config(
+            dmsc_protocol::ALPN_CONTROL,
+            settings.credentials.clone(),
+            verifier,
+            Resumption::Allowed,
+        )?;
+        let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(KEEP_ALIVE));
+        transport.max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok());
+        transport.max_concurrent_bidi_streams(0u32.into());
+        transport.max_concurrent_uni_streams(0u32.into());
+        client.transport_config(Arc::new(transport));
+
+        let (first_tx, first) = crossbeam_channel::bounded(1);
+        let (link, link_rx) = tokio::sync::watch::channel(None);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let state = Arc::new(ControlState::default());
+        let runner = Runner {
+            settings,
+            client,
+            held: saved.clone(),
+            first: Some(first_tx),
+            link: link_rx,
+            state: state.clone(),
+            nonce: 0,
+        };
+        std::thread::Builder::new()
+            .name("dmsc-control".into())
+            .spawn(move || runtime.block_on(runner.run()))?;
+        Ok(Self {
+            first,
+            state,
+            link,
+            saved,
+        })
+    }
+
+    /// The last good table saved on disk, if there is one.
+    pub fn saved(&self) -> Option<&Arc<Table>> {
+        self.saved.as_ref()
+    }
+
+    /// Waits up to `timeout` for the first table the control plane pushes (validated, not yet
+    /// installed or acknowledged: the gateway is started with it, then [`ControlClient::attach`]
+    /// acknowledges it).
+    pub fn wait_first(&self, timeout: Duration) -> Option<Arc<Table>> {
+        self.first.recv_timeout(timeout).ok()
+    }
+
+    /// Hands the client the running gateway: from now on pushes are installed on its workers.
+    pub fn attach(&self, link: ControlLink) {
+        let (from, to) = (&self.state, &link.state);
+        to.configured.store(true, Ordering::Relaxed);
+        to.connected
+            .store(from.connected.load(Ordering::Relaxed), Ordering::Relaxed);
+        for (f, t) in [
+            (&from.sessions, &to.sessions),
+            (&from.acks, &to.acks),
+            (&from.nacks, &to.nacks),
+        ] {
+            t.fetch_add(f.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        let _ = self.link.send(Some(link));
+    }
+}
+
+/// Reads the saved table; `Ok(None)` when there is none.
+pub fn load_saved(state_dir: &Path, domain: &str) -> Result<Option<Table>, TableError> {
+    let path = state_dir.join(SAVED_TABLE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the saved table");
+            return Ok(None);
+        }
+    };
+    let table = Table::decode(&bytes)?;
+    table.expect_domain(domain)?;
+    Ok(Some(table))
+}
+
+/// Writes `table` to the state directory atomically (temporary file, then rename).
+fn save(state_dir: &Path, table: &Table) -> std::io::Result<()> {
+    let path = state_dir.join(SAVED_TABLE);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(table.encoded())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path)
+}
+
+struct Runner {
+    settings: ControlSettings,
+    client: quinn::ClientConfig,
+    /// The table the gateway serves (or will start with).
+    held: Option<Arc<Table>>,
+    /// Where the first pushed table goes before a gateway is attached.
+    first: Option<crossbeam_channel::Sender<Arc<Table>>>,
+    link: tokio::sync::watch::Receiver<Option<ControlLink>>,
+    /// Until a link is attached, counters live here.
+    state: Arc<ControlState>,
+    /// The last push nonce seen on the current session.
+    nonce: u64,
+}
+
+/// How a session ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("cannot connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("stream: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("stream: {0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("the control plane closed the session stream")]
+    Finished,
+    #[error("closed by us: {code:?}: {reason}")]
+    Protocol { code: CloseCode, reason: String },
+}
+
+impl Runner {
+    async fn run(mut self) {
+        let bind: SocketAddr = if self.settings.addr.is_ipv6() {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let endpoint = match quinn::Endpoint::client(bind) {
+            Ok(mut e) => {
+                e.set_default_client_config(self.client.clone());
+                e
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "control-plane client cannot bind a UDP socket");
+                return;
+            }
+        };
+        let mut backoff = MIN_BACKOFF;
+        let mut failures = 0u32;
+        loop {
+            let mut answered = false;
+            let result = self.session(&endpoint, &mut answered).await;
+            self.state().connected.store(false, Ordering::Relaxed);
+            match &result {
+                Err(e) if failures == 0 => tracing::warn!(
+                    addr = %self.settings.addr,
+                    error = %e,
+                    "control-plane session ended; serving the installed table and reconnecting"
+                ),
+                Err(e) => tracing::debug!(error = %e, "control-plane session attempt failed"),
+                Ok(()) => {}
+            }
+            failures = failures.saturating_add(1);
+            if answered {
+                backoff = MIN_BACKOFF;
+                failures = 1;
+            }
+            let jitter = 0.5 + 0.5 * (random_u32() as f64 / u32::MAX as f64);
+            tokio::time::sleep(backoff.mul_f64(jitter)).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    fn state(&self) -> Arc<ControlState> {
+        match &*self.link.borrow() {
+            Some(link) => link.state.clone(),
+            None => self.state.clone(),
+        }
+    }
+
+    async fn session(
+        &mut self,
+        endpoint: &quinn::Endpoint,
+        answered: &mut bool,
+    ) -> Result<(), SessionError> {
+        let conn = endpoint.connect(self.settings.addr, "localhost")?.await?;
+        let result = self.converse(&conn, answered).await;
+        if let Err(SessionError::Protocol { code, reason }) = &result {
+            conn.close(code.code().into(), reason.as_bytes());
+        }
+        result
+    }
+
+    async fn converse(
+        &mut self,
+        conn: &quinn::Connection,
+        answered: &mut bool,
+    ) -> Result<(), SessionError> {
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let hello = Hello {
+            version: ctl::VERSION,
+            gateway_id: self.settings.gateway_id.clone(),
+            domain: self.settings.domain.clone(),
+            held: self.held.as_ref().map(|t| t.generation()),
+            sections: self
+                .held
+                .as_ref()
+                .map(|t| t.section_versions())
+                .unwrap_or_default(),
+        };
+        let mut out = Vec::new();
+        ctl::encode_frame(&Frame::Hello(hello), &mut out);
+        send.write_all(&out).await?;
+        self.nonce = 0;
+        let state = self.state();
+        state.connected.store(true, Ordering::Relaxed);
+        state.sessions.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(addr = %self.settings.addr, "connected to the control plane");
+
+        let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+        let mut chunk = vec![0u8; 64 * 1024];
+        let mut last_status: Option<ctl::Status> = None;
+        let mut tick = tokio::time::interval(STATUS_INTERVAL);
+        loop {
+            // Frames already buffered first.
+            match ctl::decode_frame(&buf) {
+                Err(e) => {
+                    return Err(SessionError::Protocol {
+                        code: e.close_code(),
+                        reason: e.to_string(),
+                    })
+                }
+                Ok(Some((frame, used))) => {
+                    let reply = self.on_frame(frame).await?;
+                    buf.drain(..used);
+                    if let Some(reply) = reply {
+                        send.write_all(&reply).await?;
+                        *answered = true;
+                    }
+                    continue;
+                }
+                Ok(None) => {}
+            }
+            tokio::select! {
+                read = recv.read(&mut chunk) => match read? {
+                    Some(n) => buf.extend_from_slice(&chunk[..n]),
+                    None => return Err(SessionError::Finished),
+                },
+                _ = tick.tick() => {
+                    let link = self.link.borrow().clone();
+                    if let Some(link) = link {
+                        let status = tokio::task::spawn_blocking(move || link.status())
+                            .await
+                            .unwrap_or_default();
+                        if last_status.as_ref() != Some(&status) {
+                            let mut out = Vec::new();
+                            ctl::encode_frame(&Frame::Status(status.clone()), &mut out);
+                            send.write_all(&out).await?;
+                            last_status = Some(status);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one frame from the control plane; returns the answer to send.
+    async fn on_frame(&mut self, frame: Frame<'_>) -> Result<Option<Vec<u8>>, SessionError> {
+        let push = match frame {
+            Frame::Push(push) => push,
+            Frame::Unknown(_) => return Ok(None),
+            other => {
+                return Err(SessionError::Protocol {
+                    code: CloseCode::UnexpectedFrame,
+                    reason: format!("{} from the control plane", frame_name(&other)),
+                })
+            }
+        };
+        if push.nonce <= self.nonce {
+            return Err(SessionError::Protocol {
+                code: CloseCode::UnexpectedFrame,
+                reason: format!("push nonce {} after {}", push.nonce, self.nonce),
+            });
+        }
+        self.nonce = push.nonce;
+        let (nonce, generation) = (push.nonce, push.generation);
+        let answer = match self.apply(push) {
+            Ok(table) if self.is_installed(&table) => {
+                self.state().acks.fetch_add(1, Ordering::Relaxed);
+                Frame::Ack { nonce, generation }
+            }
+            Ok(table) => match self.install(table.clone()).await {
+                Ok(()) => {
+                    if let Err(e) = save(&self.settings.state_dir, &table) {
+                        tracing::warn!(error = %e, "cannot save the table; a restart without the control plane would not find it");
+                    }
+                    if self.held.as_ref().map(|t| t.generation()) != Some(generation) {
+                        tracing::info!(%generation, "table installed on every worker");
+                    }
+                    self.held = Some(table);
+                    self.state().acks.fetch_add(1, Ordering::Relaxed);
+                    Frame::Ack { nonce, generation }
+                }
+                Err(e) => nack(self, nonce, generation, NackCode::InstallFailed, 0, &e),
+            },
+            Err((code, rejections)) => {
+                tracing::warn!(%generation, code = code.as_str(), ?rejections, "push rejected; keeping the installed table");
+                self.state().nacks.fetch_add(1, Ordering::Relaxed);
+                Frame::Nack {
+                    nonce,
+                    generation,
+                    code,
+                    rejections,
+                }
+            }
+        };
+        let mut out = Vec::new();
+        ctl::encode_frame(&answer, &mut out);
+        return Ok(Some(out));
+
+        fn nack(
+            runner: &Runner,
+            nonce: u64,
+            generation: Generation,
+            code: NackCode,
+            resource: u64,
+            e: &dyn std::fmt::Display,
+        ) -> Frame<'static> {
+            tracing::warn!(%generation, error = %e, "push not installed; keeping the installed table");
+            runner.state().nacks.fetch_add(1, Ordering::Relaxed);
+            Frame::Nack {
+                nonce,
+                generation,
+                code,
+                rejections: vec![Rejection {
+                    resource,
+                    reason: ctl::reason(&e.to_string()),
+                }],
+            }
+        }
+    }
+
+    /// Whether the attached gateway already serves `table` (a resync after a reconnect).
+    fn is_installed(&self, table: &Table) -> bool {
+        self.link.borrow().is_some()
+            && self.held.as_ref().map(|t| t.generation()) == Some(table.generation())
+    }
+
+    /// Builds the pushed table: decoded, validated, for this domain, the generation announced.
+    fn apply(&self, push: Push<'_>) -> Result<Arc<Table>, (NackCode, Vec<Rejection>)> {
+        let reject = |code, resource, reason: &dyn std::fmt::Display| {
+            (
+                code,
+                vec![Rejection {
+                    resource,
+                    reason: ctl::reason(&reason.to_string()),
+                }],
+            )
+        };
+        let table = match push.body {
+            PushBody::Snapshot(bytes) => {
+                Table::decode(bytes).map_err(|e| reject(NackCode::Invalid, 0, &e))?
+            }
+            PushBody::Delta {
+                base,
+                upserts,
+                removes,
+            } => {
+                let Some(held) = self.held.as_ref().filter(|t| t.generation() == base) else {
+                    let held = self.held.as_ref().map(|t| t.generation().to_string());
+                    return Err(reject(
+                        NackCode::BaseMismatch,
+                        0,
+                        &format!(
+                            "delta against {base}, but the gateway holds {}",
+                            held.as_deref().unwrap_or("nothing")
+                        ),
+                    ));
+                };
+                if base == push.generation && upserts.is_empty() && removes.is_empty() {
+                    return Ok(held.clone());
+                }
+                apply_delta(held, &upserts, &removes).map_err(|e| {
+                    let resource = match &e {
+                        DeltaError::Duplicate(t) | DeltaError::RemovesAbsent(t) => *t,
+                        DeltaError::Table(_) => upserts.first().map_or(0, |s| s.ty),
+                    };
+                    reject(NackCode::Invalid, resource, &e)
+                })?
+            }
+        };
+        if let Err(e) = table.expect_domain(&self.settings.domain) {
+            return Err(reject(NackCode::WrongDomain, 0, &e));
+        }
+        if table.generation() != push.generation {
+            return Err(reject(
+                NackCode::GenerationMismatch,
+                0,
+                &format!(
+                    "the table built is {}, the push announced {}",
+                    table.generation(),
+                    push.generation
+                ),
+            ));
+        }
+        Ok(Arc::new(table))
+    }
+
+    /// Installs on every worker of the attached gateway. Before a gateway is attached, offers
+    /// the table as the one to start with and waits for the gateway.
+    async fn install(&mut self, table: Arc<Table>) -> Result<(), InstallError> {
+        if self.link.borrow().is_none() {
+            if let Some(first) = self.first.take() {
+                let _ = first.try_send(table.clone());
+            }
+            // The gateway starts (with this table or the saved one) and attaches.
+            let _ = self.link.wait_for(Option::is_some).await;
+        }
+        let link = self.link.borrow().clone();
+        let Some(link) = link else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || link.install(table, INSTALL_TIMEOUT))
+            .await
+            .unwrap_or(Err(InstallError::Timeout {
+                missing: 0,
+                workers: 0,
+                timeout: INSTALL_TIMEOUT,
+            }))
+    }
+}
+
+fn frame_name(frame: &Frame<'_>) -> &'static str {
+    match frame {
+        Frame::Hello(_) => "HELLO",
+        Frame::Push(_) => "PUSH",
+        Frame::Ack { .. } => "ACK",
+        Frame::Nack { .. } => "NACK",
+        Frame::Status(_) => "STATUS",
+        Frame::Unknown(_) => "an extension frame",
+    }
+}
+
+fn random_u32() -> u32 {
+    let mut b = [0u8; 4];
+    let _ = getrandom::getrandom(&mut b);
+    u32::from_ne_bytes(b)
+}
