@@ -7,8 +7,10 @@
 //! - [`pki`]: the `dmsc-control` command's development PKI: creating a CA for a trust domain,
 //!   issuing SPIFFE identities to agents and gateways, and listing them.
 //!
-//! It does not yet push tables to gateways, collect their registrations or serve anything (see
-//! `docs/CONTROL.md`, "What is not built yet").
+//! - [`serve`]: `dmsc-control serve`, the server: `dmsc-ctl/1` sessions with the listed
+//!   gateways, pushing the compiled table to each, and the admin endpoint (`/status`,
+//!   `/metrics`, `POST /apply`).
+//! - [`cli`]: `dmsc-control apply` and `status`, clients of that admin endpoint.
 
 #![forbid(unsafe_code)]
 
@@ -16,9 +18,13 @@ use std::io::Write;
 
 use clap::{Parser, Subcommand};
 
+mod admin;
+pub mod cli;
 pub mod compile;
 pub mod config;
+mod metrics;
 pub mod pki;
+pub mod serve;
 
 pub use pki::PkiError;
 
@@ -45,6 +51,17 @@ pub enum Command {
         #[arg(long, short = 'c')]
         config: Option<std::path::PathBuf>,
     },
+    /// Run the control plane: compile the configuration, keep a dmsc-ctl/1 session with every
+    /// listed gateway and push it the compiled table; reload on `dmsc-control apply` or SIGHUP.
+    /// With no `--config`, the embedded development domain and the development PKI under
+    /// `--state-dir` (created on first run, shared with a gateway using the same directory).
+    Serve(cli::ServeArgs),
+    /// Reload the running control plane's configuration file and wait until every connected
+    /// gateway has acknowledged (or rejected) the new generation.
+    Apply(cli::ApplyArgs),
+    /// Show each gateway: connected or not, the generation it acknowledged, its agents, and any
+    /// rejection with its reason.
+    Status(cli::StatusArgs),
 }
 
 /// Why a command failed.
@@ -62,12 +79,30 @@ pub enum CommandError {
     /// Writing the report failed.
     #[error("writing the report: {0}")]
     Output(#[from] std::io::Error),
+    /// The server could not start.
+    #[error(transparent)]
+    Serve(#[from] serve::ServeError),
+    /// The control plane's identity could not be loaded or issued.
+    #[error("control-plane identity: {0}")]
+    Identity(#[from] dmsc_identity::IdentityError),
+    /// Talking to a running control plane failed.
+    #[error("{0}")]
+    Admin(String),
+    /// `apply` was refused: the configuration has an error (the running generation stays).
+    #[error("configuration refused: {0}")]
+    Refused(String),
+    /// `apply` succeeded but not every gateway acknowledged the new generation.
+    #[error("{0}")]
+    NotAcknowledged(String),
 }
 
 impl CommandError {
     /// Whether the error is the user's input (a configuration to fix): exit code 64.
     pub fn is_usage(&self) -> bool {
-        matches!(self, CommandError::Config(_) | CommandError::Compile(_))
+        matches!(
+            self,
+            CommandError::Config(_) | CommandError::Compile(_) | CommandError::Refused(_)
+        )
     }
 }
 
@@ -75,6 +110,9 @@ impl CommandError {
 pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CommandError> {
     match cli.command {
         Command::Pki(command) => Ok(pki::run(command, out)?),
+        Command::Serve(args) => cli::serve(args, out),
+        Command::Apply(args) => cli::apply(args, out),
+        Command::Status(args) => cli::status(args, out),
         Command::Compile { config } => {
             let domain = match &config {
                 Some(path) => config::DomainConfig::load(path)?,

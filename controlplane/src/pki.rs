@@ -1,7 +1,7 @@
 //! `dmsc-control pki`: the development PKI on the command line.
 //!
 //! * `pki init` creates the CA of a trust domain (or reports the one already there);
-//! * `pki issue --agent NAME | --gateway ID` issues a leaf identity, refusing to replace an
+//! * `pki issue --agent NAME | --gateway ID | --control` issues a leaf identity, refusing to replace an
 //!   existing one unless `--force` is given;
 //! * `pki show` prints the CA's trust domain and the identities issued so far.
 //!
@@ -45,8 +45,8 @@ pub enum PkiError {
         /// The trust domain of the existing CA.
         found: String,
     },
-    /// Neither `--agent` nor `--gateway` was given (clap normally rules this out).
-    #[error("pass --agent NAME or --gateway ID")]
+    /// None of `--agent`, `--gateway`, `--control` was given (clap normally rules this out).
+    #[error("pass --agent NAME, --gateway ID or --control")]
     NoTarget,
     /// The identity already exists and `--force` was not given.
     #[error("{id} already exists at {path}; pass --force to replace it")]
@@ -111,7 +111,7 @@ pub struct IssueArgs {
     pub force: bool,
 }
 
-/// Whom `pki issue` issues for: exactly one of `--agent` and `--gateway`.
+/// Whom `pki issue` issues for: exactly one of `--agent`, `--gateway` and `--control`.
 #[derive(Debug, Clone, Args)]
 #[group(required = true, multiple = false)]
 pub struct IssueTarget {
@@ -122,6 +122,10 @@ pub struct IssueTarget {
     /// localhost, 127.0.0.1 and ::1.
     #[arg(long, value_name = "ID")]
     pub gateway: Option<String>,
+    /// Issue spiffe://DOMAIN/control, the control plane's identity (control.pem, control.key);
+    /// its certificate also names localhost, 127.0.0.1 and ::1.
+    #[arg(long)]
+    pub control: bool,
 }
 
 /// The identity `pki issue` issues, borrowed from [`IssueTarget`].
@@ -131,16 +135,19 @@ pub enum Target<'a> {
     Agent(&'a str),
     /// A gateway, by id.
     Gateway(&'a str),
+    /// The control plane.
+    Control,
 }
 
 impl IssueTarget {
     /// The target named on the command line; `None` only if built in code with neither flag.
     /// (If both are set, which clap rules out, the agent wins.)
     pub fn target(&self) -> Option<Target<'_>> {
-        match (&self.agent, &self.gateway) {
-            (Some(name), _) => Some(Target::Agent(name)),
-            (None, Some(id)) => Some(Target::Gateway(id)),
-            (None, None) => None,
+        match (&self.agent, &self.gateway, self.control) {
+            (Some(name), _, _) => Some(Target::Agent(name)),
+            (None, Some(id), _) => Some(Target::Gateway(id)),
+            (None, None, true) => Some(Target::Control),
+            (None, None, false) => None,
         }
     }
 }
@@ -194,6 +201,7 @@ fn issue(args: &IssueArgs, out: &mut dyn Write) -> Result<(), PkiError> {
     let id = match target {
         Target::Agent(name) => SpiffeId::agent(ca.trust_domain(), name),
         Target::Gateway(id) => SpiffeId::gateway(ca.trust_domain(), id),
+        Target::Control => SpiffeId::control(ca.trust_domain()),
     }
     .map_err(IdentityError::from)?;
     let (cert, key) = pki.paths(&id);

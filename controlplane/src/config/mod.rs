@@ -175,12 +175,17 @@ impl DomainConfig {
     /// Parses and validates `text`; `file` names it in errors.
     pub fn from_toml(file: &str, text: &str) -> Result<Self, ConfigError> {
         let config: DomainConfig = toml::from_str(text).map_err(|e| {
-            let (line, column) = line_column(text, e.span().map_or(0, |s| s.start));
+            let offset = e.span().map_or(0, |s| s.start);
+            let (line, column) = line_column(text, offset);
+            let message = e.message().trim_end();
             ConfigError::Parse {
                 file: file.to_owned(),
                 line,
                 column,
-                message: e.message().trim_end().to_owned(),
+                message: match key_at(text, offset) {
+                    Some(key) if !message.contains(&key) => format!("{key}: {message}"),
+                    _ => message.to_owned(),
+                },
             }
         })?;
         config.validate().map_err(|e| {
@@ -220,6 +225,29 @@ impl DomainConfig {
         Self::from_toml("<embedded development domain>", DEVELOPMENT_TOML)
             .expect("the embedded development domain is valid")
     }
+}
+
+/// The dotted key of the `key = value` line holding byte `offset` (`invoke.effect`), for
+/// parser messages that name only the value; `None` if the line is not such a line.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[start..].lines().next()?;
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim();
+    if key.is_empty() || key.starts_with('#') || key.starts_with('[') {
+        return None;
+    }
+    let table = text[..start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim());
+    Some(match table {
+        Some(t) => format!("{t}.{key}"),
+        None => key.to_owned(),
+    })
 }
 
 /// 1-based line and column (in characters) of byte `offset` in `text`.

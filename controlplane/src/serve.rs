@@ -1,0 +1,1027 @@
+//! `dmsc-control serve`: the control plane's server. It holds the domain configuration and its
+//! compiled table, keeps a `dmsc-ctl/1` session with every listed gateway and pushes each the
+//! current table (`docs/CONTROL.md` section 6), and serves its admin endpoint: `/status`,
+//! `/metrics`, `POST /apply`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use dmsc_identity::{Credentials, Principal, PrincipalKind, Resumption, SpiffeId, SpiffeVerifier};
+use dmsc_protocol::ctl::{self, CloseCode, Frame, NackCode, Push, PushBody};
+use dmsc_protocol::table::sections::{diff, SectionVersion};
+use dmsc_protocol::table::{Generation, Table};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+
+use crate::compile::compile;
+use crate::config::DomainConfig;
+use crate::metrics::Metrics;
+
+/// Time a gateway has after the handshake to open its stream and send `HELLO`.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// QUIC keep-alive interval on sessions.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// QUIC idle timeout of sessions.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most gateway ids whose refusal is remembered so it is logged once.
+const MAX_REMEMBERED_REFUSALS: usize = 4096;
+/// Most concurrent handshakes and sessions (listed gateways are at most 4,096).
+const MAX_CONNECTIONS: usize = 8192;
+
+/// How the server is set up.
+#[derive(Debug)]
+pub struct ServeSettings {
+    /// The domain configuration file; `None` serves the embedded development domain.
+    pub config_path: Option<PathBuf>,
+    /// The configuration read at start.
+    pub config: DomainConfig,
+    /// The `dmsc-ctl/1` address gateways connect to.
+    pub listen: SocketAddr,
+    /// The admin HTTP address (`/status`, `/metrics`, `POST /apply`).
+    pub admin_listen: SocketAddr,
+    /// The control plane's certificate and key (`spiffe://<domain>/control`).
+    pub credentials: Credentials,
+    /// The domain CA certificates gateways must chain to.
+    pub trust_anchors: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// Reloads closer together than this are merged into one compile.
+    pub debounce: Duration,
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// TLS setup failed.
+    #[error("TLS setup: {0}")]
+    Tls(#[from] dmsc_identity::TlsError),
+    /// The configuration did not compile.
+    #[error(transparent)]
+    Compile(#[from] crate::compile::CompileError),
+    /// A socket could not be bound or the runtime could not start.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// The shared state of the server.
+pub struct Hub {
+    pub(crate) domain: String,
+    config_path: Option<PathBuf>,
+    state: Mutex<HubState>,
+    desired: watch::Sender<Arc<Table>>,
+    /// Woken whenever a gateway answers a push, connects or disconnects.
+    pub(crate) changed: Notify,
+    pub(crate) metrics: Metrics,
+    reload: mpsc::Sender<oneshot::Sender<ApplyOutcome>>,
+}
+
+struct HubState {
+    listed: Vec<String>,
+    gateways: BTreeMap<String, GatewayEntry>,
+    refused: HashSet<String>,
+    last_error: Option<String>,
+    next_session: u64,
+}
+
+#[derive(Debug, Default, Clone)]
+struct GatewayEntry {
+    session: Option<u64>,
+    conn: Option<quinn::Connection>,
+    addr: Option<SocketAddr>,
+    connected_since: Option<u64>,
+    acked: Option<Generation>,
+    pending: Option<Generation>,
+    rejected: Option<RejectedView>,
+    status: ctl::Status,
+    sessions: u64,
+    last_ack_ms: Option<f64>,
+}
+
+/// A rejection as `status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RejectedView {
+    /// The generation rejected.
+    pub generation: String,
+    /// The NACK code.
+    pub code: &'static str,
+    /// The reasons, `section: reason`.
+    pub reasons: Vec<String>,
+}
+
+/// One gateway in `/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct GatewayView {
+    /// The gateway id.
+    pub id: String,
+    /// Whether `domain.toml` lists it.
+    pub listed: bool,
+    /// Whether its session is up.
+    pub connected: bool,
+    /// Its address, while connected.
+    pub addr: Option<String>,
+    /// Seconds since the Unix epoch at which the current session started.
+    pub connected_since: Option<u64>,
+    /// The generation it last acknowledged (it holds and serves it).
+    pub acked_generation: Option<String>,
+    /// Whether that is the current generation.
+    pub in_sync: bool,
+    /// The generation pushed and not yet answered.
+    pub pending_generation: Option<String>,
+    /// The last rejection, while it is the newest answer.
+    pub rejected: Option<RejectedView>,
+    /// Agents attached to it.
+    pub agents: u64,
+    /// Distinct capabilities they offer.
+    pub capabilities: u64,
+    /// Their identities (at most 256).
+    pub identities: Vec<String>,
+    /// Sessions it has opened since the control plane started.
+    pub sessions: u64,
+    /// Push-to-acknowledgement time of its last push, milliseconds.
+    pub last_push_to_ack_ms: Option<f64>,
+}
+
+/// `/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusView {
+    /// The trust domain.
+    pub domain: String,
+    /// The configuration file, if any.
+    pub config: Option<String>,
+    /// The current generation.
+    pub generation: String,
+    /// The last failed reload, if the last reload failed.
+    pub last_error: Option<String>,
+    /// Every listed gateway, and unlisted ones still connected.
+    pub gateways: Vec<GatewayView>,
+}
+
+/// The outcome of a reload (`apply` or SIGHUP).
+#[derive(Debug, Clone, Serialize)]
+pub struct ApplyOutcome {
+    /// The generation in force after the reload.
+    pub generation: String,
+    /// Whether it differs from the one before.
+    pub changed: bool,
+    /// Why the configuration was refused (the generation in force did not change).
+    pub error: Option<String>,
+}
+
+/// What one gateway did with an applied generation.
+#[derive(Debug, Clone, Serialize)]
+pub struct ApplyGateway {
+    /// The gateway id.
+    pub id: String,
+    /// `acked`, `rejected`, `pending` (no answer within the wait) or `disconnected`.
+    pub result: &'static str,
+    /// The rejection, if rejected.
+    pub rejected: Option<RejectedView>,
+}
+
+impl Hub {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HubState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn current(&self) -> Arc<Table> {
+        self.desired.borrow().clone()
+    }
+
+    /// Asks for a reload of the configuration file (coalesced with others close in time).
+    pub(crate) async fn request_reload(&self) -> ApplyOutcome {
+        let (tx, rx) = oneshot::channel();
+        if self.reload.send(tx).await.is_err() {
+            return ApplyOutcome {
+                generation: self.current().generation().to_string(),
+                changed: false,
+                error: Some("the control plane is stopping".into()),
+            };
+        }
+        rx.await.unwrap_or_else(|_| ApplyOutcome {
+            generation: self.current().generation().to_string(),
+            changed: false,
+            error: Some("the reload was abandoned".into()),
+        })
+    }
+
+    /// Waits until every connected listed gateway has answered `generation` (or `wait`
+    /// passes) and says what each did.
+    pub(crate) async fn wait_for(
+        &self,
+        generation: Generation,
+        wait: Duration,
+    ) -> Vec<ApplyGateway> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.changed.notified();
+            let (results, settled) = {
+                let s = self.lock();
+                let mut settled = true;
+                let results: Vec<ApplyGateway> = s
+                    .listed
+                    .iter()
+                    .map(|id| {
+                        let e = s.gateways.get(id);
+                        let connected = e.is_some_and(|e| e.session.is_some());
+                        let acked = e.is_some_and(|e| e.acked == Some(generation));
+                        let rejected = e
+                            .and_then(|e| e.rejected.clone())
+                            .filter(|r| r.generation == generation.to_string());
+                        let result = if acked {
+                            "acked"
+                        } else if rejected.is_some() {
+                            "rejected"
+                        } else if !connected {
+                            "disconnected"
+                        } else {
+                            settled = false;
+                            "pending"
+                        };
+                        ApplyGateway {
+                            id: id.clone(),
+                            result,
+                            rejected,
+                        }
+                    })
+                    .collect();
+                (results, settled)
+            };
+            if settled || tokio::time::Instant::now() >= deadline {
+                return results;
+            }
+            let _ = tokio::time::timeout_at(deadline, notified).await;
+        }
+    }
+
+    pub(crate) fn status(&self) -> StatusView {
+        let current = self.current().generation();
+        let s = self.lock();
+        let mut ids: Vec<&String> = s.listed.iter().collect();
+        for (id, e) in &s.gateways {
+            if e.session.is_some() && !s.listed.contains(id) {
+                ids.push(id);
+            }
+        }
+        let gateways = ids
+            .into_iter()
+            .map(|id| {
+                let e = s.gateways.get(id).cloned().unwrap_or_default();
+                GatewayView {
+                    id: id.clone(),
+                    listed: s.listed.contains(id),
+                    connected: e.session.is_some(),
+                    addr: e
+                        .addr
+                        .filter(|_| e.session.is_some())
+                        .map(|a| a.to_string()),
+                    connected_since: e.connected_since.filter(|_| e.session.is_some()),
+                    acked_generation: e.acked.map(|g| g.to_string()),
+                    in_sync: e.acked == Some(current),
+                    pending_generation: e.pending.map(|g| g.to_string()),
+                    rejected: e.rejected.clone(),
+                    agents: e.status.agents,
+                    capabilities: e.status.capabilities,
+                    identities: e.status.identities.clone(),
+                    sessions: e.sessions,
+                    last_push_to_ack_ms: e.last_ack_ms,
+                }
+            })
+            .collect();
+        StatusView {
+            domain: self.domain.clone(),
+            config: self.config_path.as_ref().map(|p| p.display().to_string()),
+            generation: current.to_string(),
+            last_error: s.last_error.clone(),
+            gateways,
+        }
+    }
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("domain", &self.domain)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Hub {
+    /// Closes every session with `SHUTTING_DOWN`.
+    pub fn shut_down(&self) {
+        let mut s = self.lock();
+        for e in s.gateways.values_mut() {
+            if let Some(conn) = e.conn.take() {
+                close(&conn, CloseCode::ShuttingDown, "control plane stopping");
+            }
+        }
+    }
+
+    /// Reloads the configuration (as `apply` and SIGHUP do).
+    pub async fn reload(&self) -> ApplyOutcome {
+        self.request_reload().await
+    }
+}
+
+/// A running server: its sockets are bound and it serves while the future [`start`] returned
+/// is polled.
+#[derive(Debug)]
+pub struct Server {
+    /// The server's state, for reloads and shutdown.
+    pub hub: Arc<Hub>,
+    /// The bound `dmsc-ctl/1` address.
+    pub listen: SocketAddr,
+    /// The bound admin address.
+    pub admin: SocketAddr,
+    /// The generation in force at start.
+    pub generation: Generation,
+}
+
+/// Starts the server on the current tokio runtime and returns once its sockets are bound.
+pub async fn start(
+    settings: ServeSettings,
+) -> Result<(Server, impl std::future::Future<Output = ()>), ServeError> {
+    let started = Instant::now();
+    let table = Arc::new(compile(&settings.config)?);
+    let metrics = Metrics::new();
+    metrics
+        .compile_seconds
+        .observe(started.elapsed().as_secs_f64());
+    metrics.set_generation(&table.generation().to_string());
+    let domain = settings.config.domain.name.get_ref().clone();
+    let verifier = Arc::new(SpiffeVerifier::new(
+        &settings.trust_anchors,
+        &[PrincipalKind::Gateway],
+        &[domain.as_str()],
+    )?);
+    let crypto = dmsc_identity::server_config(
+        dmsc_protocol::ALPN_CONTROL,
+        settings.credentials,
+        verifier,
+        Resumption::Allowed,
+    )?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(KEEP_ALIVE));
+    transport.max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok());
+    transport.max_concurrent_bidi_streams(1u32.into());
+    transport.max_concurrent_uni_streams(0u32.into());
+    server.transport_config(Arc::new(transport));
+    server.migration(false);
+    let io = |what: String| move |source| ServeError::Io { what, source };
+    let endpoint = quinn::Endpoint::server(server, settings.listen)
+        .map_err(io(format!("cannot bind {}", settings.listen)))?;
+    let listen = endpoint.local_addr().map_err(io("local address".into()))?;
+    let admin = tokio::net::TcpListener::bind(settings.admin_listen)
+        .await
+        .map_err(io(format!("cannot bind {}", settings.admin_listen)))?;
+    let admin_addr = admin.local_addr().map_err(io("local address".into()))?;
+
+    let (desired, _) = watch::channel(table.clone());
+    let (reload_tx, reload_rx) = mpsc::channel(64);
+    let listed = listed_gateways(&settings.config);
+    metrics.gateways_listed.set(listed.len() as i64);
+    let hub = Arc::new(Hub {
+        domain,
+        config_path: settings.config_path,
+        state: Mutex::new(HubState {
+            listed,
+            gateways: BTreeMap::new(),
+            refused: HashSet::new(),
+            last_error: None,
+            next_session: 0,
+        }),
+        desired,
+        changed: Notify::new(),
+        metrics,
+        reload: reload_tx,
+    });
+    let generation = table.generation();
+    let run = {
+        let hub = hub.clone();
+        async move {
+            tokio::spawn(reloader(hub.clone(), reload_rx, settings.debounce));
+            tokio::spawn(crate::admin::serve(admin, hub.clone()));
+            accept(endpoint, hub).await;
+        }
+    };
+    Ok((
+        Server {
+            hub,
+            listen,
+            admin: admin_addr,
+            generation,
+        },
+        run,
+    ))
+}
+
+fn listed_gateways(config: &DomainConfig) -> Vec<String> {
+    let mut ids: Vec<String> = config
+        .gateway
+        .iter()
+        .map(|g| g.id.get_ref().clone())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// Reloads the configuration on request, merging requests that come within `debounce` of the
+/// last compile into one.
+async fn reloader(
+    hub: Arc<Hub>,
+    mut requests: mpsc::Receiver<oneshot::Sender<ApplyOutcome>>,
+    debounce: Duration,
+) {
+    let mut last: Option<tokio::time::Instant> = None;
+    while let Some(first) = requests.recv().await {
+        if let Some(last) = last {
+            tokio::time::sleep_until(last + debounce).await;
+        }
+        let mut waiting = vec![first];
+        while let Ok(more) = requests.try_recv() {
+            waiting.push(more);
+        }
+        last = Some(tokio::time::Instant::now());
+        let outcome = reload(&hub).await;
+        for w in waiting {
+            let _ = w.send(outcome.clone());
+        }
+    }
+}
+
+async fn reload(hub: &Arc<Hub>) -> ApplyOutcome {
+    let before = hub.current().generation();
+    let path = hub.config_path.clone();
+    let domain = hub.domain.clone();
+    let compiled = tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let config = match &path {
+            Some(path) => DomainConfig::load(path).map_err(|e| e.to_string())?,
+            None => DomainConfig::development(),
+        };
+        if config.domain.name.get_ref() != &domain {
+            return Err(format!(
+                "the configuration is for trust domain {:?}, this control plane serves {domain:?} (restart it to change domains)",
+                config.domain.name.get_ref()
+            ));
+        }
+        let table = compile(&config).map_err(|e| e.to_string())?;
+        Ok((config, table, started.elapsed()))
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("compile task failed: {e}")));
+    match compiled {
+        Err(error) => {
+            tracing::warn!(%error, generation = %before, "configuration refused; the running generation stays in force");
+            hub.metrics
+                .applies
+                .get_or_create(&crate::metrics::Result { result: "error" })
+                .inc();
+            hub.lock().last_error = Some(error.clone());
+            ApplyOutcome {
+                generation: before.to_string(),
+                changed: false,
+                error: Some(error),
+            }
+        }
+        Ok((config, table, took)) => {
+            hub.metrics.compile_seconds.observe(took.as_secs_f64());
+            let generation = table.generation();
+            let changed = generation != before;
+            {
+                let mut s = hub.lock();
+                s.last_error = None;
+                s.listed = listed_gateways(&config);
+                hub.metrics.gateways_listed.set(s.listed.len() as i64);
+                // Gateways no longer listed lose their session.
+                for (id, e) in s.gateways.iter_mut() {
+                    if !config.gateway.iter().any(|g| g.id.get_ref() == id) {
+                        if let Some(conn) = e.conn.take() {
+                            conn.close(CloseCode::NotListed.code().into(), b"no longer listed");
+                        }
+                    }
+                }
+            }
+            if changed {
+                tracing::info!(%generation, took_ms = took.as_secs_f64() * 1e3, "new generation compiled; pushing");
+                hub.metrics.set_generation(&generation.to_string());
+                hub.desired.send_replace(Arc::new(table));
+            }
+            hub.metrics
+                .applies
+                .get_or_create(&crate::metrics::Result {
+                    result: if changed { "changed" } else { "unchanged" },
+                })
+                .inc();
+            ApplyOutcome {
+                generation: generation.to_string(),
+                changed,
+                error: None,
+            }
+        }
+    }
+}
+
+async fn accept(endpoint: quinn::Endpoint, hub: Arc<Hub>) {
+    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    while let Some(incoming) = endpoint.accept().await {
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            incoming.refuse();
+            continue;
+        };
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(%remote, error = %e, "control handshake failed");
+                    hub.metrics
+                        .refused
+                        .get_or_create(&crate::metrics::Reason {
+                            reason: "handshake",
+                        })
+                        .inc();
+                    return;
+                }
+            };
+            session(hub, conn).await;
+        });
+    }
+}
+
+/// The gateway id of the connection's peer certificate (the verifier accepted only gateways
+/// of the domain).
+fn peer_gateway(conn: &quinn::Connection) -> Option<String> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    let id: SpiffeId = dmsc_identity::spiffe_id_from_cert(certs.first()?).ok()?;
+    match id.principal() {
+        Principal::Gateway(g) => Some(g.to_owned()),
+        _ => None,
+    }
+}
+
+fn close(conn: &quinn::Connection, code: CloseCode, reason: &str) {
+    conn.close(code.code().into(), reason.as_bytes());
+}
+
+async fn session(hub: Arc<Hub>, conn: quinn::Connection) {
+    let remote = conn.remote_address();
+    let Some(id) = peer_gateway(&conn) else {
+        close(&conn, CloseCode::NotListed, "not a gateway identity");
+        return;
+    };
+    {
+        let mut s = hub.lock();
+        if !s.listed.contains(&id) {
+            hub.metrics
+                .refused
+                .get_or_create(&crate::metrics::Reason {
+                    reason: "not_listed",
+                })
+                .inc();
+            if s.refused.len() < MAX_REMEMBERED_REFUSALS && s.refused.insert(id.clone()) {
+                tracing::warn!(gateway = %id, %remote, "refusing a gateway not listed in the configuration (logged once per gateway)");
+            }
+            drop(s);
+            close(
+                &conn,
+                CloseCode::NotListed,
+                "gateway not listed in the domain configuration",
+            );
+            return;
+        }
+    }
+    let hello_by = tokio::time::Instant::now() + HELLO_TIMEOUT;
+    let accepted = tokio::time::timeout_at(hello_by, conn.accept_bi()).await;
+    let Ok(Ok((send, recv))) = accepted else {
+        close(&conn, CloseCode::Timeout, "no session stream");
+        return;
+    };
+    let mut s = Session {
+        hub: hub.clone(),
+        id: id.clone(),
+        conn: conn.clone(),
+        send,
+        recv,
+        buf: Vec::with_capacity(4096),
+        nonce: 0,
+        held: None,
+        held_sections: Vec::new(),
+        pending: None,
+        force_snapshot: false,
+        session: 0,
+    };
+    let result = s.run(hello_by).await;
+    let session_id = s.session;
+    match &result {
+        Ok(()) => {}
+        Err(End::Closed(code, reason)) => {
+            tracing::warn!(gateway = %id, %remote, code = code.as_str(), %reason, "closing control session");
+            hub.metrics
+                .refused
+                .get_or_create(&crate::metrics::Reason {
+                    reason: code.as_str(),
+                })
+                .inc();
+            close(&conn, *code, reason);
+        }
+        Err(End::Lost(e)) => {
+            tracing::info!(gateway = %id, %remote, error = %e, "control session ended")
+        }
+    }
+    let mut st = hub.lock();
+    if let Some(e) = st.gateways.get_mut(&id) {
+        if e.session == Some(session_id) && session_id != 0 {
+            e.session = None;
+            e.conn = None;
+            e.pending = None;
+            hub.metrics.gateways_connected.dec();
+        }
+    }
+    drop(st);
+    hub.changed.notify_waiters();
+}
+
+enum End {
+    Closed(CloseCode, String),
+    Lost(String),
+}
+
+struct Session {
+    hub: Arc<Hub>,
+    id: String,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    buf: Vec<u8>,
+    nonce: u64,
+    held: Option<Generation>,
+    held_sections: Vec<(u64, SectionVersion)>,
+    /// The push awaiting an answer: nonce, table (`None` for a confirmation), generation, sent.
+    pending: Option<(u64, Option<Arc<Table>>, Generation, Instant)>,
+    force_snapshot: bool,
+    session: u64,
+}
+
+impl Session {
+    async fn next_frame(&mut self) -> Result<Frame<'static>, End> {
+        loop {
+            match ctl::decode_frame_within(&self.buf, ctl::MAX_FRAME_BYTES) {
+                Err(e) => return Err(End::Closed(e.close_code(), e.to_string())),
+                Ok(Some((frame, used))) => {
+                    let frame = owned(frame);
+                    self.buf.drain(..used);
+                    return Ok(frame);
+                }
+                Ok(None) => {}
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            match self.recv.read(&mut chunk).await {
+                Ok(Some(n)) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(None) => return Err(End::Lost("the gateway finished its stream".into())),
+                Err(e) => return Err(End::Lost(e.to_string())),
+            }
+        }
+    }
+
+    async fn run(&mut self, hello_by: tokio::time::Instant) -> Result<(), End> {
+        let hello = match tokio::time::timeout_at(hello_by, self.next_frame()).await {
+            Err(_) => return Err(End::Closed(CloseCode::Timeout, "no HELLO in time".into())),
+            Ok(frame) => match frame? {
+                Frame::Hello(h) => h,
+                _ => {
+                    return Err(End::Closed(
+                        CloseCode::UnexpectedFrame,
+                        "first frame is not HELLO".into(),
+                    ))
+                }
+            },
+        };
+        if hello.version != ctl::VERSION {
+            return Err(End::Closed(
+                CloseCode::UnsupportedVersion,
+                format!("version {}", hello.version),
+            ));
+        }
+        if hello.domain != self.hub.domain {
+            return Err(End::Closed(
+                CloseCode::WrongDomain,
+                format!("domain {:?}", hello.domain),
+            ));
+        }
+        if hello.gateway_id != self.id {
+            return Err(End::Closed(
+                CloseCode::IdentityMismatch,
+                format!(
+                    "HELLO says {:?}, the certificate {:?}",
+                    hello.gateway_id, self.id
+                ),
+            ));
+        }
+        self.held = hello.held;
+        self.held_sections = hello.sections;
+        self.register();
+        tracing::info!(gateway = %self.id, addr = %self.conn.remote_address(), held = ?self.held.map(|g| g.to_string()), "gateway connected");
+        let mut desired = self.hub.desired.subscribe();
+        // The first push always goes, even when the gateway holds the current generation (then
+        // as an empty delta): its acknowledgement tells the gateway it is in sync.
+        let first = desired.borrow_and_update().clone();
+        let rejected = self.rejected_generation() == Some(first.generation());
+        match self.held {
+            // It rejected the current generation before: confirm what it holds instead of
+            // pushing the same table again.
+            Some(held) if rejected => self.confirm(held).await?,
+            _ => self.push(first, true).await?,
+        }
+        loop {
+            tokio::select! {
+                frame = self.next_frame() => self.on_frame(frame?).await?,
+                changed = desired.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                    if self.pending.is_none() {
+                        let table = desired.borrow_and_update().clone();
+                        self.push(table, false).await?;
+                    }
+                }
+            }
+        }
+    }
+
+    fn register(&mut self) {
+        let mut s = self.hub.lock();
+        s.next_session += 1;
+        self.session = s.next_session;
+        let entry = s.gateways.entry(self.id.clone()).or_default();
+        if let Some(old) = entry.conn.replace(self.conn.clone()) {
+            old.close(
+                CloseCode::NoError.code().into(),
+                b"replaced by a newer session",
+            );
+        } else {
+            self.hub.metrics.gateways_connected.inc();
+        }
+        entry.session = Some(self.session);
+        entry.addr = Some(self.conn.remote_address());
+        entry.connected_since = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs());
+        entry.sessions += 1;
+        entry.acked = self.held;
+        entry.pending = None;
+        drop(s);
+        self.hub.changed.notify_waiters();
+    }
+
+    fn update(&self, f: impl FnOnce(&mut GatewayEntry)) {
+        let mut s = self.hub.lock();
+        if let Some(e) = s
+            .gateways
+            .get_mut(&self.id)
+            .filter(|e| e.session == Some(self.session))
+        {
+            f(e);
+        }
+        drop(s);
+        self.hub.changed.notify_waiters();
+    }
+
+    fn rejected_generation(&self) -> Option<Generation> {
+        let s = self.hub.lock();
+        let rejected = s.gateways.get(&self.id)?.rejected.as_ref()?;
+        let current = self.hub.current().generation();
+        (rejected.generation == current.to_string()).then_some(current)
+    }
+
+    /// Pushes an empty delta of the generation the gateway holds: its acknowledgement confirms
+    /// the gateway is in sync with what the control plane is willing to give it.
+    async fn confirm(&mut self, held: Generation) -> Result<(), End> {
+        self.nonce += 1;
+        let mut out = Vec::new();
+        ctl::encode_frame(
+            &Frame::Push(Push {
+                nonce: self.nonce,
+                generation: held,
+                body: PushBody::Delta {
+                    base: held,
+                    upserts: Vec::new(),
+                    removes: Vec::new(),
+                },
+            }),
+            &mut out,
+        );
+        self.pending = Some((self.nonce, None, held, Instant::now()));
+        self.hub
+            .metrics
+            .pushes
+            .get_or_create(&crate::metrics::Kind { kind: "delta" })
+            .inc();
+        self.send
+            .write_all(&out)
+            .await
+            .map_err(|e| End::Lost(e.to_string()))
+    }
+
+    /// Pushes `table` unless the gateway holds it (or rejected it) already; `always` pushes
+    /// even then (the session's first push).
+    async fn push(&mut self, table: Arc<Table>, always: bool) -> Result<(), End> {
+        let generation = table.generation();
+        if !always {
+            if self.held == Some(generation) {
+                return Ok(());
+            }
+            let rejected = {
+                let s = self.hub.lock();
+                s.gateways.get(&self.id).and_then(|e| e.rejected.clone())
+            };
+            if rejected.is_some_and(|r| r.generation == generation.to_string()) {
+                return Ok(());
+            }
+        }
+        self.nonce += 1;
+        let nonce = self.nonce;
+        let (upserts, removes) = diff(&self.held_sections, &table);
+        let delta_len: usize =
+            upserts.iter().map(|s| s.body.len() + 12).sum::<usize>() + removes.len() * 8;
+        let body = match self.held {
+            Some(base) if !self.force_snapshot && delta_len < table.encoded().len() => {
+                PushBody::Delta {
+                    base,
+                    upserts,
+                    removes,
+                }
+            }
+            _ => PushBody::Snapshot(table.encoded()),
+        };
+        let kind = if matches!(body, PushBody::Snapshot(_)) {
+            "snapshot"
+        } else {
+            "delta"
+        };
+        let mut out = Vec::new();
+        ctl::encode_frame(
+            &Frame::Push(Push {
+                nonce,
+                generation,
+                body,
+            }),
+            &mut out,
+        );
+        self.force_snapshot = false;
+        self.hub
+            .metrics
+            .pushes
+            .get_or_create(&crate::metrics::Kind { kind })
+            .inc();
+        tracing::debug!(gateway = %self.id, %generation, kind, bytes = out.len(), "push");
+        self.pending = Some((nonce, Some(table), generation, Instant::now()));
+        self.update(|e| e.pending = Some(generation));
+        self.send
+            .write_all(&out)
+            .await
+            .map_err(|e| End::Lost(e.to_string()))
+    }
+
+    async fn on_frame(&mut self, frame: Frame<'static>) -> Result<(), End> {
+        match frame {
+            Frame::Status(status) => {
+                self.update(|e| e.status = status);
+                Ok(())
+            }
+            Frame::Unknown(_) => Ok(()),
+            Frame::Ack { nonce, generation } => {
+                let (table, sent) = self.answered(nonce, generation)?;
+                let took = sent.elapsed();
+                self.hub.metrics.acks.inc();
+                self.hub
+                    .metrics
+                    .push_ack_seconds
+                    .observe(took.as_secs_f64());
+                self.held = Some(generation);
+                if let Some(table) = table {
+                    self.held_sections = table.section_versions();
+                }
+                self.update(|e| {
+                    e.acked = Some(generation);
+                    e.pending = None;
+                    e.rejected = None;
+                    e.last_ack_ms = Some(took.as_secs_f64() * 1e3);
+                });
+                tracing::debug!(gateway = %self.id, %generation, took_ms = took.as_secs_f64() * 1e3, "acknowledged");
+                self.push_newest().await
+            }
+            Frame::Nack {
+                nonce,
+                generation,
+                code,
+                rejections,
+            } => {
+                self.answered(nonce, generation)?;
+                self.hub
+                    .metrics
+                    .rejections
+                    .get_or_create(&crate::metrics::Reason {
+                        reason: code.as_str(),
+                    })
+                    .inc();
+                let view = RejectedView {
+                    generation: generation.to_string(),
+                    code: code.as_str(),
+                    reasons: rejections
+                        .iter()
+                        .map(|r| match r.resource {
+                            0 => r.reason.clone(),
+                            s => format!("section {s:#04x}: {}", r.reason),
+                        })
+                        .collect(),
+                };
+                if code == NackCode::BaseMismatch {
+                    // The gateway does not hold what it said (or what we thought): start over
+                    // from a snapshot.
+                    tracing::info!(gateway = %self.id, "delta base not held; sending a snapshot");
+                    self.force_snapshot = true;
+                    self.held = None;
+                    self.held_sections.clear();
+                    self.update(|e| e.pending = None);
+                    let table = self.hub.current();
+                    return self.push(table, true).await;
+                }
+                tracing::warn!(gateway = %self.id, %generation, code = code.as_str(), reasons = ?view.reasons, "gateway rejected a push; it keeps its last good table");
+                self.update(|e| {
+                    e.pending = None;
+                    e.rejected = Some(view);
+                });
+                self.push_newest().await
+            }
+            Frame::Hello(_) | Frame::Push(_) => Err(End::Closed(
+                CloseCode::UnexpectedFrame,
+                "HELLO or PUSH after the session began".into(),
+            )),
+        }
+    }
+
+    fn answered(
+        &mut self,
+        nonce: u64,
+        generation: Generation,
+    ) -> Result<(Option<Arc<Table>>, Instant), End> {
+        match self.pending.take() {
+            Some((n, table, g, sent)) if n == nonce && g == generation => Ok((table, sent)),
+            other => {
+                self.pending = other;
+                Err(End::Closed(
+                    CloseCode::UnexpectedFrame,
+                    format!("answer to push {nonce}, which is not the pending one"),
+                ))
+            }
+        }
+    }
+
+    /// After an answer: pushes the newest generation if the gateway does not hold it (changes
+    /// made while a push was pending are merged into this one).
+    async fn push_newest(&mut self) -> Result<(), End> {
+        let table = self.hub.current();
+        self.push(table, false).await
+    }
+}
+
+/// A frame that owns its bytes (gateways send no borrowed payloads: only `PUSH` borrows).
+fn owned(frame: Frame<'_>) -> Frame<'static> {
+    match frame {
+        Frame::Hello(h) => Frame::Hello(h),
+        Frame::Ack { nonce, generation } => Frame::Ack { nonce, generation },
+        Frame::Nack {
+            nonce,
+            generation,
+            code,
+            rejections,
+        } => Frame::Nack {
+            nonce,
+            generation,
+            code,
+            rejections,
+        },
+        Frame::Status(s) => Frame::Status(s),
+        Frame::Unknown(t) => Frame::Unknown(t),
+        // A PUSH from a gateway is out of order whatever it holds.
+        Frame::Push(p) => Frame::Push(Push {
+            nonce: p.nonce,
+            generation: p.generation,
+            body: PushBody::Snapshot(&[]),
+        }),
+    }
+}
