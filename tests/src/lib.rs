@@ -4,6 +4,8 @@
 //! ephemeral loopback port, SDK agents, and a raw `dmsc/1` client for the cases the SDK would
 //! never produce (malformed headers, misbehaving targets).
 
+pub mod cluster;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
