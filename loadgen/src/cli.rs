@@ -58,6 +58,10 @@ pub enum Command {
     /// stdin closes.
     #[command(hide = true)]
     ServeAgents(ServeAgentsArgs),
+    /// (internal) Run a control plane; prints `listening ADDR`, `admin ADDR` and
+    /// `generation G`; exits when stdin closes.
+    #[command(hide = true)]
+    ServeControl(ServeControlArgs),
 }
 
 /// Where the load goes.
@@ -160,6 +164,11 @@ pub struct LoadArgs {
     /// Gateway worker threads [default: one per core].
     #[arg(long, value_name = "N")]
     pub gateway_workers: Option<usize>,
+    /// Install a new table generation on the gateway every this many milliseconds while the
+    /// load runs (the loadgen edits its domain.toml and applies it through the control plane);
+    /// 0: never. Measures what live policy changes cost the request path.
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    pub swap_tables_ms: u64,
     /// Pin gateway worker i to core i (the gateway's own default; off here because the
     /// callers and agents share the cores with it).
     #[arg(long)]
@@ -261,6 +270,29 @@ pub struct ServeGatewayArgs {
     /// connection of the loadgen has the same identity.
     #[arg(long, default_value_t = 1 << 16)]
     pub max_connections_per_identity: usize,
+    /// The control plane to take tables from (`--control` of `dmsc-gateway`).
+    #[arg(long)]
+    pub control: Option<SocketAddr>,
+    /// State directory (where the gateway saves its last good table).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// `serve-control` flags.
+#[derive(Debug, Args)]
+pub struct ServeControlArgs {
+    /// The domain configuration.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Control-plane certificate (PEM).
+    #[arg(long)]
+    pub cert: PathBuf,
+    /// Control-plane key (PEM).
+    #[arg(long)]
+    pub key: PathBuf,
+    /// Domain CA (PEM).
+    #[arg(long)]
+    pub ca: PathBuf,
 }
 
 /// `serve-agents` flags.
@@ -373,6 +405,8 @@ pub struct Plan {
     pub json: Option<PathBuf>,
     /// Output directory.
     pub out: PathBuf,
+    /// Table swap interval (`None`: no swaps).
+    pub swap_tables: Option<Duration>,
 }
 
 impl Plan {
@@ -482,6 +516,9 @@ impl Plan {
         if a.out.is_file() {
             bail!("--out {}: is a file, expected a directory", a.out.display());
         }
+        if a.swap_tables_ms > 0 && matches!(deployment, Deployment::External { .. }) {
+            bail!("--swap-tables-ms needs the loadgen's own control plane; it cannot be combined with --gateway");
+        }
         Ok(Plan {
             deployment,
             runs,
@@ -496,6 +533,7 @@ impl Plan {
             timeout: a.timeout,
             json: a.json.clone(),
             out: a.out.clone(),
+            swap_tables: (a.swap_tables_ms > 0).then(|| Duration::from_millis(a.swap_tables_ms)),
         })
     }
 }

@@ -50,6 +50,7 @@ pub fn main_with(cli: Cli) -> anyhow::Result<i32> {
     let plan = match &cli.command {
         Some(Command::ServeGateway(args)) => return serve::gateway(args).map(|()| 0),
         Some(Command::ServeAgents(args)) => return serve::agents(args).map(|()| 0),
+        Some(Command::ServeControl(args)) => return serve::control(args).map(|()| 0),
         Some(Command::Attach(args)) => {
             return match AttachPlan::new(args) {
                 Ok(plan) => run_attach(&plan),

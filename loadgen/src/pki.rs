@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use dmsc_identity::DevPki;
+use dmsc_identity::{DevPki, IdentityError, SpiffeId};
 
 /// Trust domain of the throwaway PKI.
 pub const DOMAIN: &str = "dmsc.local";
@@ -31,6 +31,10 @@ pub struct TempPki {
     pub agent: IdentityFiles,
     /// `spiffe://dmsc.local/agent/loadgen`.
     pub caller: IdentityFiles,
+    /// `spiffe://dmsc.local/control`.
+    pub control: IdentityFiles,
+    /// The domain configuration the control plane serves ([`TempPki::write_domain`]).
+    pub domain_toml: PathBuf,
 }
 
 impl TempPki {
@@ -50,6 +54,8 @@ impl TempPki {
             gateway: IdentityFiles::empty(),
             agent: IdentityFiles::empty(),
             caller: IdentityFiles::empty(),
+            control: IdentityFiles::empty(),
+            domain_toml: dir.join("domain.toml"),
         };
         let store = DevPki::new(dir.join("pki"));
         let ca = store.init(DOMAIN).context("creating the development CA")?;
@@ -57,7 +63,48 @@ impl TempPki {
         pki.gateway = store.ensure_gateway(&ca, "loadgen")?.into();
         pki.agent = store.ensure_agent(&ca, "echo")?.into();
         pki.caller = store.ensure_agent(&ca, "loadgen")?.into();
+        let control = SpiffeId::control(DOMAIN).map_err(IdentityError::from)?;
+        pki.control = store.ensure(&ca, &control)?.into();
+        pki.write_domain(0)?;
         Ok(pki)
+    }
+
+    /// Writes the domain configuration: the gateway, and every agent of the domain allowed to
+    /// advertise, discover and invoke everything. `version` only changes an interned dummy
+    /// capability, so each version compiles to a different generation with the same policy
+    /// (what `--swap-tables-ms` installs).
+    pub fn write_domain(&self, version: u64) -> anyhow::Result<()> {
+        Self::write_domain_at(&self.domain_toml, &self.ca, version)
+    }
+
+    /// [`TempPki::write_domain`] to `path`, with the CA certificate at `ca`.
+    pub fn write_domain_at(path: &Path, ca: &Path, version: u64) -> anyhow::Result<()> {
+        let text = format!(
+            "# Written by dmsc-loadgen.\n\
+             capabilities = [\"loadgen.generation-{version}\"]\n\n\
+             [domain]\nname = \"{DOMAIN}\"\ntrust_anchor = {ca:?}\n\n\
+             [[gateway]]\nid = \"loadgen\"\n\n\
+             [groups.agents]\nmembers = [\"spiffe://{DOMAIN}/agent/*\"]\nadvertise = [\"*\"]\ndiscover = [\"*\"]\n\n\
+             [[invoke]]\neffect = \"allow\"\ngroups = [\"agents\"]\ncapabilities = [\"*\"]\n",
+            ca = ca.display().to_string(),
+        );
+        // Write then rename, so the control plane never reads a half-written file.
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Deletes every private key (the processes have loaded theirs).
+    pub fn remove_keys(&self) {
+        for key in [
+            &self.gateway.key,
+            &self.agent.key,
+            &self.caller.key,
+            &self.control.key,
+        ] {
+            let _ = std::fs::remove_file(key);
+        }
+        let _ = std::fs::remove_file(self.dir.join("pki").join("ca.key"));
     }
 
     /// The directory holding everything.

@@ -171,6 +171,12 @@ pub struct RunInfo {
     pub gateway_workers: Option<usize>,
     /// Whether the gateway and agents are the loadgen's children (their CPU is known).
     pub self_contained: bool,
+    /// The table generation the gateway had acknowledged at the end (pushed by the loadgen's
+    /// control plane); `None` without one.
+    pub table_generation: Option<String>,
+    /// With `--swap-tables-ms`: generations installed and acknowledged during the run, and
+    /// swaps that failed.
+    pub table_swaps: Option<(u64, u64)>,
 }
 
 /// The figures of one mode.
@@ -335,6 +341,11 @@ impl Summary {
             "connections": info.connections,
             "agents": info.agents,
             "gateway_workers": if self.mode == "gateway" { info.gateway_workers } else { None },
+            "table_generation": if self.mode == "gateway" { info.table_generation.clone() } else { None },
+            "table_swaps": match info.table_swaps {
+                Some((acked, failed)) if self.mode == "gateway" => json!({"acked": acked, "failed": failed}),
+                _ => serde_json::Value::Null,
+            },
         })
     }
 
@@ -378,6 +389,20 @@ impl Summary {
                 out,
                 "send lag (µs) p50 {p50}, p99 {p99}, max {max} (included in the latencies)"
             );
+        }
+        if self.mode == "gateway" {
+            if let Some(generation) = &info.table_generation {
+                let _ = writeln!(
+                    out,
+                    "table         generation {generation} (pushed by the control plane)"
+                );
+            }
+            if let Some((acked, failed)) = info.table_swaps {
+                let _ = writeln!(
+                    out,
+                    "table swaps   {acked} generations installed and acknowledged during the run, {failed} failed"
+                );
+            }
         }
         let cpu = self.cpu_us_per_request;
         let _ = writeln!(
@@ -561,6 +586,8 @@ mod tests {
             connections: 4,
             agents: Some(2),
             gateway_workers: Some(2),
+            table_generation: None,
+            table_swaps: None,
             self_contained: true,
         }
     }

@@ -6,6 +6,7 @@ use std::ffi::OsString;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -80,8 +81,11 @@ pub fn run(plan: &Plan) -> anyhow::Result<Verdict> {
     };
     let pool = CallerPool::start(Arc::new(setup), plan.callers)?;
     // Every process has loaded its certificates: the keys need not outlive this point, even
-    // if the run is interrupted.
-    env.pki = None;
+    // if the run is interrupted. (The domain configuration and the gateway's saved table stay
+    // until the end of the run.)
+    if let Some(pki) = &env.pki {
+        pki.remove_keys();
+    }
     eprintln!(
         "dmsc-loadgen: {} caller threads x {} connections connected",
         plan.callers, plan.connections
@@ -100,6 +104,10 @@ pub fn run(plan: &Plan) -> anyhow::Result<Verdict> {
             }
         }
     }
+    let swapper = match (plan.swap_tables, &env.control, &env.pki) {
+        (Some(every), Some(control), Some(pki)) => Some(Swapper::start(pki, control.admin, every)?),
+        _ => None,
+    };
     match plan.runs {
         Runs::Single(route) => {
             let m = phase(&pool, &env, plan, route, plan.duration, "measure")?;
@@ -120,8 +128,13 @@ pub fn run(plan: &Plan) -> anyhow::Result<Verdict> {
             }
         }
     }
+    let swaps = swapper.map(Swapper::finish);
     pool.shutdown();
     let died = env.exited();
+    let table_generation = env.control.as_ref().map(|c| {
+        c.acknowledged()
+            .unwrap_or_else(|| format!("{} (not acknowledged)", c.generation))
+    });
 
     let info = RunInfo {
         load: plan.load,
@@ -135,6 +148,8 @@ pub fn run(plan: &Plan) -> anyhow::Result<Verdict> {
         },
         gateway_workers: env.gateway_workers,
         self_contained: env.self_contained(),
+        table_generation,
+        table_swaps: swaps,
     };
     let summaries: Vec<(Route, Summary)> = stats
         .values()
@@ -321,6 +336,7 @@ struct Environment {
     // Children first: fields drop in order, and the processes should go before their PKI.
     agents: Option<ChildProcess>,
     gateway: Option<ChildProcess>,
+    control: Option<ControlChild>,
     gateway_addr: Option<SocketAddr>,
     gateway_workers: Option<usize>,
     direct: Vec<SocketAddr>,
@@ -339,6 +355,7 @@ impl Environment {
             } => Ok(Environment {
                 agents: None,
                 gateway: None,
+                control: None,
                 gateway_addr: Some(*gateway),
                 gateway_workers: None,
                 direct: Vec::new(),
@@ -356,6 +373,7 @@ impl Environment {
                 let mut env = Environment {
                     agents: None,
                     gateway: None,
+                    control: None,
                     gateway_addr: None,
                     gateway_workers: None,
                     direct: Vec::new(),
@@ -363,7 +381,15 @@ impl Environment {
                     pki: None,
                 };
                 if with_gateway {
-                    let gateway = GatewayChild::start(&pki, *gateway_workers, *pin_gateway, &[])?;
+                    let control = ControlChild::start(&pki)?;
+                    let gateway = GatewayChild::start(
+                        &pki,
+                        *gateway_workers,
+                        *pin_gateway,
+                        &[],
+                        Some(control.addr),
+                    )?;
+                    env.control = Some(control);
                     env.gateway_addr = Some(gateway.addr);
                     env.gateway_workers = Some(gateway.workers);
                     env.gateway = Some(gateway.process);
@@ -401,8 +427,21 @@ impl Environment {
                 env.agents = Some(child);
                 eprintln!(
                     "dmsc-loadgen: {}{agents} echo agents (pid {}), direct listeners {}",
-                    match (&env.gateway, env.gateway_addr, env.gateway_workers) {
-                        (Some(g), Some(addr), Some(w)) =>
+                    match (
+                        &env.gateway,
+                        env.gateway_addr,
+                        env.gateway_workers,
+                        &env.control
+                    ) {
+                        (Some(g), Some(addr), Some(w), Some(c)) => format!(
+                            "control plane {} (pid {}, generation {}), gateway {addr} ({w} \
+                             workers, pid {}), ",
+                            c.addr,
+                            c.process.pid(),
+                            short(&c.generation),
+                            g.pid()
+                        ),
+                        (Some(g), Some(addr), Some(w), None) =>
                             format!("gateway {addr} ({w} workers, pid {}), ", g.pid()),
                         _ => String::new(),
                     },
@@ -438,11 +477,15 @@ impl Environment {
 
     /// The child processes that are no longer running.
     fn exited(&mut self) -> Vec<&'static str> {
-        [&mut self.gateway, &mut self.agents]
-            .into_iter()
-            .flatten()
-            .filter_map(|child| (!child.is_running()).then(|| child.role()))
-            .collect()
+        [
+            self.gateway.as_mut(),
+            self.agents.as_mut(),
+            self.control.as_mut().map(|c| &mut c.process),
+        ]
+        .into_iter()
+        .flatten()
+        .filter_map(|child| (!child.is_running()).then(|| child.role()))
+        .collect()
     }
 }
 
@@ -466,6 +509,7 @@ impl GatewayChild {
         workers: usize,
         pin: bool,
         limits: &[(&str, usize)],
+        control: Option<SocketAddr>,
     ) -> anyhow::Result<GatewayChild> {
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         let mut args = os_args(&[
@@ -485,7 +529,14 @@ impl GatewayChild {
             args.push(flag.into());
             args.push(value.to_string().into());
         }
+        if let Some(control) = control {
+            args.extend(os_args(&["--control", &control.to_string(), "--state-dir"]));
+            args.push(pki.dir().join("gateway-state").into());
+        }
         let mut process = ChildProcess::spawn("gateway", &args)?;
+        if control.is_some() {
+            process.expect("generation", deadline)?;
+        }
         let addr = process
             .expect("listening", deadline)?
             .parse()
@@ -500,6 +551,121 @@ impl GatewayChild {
             workers,
         })
     }
+}
+
+/// A control plane process (`serve-control`) serving the loadgen's domain configuration.
+#[derive(Debug)]
+pub struct ControlChild {
+    /// The process.
+    pub process: ChildProcess,
+    /// Its `dmsc-ctl/1` address.
+    pub addr: SocketAddr,
+    /// Its admin address.
+    pub admin: SocketAddr,
+    /// The generation it compiled at start.
+    pub generation: String,
+}
+
+impl ControlChild {
+    /// Starts a control plane for `pki`'s domain configuration; returns once it listens.
+    pub fn start(pki: &TempPki) -> anyhow::Result<ControlChild> {
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        let mut args = os_args(&["serve-control", "--config"]);
+        args.push(pki.domain_toml.clone().into());
+        push_files(&mut args, &pki.control.cert, &pki.control.key, &pki.ca);
+        let mut process = ChildProcess::spawn("control plane", &args)?;
+        let addr = process
+            .expect("listening", deadline)?
+            .parse()
+            .context("control plane address")?;
+        let admin = process
+            .expect("admin", deadline)?
+            .parse()
+            .context("control plane admin address")?;
+        let generation = process.expect("generation", deadline)?;
+        Ok(ControlChild {
+            process,
+            addr,
+            admin,
+            generation,
+        })
+    }
+
+    /// The generation every listed gateway has acknowledged, if they all agree.
+    pub fn acknowledged(&self) -> Option<String> {
+        let body = ureq::get(&format!("http://{}/status", self.admin))
+            .call()
+            .ok()?
+            .body_mut()
+            .read_to_string()
+            .ok()?;
+        let status: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let gateways = status["gateways"].as_array()?;
+        let first = gateways.first()?["acked_generation"].as_str()?.to_owned();
+        gateways
+            .iter()
+            .all(|g| g["acked_generation"] == first.as_str())
+            .then_some(first)
+    }
+}
+
+/// Installs a new table generation every `every` until stopped: rewrites the domain
+/// configuration and applies it through the control plane, waiting for the gateway's ACK.
+struct Swapper {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<(u64, u64)>,
+}
+
+impl Swapper {
+    fn start(pki: &TempPki, admin: SocketAddr, every: Duration) -> anyhow::Result<Swapper> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let domain_toml = pki.domain_toml.clone();
+        let ca = pki.ca.clone();
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("table-swapper".into())
+            .spawn(move || {
+                let (mut acked, mut failed) = (0u64, 0u64);
+                let mut version = 1u64;
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .timeout_global(Some(Duration::from_secs(10)))
+                    .build()
+                    .into();
+                let url = format!("http://{admin}/apply?wait_ms=5000");
+                while !flag.load(Ordering::Relaxed) {
+                    let started = Instant::now();
+                    let ok = TempPki::write_domain_at(&domain_toml, &ca, version).is_ok()
+                        && agent.post(&url).send_empty().is_ok_and(|mut r| {
+                            r.status() == 200
+                                && r.body_mut().read_to_string().is_ok_and(|b| {
+                                    b.contains("\"acked\"") && !b.contains("\"pending\"")
+                                })
+                        });
+                    if ok {
+                        acked += 1;
+                    } else {
+                        failed += 1;
+                    }
+                    version += 1;
+                    std::thread::sleep(every.saturating_sub(started.elapsed()));
+                }
+                (acked, failed)
+            })
+            .context("starting the table swapper")?;
+        Ok(Swapper { stop, thread })
+    }
+
+    /// Stops and returns (generations acknowledged, swaps that failed).
+    fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or((0, 0))
+    }
+}
+
+/// The first 12 hex digits of a generation.
+pub fn short(generation: &str) -> &str {
+    &generation[..generation.len().min(12)]
 }
 
 fn os_args(args: &[&str]) -> Vec<OsString> {

@@ -1,7 +1,8 @@
-//! The child processes of a self-contained run: `serve-gateway` and `serve-agents`.
+//! The child processes of a self-contained run: `serve-control`, `serve-gateway` and
+//! `serve-agents`.
 //!
-//! Both print what the parent needs on stdout (`listening ADDR`; `direct ADDR` per agent, then
-//! `ready`) and run until their stdin closes (see [`crate::children`]).
+//! Each prints what the parent needs on stdout (`listening ADDR`; `direct ADDR` per agent, then
+//! `ready`) and runs until its stdin closes (see [`crate::children`]).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -12,13 +13,16 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use dmsc_agent::{Agent, AgentCard, AgentConfig, HandlerError, Handlers, Request, Response, Skill};
-use dmsc_dataplane::{dev_identity, Config, Gateway};
+use dmsc_controlplane::config::DomainConfig;
+use dmsc_controlplane::serve::ServeSettings;
+use dmsc_dataplane::routing::{Generation, TableGeneration};
+use dmsc_dataplane::{dev_identity, Config, ControlClient, ControlSettings, Gateway};
 use dmsc_protocol::header::{RequestHeader, ResponseHeader};
 use dmsc_protocol::limits::MAX_HEADER_BYTES;
 use dmsc_protocol::{Status, StreamCode};
 
 use crate::children::wait_for_parent;
-use crate::cli::{ServeAgentsArgs, ServeGatewayArgs, MAX_PAYLOAD_BYTES};
+use crate::cli::{ServeAgentsArgs, ServeControlArgs, ServeGatewayArgs, MAX_PAYLOAD_BYTES};
 use crate::tls::{direct_server_config, Credentials};
 
 /// Requests an echo agent serves at once per connection, through the gateway (`ATTACH`'s
@@ -57,14 +61,75 @@ pub fn gateway(args: &ServeGatewayArgs) -> anyhow::Result<()> {
     if let Some(max) = args.max_connections_per_worker {
         config.limits.max_connections_per_worker = max;
     }
+    if let Some(dir) = &args.state_dir {
+        config.state_dir = dir.clone();
+    }
+    config.control = args.control;
     config.validate()?;
     let (identity, _) = dev_identity(&config).context("loading the gateway identity")?;
-    let gateway = Gateway::start(config, identity)?;
+    let (table, client) = match config.control {
+        None => (TableGeneration::standalone(), None),
+        Some(addr) => {
+            let client = ControlClient::start(ControlSettings {
+                addr,
+                domain: config.domain.clone(),
+                gateway_id: config.gateway_id.clone(),
+                credentials: dmsc_identity::Credentials {
+                    cert_chain: identity.cert_chain.clone(),
+                    private_key: identity.private_key.clone_key(),
+                },
+                trust_anchors: identity.trust_anchors.clone(),
+                state_dir: config.state_dir.clone(),
+            })?;
+            let table = client
+                .wait_first(Duration::from_secs(20))
+                .context("no table from the control plane within 20 s")?;
+            println!("generation {}", table.generation());
+            (
+                TableGeneration::compiled(Generation(0), table),
+                Some(client),
+            )
+        }
+    };
+    let gateway = Gateway::start_with(config, identity, table)?;
+    if let Some(client) = &client {
+        client.attach(gateway.control_link());
+    }
     println!("listening {}", gateway.local_addr());
     println!("workers {}", gateway.workers());
     std::io::stdout().flush()?;
     wait_for_parent();
     // No drain: the parent has finished with us. Exiting stops the worker threads.
+    std::process::exit(0);
+}
+
+/// `serve-control`: a control plane serving `args.config` on loopback ports it picks.
+pub fn control(args: &ServeControlArgs) -> anyhow::Result<()> {
+    init_logging();
+    let config = DomainConfig::load(&args.config)?;
+    let settings = ServeSettings {
+        config_path: Some(args.config.clone()),
+        config,
+        listen: "127.0.0.1:0".parse()?,
+        admin_listen: "127.0.0.1:0".parse()?,
+        credentials: dmsc_identity::Credentials {
+            cert_chain: dmsc_identity::load_cert_chain(&args.cert)?,
+            private_key: dmsc_identity::load_private_key(&args.key)?,
+        },
+        trust_anchors: dmsc_identity::load_trust_anchors(&args.ca)?,
+        debounce: Duration::from_millis(100),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let (server, run) = runtime.block_on(dmsc_controlplane::serve::start(settings))?;
+    runtime.spawn(run);
+    println!("listening {}", server.listen);
+    println!("admin {}", server.admin);
+    println!("generation {}", server.generation);
+    std::io::stdout().flush()?;
+    wait_for_parent();
     std::process::exit(0);
 }
 
