@@ -348,9 +348,9 @@ enum SessionError {
     Connect(#[from] quinn::ConnectError),
     #[error("connection: {0}")]
     Connection(#[from] quinn::ConnectionError),
-    #[error("stream: {0}")]
+    #[error("stream: {}", match .0 { quinn::WriteError::ConnectionLost(c) => format!("connection lost: {c}"), e => e.to_string() })]
     Write(#[from] quinn::WriteError),
-    #[error("stream: {0}")]
+    #[error("stream: {}", match .0 { quinn::ReadError::ConnectionLost(c) => format!("connection lost: {c}"), e => e.to_string() })]
     Read(#[from] quinn::ReadError),
     #[error("the control plane closed the session stream")]
     Finished,

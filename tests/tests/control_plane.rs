@@ -243,6 +243,27 @@ async fn pushed_tables_enforce_policy_and_change_live_without_failed_requests() 
         caller.invoke("whoami", "s").await.unwrap().status,
         Status::Ok
     );
+
+    // Admission and rate limits, pushed live: agents may now advertise only `echo` and `x`
+    // (the target's `whoami` is withdrawn), and each may make 1 request per second.
+    let limited = OPEN.replace(
+        "advertise = [\"*\"]",
+        "advertise = [\"echo\", \"x\"]\nrate_limit = { per_second = 1, burst = 2 }",
+    );
+    domain.write_config(&limited);
+    let (code, out) = cp.command(&["apply"]);
+    assert_eq!(code, 0, "{out}");
+    let withdrawn = caller.invoke("whoami", "s").await.unwrap();
+    assert_eq!(withdrawn.status, Status::NoRoute, "{}", withdrawn.message);
+    let mut statuses = Vec::new();
+    for i in 0..10 {
+        statuses.push(caller.invoke("echo", format!("{i}")).await.unwrap().status);
+    }
+    assert!(statuses.contains(&Status::Ok), "{statuses:?}");
+    assert!(
+        statuses.contains(&Status::RateLimited),
+        "ten requests at once exceed 1/s with a burst of 2: {statuses:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
