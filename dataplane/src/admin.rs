@@ -1,12 +1,14 @@
 //! The admin HTTP endpoint: Prometheus metrics, attached agents, health.
 //!
-//! A deliberately small HTTP/1.1 server (loopback by default): one request per connection,
-//! `GET` only (405 otherwise), request heads of at most 8 KiB that must arrive within 2 seconds,
-//! 2-second write timeouts. An accept thread hands each connection to a thread of its own, at
-//! most [`MAX_CONNECTIONS`] at once (more are answered 503 and closed), so an idle or slow
-//! client never delays another. It never touches the data plane's state directly: it asks each
-//! worker for a snapshot through its inbox and merges the answers; scrapes are serialised so
-//! that concurrent ones never apply the workers' changes out of order.
+//! HTTP/1.1 from hyper, on one thread of its own running a single-threaded tokio runtime, off
+//! the worker cores (loopback by default): one request per connection, `GET` only (405
+//! otherwise), request heads of at most 8 KiB (431 beyond, hyper's own check) that must arrive
+//! within 2 seconds, and at most 10 seconds for a whole exchange. At most [`MAX_CONNECTIONS`]
+//! connections are served at once; more are answered 503. An idle or slow client never delays
+//! another: connections are tasks, and the work of a scrape runs on a blocking thread. It never
+//! touches the data plane's state directly: it asks each worker for a snapshot through its
+//! inbox and merges the answers; scrapes are serialised so that concurrent ones never apply the
+//! workers' changes out of order.
 //!
 //! | path | content |
 //! |---|---|
@@ -14,14 +16,16 @@
 //! | `/agents` | JSON array of attached agents |
 //! | `/healthz` | `ok` while the gateway runs |
 
+use std::convert::Infallible;
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::TcpListener;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use bytes::Bytes;
 use crossbeam_channel::bounded;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode};
 
 use dmsc_protocol::Status;
 
@@ -33,12 +37,16 @@ use crate::msg::WorkerMsg;
 use crate::stats::StatsSnapshot;
 use crate::worker::Mailboxes;
 
+/// Largest request head accepted, bytes (hyper's smallest read buffer).
 const MAX_HEAD: usize = 8 * 1024;
 
-/// Time a client has to send its whole request head, and the timeout of each write.
-const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time a client has to send its whole request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Admin connections served at once, each on a thread of its own; more are answered 503.
+/// Time a whole exchange may take, head to last byte of the answer.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Admin connections served at once; more are answered 503.
 pub(crate) const MAX_CONNECTIONS: usize = 16;
 
 /// What the admin endpoint reads from.
@@ -51,139 +59,123 @@ pub(crate) struct Sources {
     pub(crate) control: Arc<crate::control::ControlState>,
 }
 
-/// Serves admin requests on `listener` until the process exits: this thread only accepts, and
-/// each connection is handled on a thread of its own (at most [`MAX_CONNECTIONS`] at once).
+/// Serves admin requests on `listener` until the process exits. Runs on the calling thread.
 pub(crate) fn serve(listener: TcpListener, sources: Sources) {
-    let open = Arc::new(AtomicUsize::new(0));
-    for stream in listener.incoming() {
-        let Ok(mut stream) = stream else {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(MAX_CONNECTIONS)
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "admin endpoint cannot start its runtime");
+            return;
+        }
+    };
+    runtime.block_on(accept(listener, Arc::new(sources)));
+}
+
+async fn accept(listener: TcpListener, sources: Arc<Sources>) {
+    let listener = match listener
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::TcpListener::from_std(listener))
+    {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "admin endpoint cannot use its socket");
+            return;
+        }
+    };
+    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
-        if open.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
-            open.fetch_sub(1, Ordering::AcqRel);
-            // Never block the accept thread on a client: a fresh socket's send buffer takes
-            // this short answer at once, and the socket is closed without reading.
-            let _ = stream.set_nonblocking(true);
-            let _ = stream.write_all(
-                b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n\
-                  content-length: 5\r\nconnection: close\r\n\r\nbusy\n",
-            );
-            continue;
-        }
-        let slot = OpenSlot(Arc::clone(&open));
+        let permit = open.clone().try_acquire_owned().ok();
         let sources = sources.clone();
-        let spawned = std::thread::Builder::new()
-            .name("dmsc-admin-conn".into())
-            .spawn(move || {
-                let _slot = slot;
-                if let Err(e) = handle(stream, &sources) {
-                    tracing::debug!(error = %e, "admin request failed");
-                }
+        tokio::spawn(async move {
+            let busy = permit.is_none();
+            let service = hyper::service::service_fn(move |request| {
+                let sources = sources.clone();
+                async move { Ok::<_, Infallible>(route(request, sources, busy).await) }
             });
-        // On failure the closure, and with it the slot, is dropped.
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "admin endpoint could not start a connection thread");
-        }
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEAD_TIMEOUT)
+                .max_buf_size(MAX_HEAD)
+                .keep_alive(false);
+            let exchange = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            if let Err(e) = tokio::time::timeout(EXCHANGE_TIMEOUT, exchange).await {
+                tracing::debug!(error = %e, "admin exchange timed out");
+            }
+            drop(permit);
+        });
     }
 }
 
-/// One of the [`MAX_CONNECTIONS`], given back when dropped.
-struct OpenSlot(Arc<AtomicUsize>);
-
-impl Drop for OpenSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-fn handle(mut stream: TcpStream, sources: &Sources) -> std::io::Result<()> {
-    let Sources {
-        shared,
-        mailboxes,
-        verifier,
-        cache,
-        control,
-    } = sources;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let deadline = Instant::now() + IO_TIMEOUT;
-    let mut head = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return respond(
-                &mut stream,
-                "408 Request Timeout",
-                "text/plain",
-                "request head too slow\n",
-            );
-        }
-        stream.set_read_timeout(Some(left))?;
-        let n = stream.read(&mut buf)?;
-        if n == 0 {
-            return Ok(());
-        }
-        head.extend_from_slice(&buf[..n]);
-        if head.len() > MAX_HEAD {
-            return respond(
-                &mut stream,
-                "431 Request Header Fields Too Large",
-                "text/plain",
-                "request head too large\n",
-            );
-        }
-    }
-    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    if method != "GET" {
+async fn route(
+    request: Request<hyper::body::Incoming>,
+    sources: Arc<Sources>,
+    busy: bool,
+) -> Response<Full<Bytes>> {
+    if busy {
         return respond(
-            &mut stream,
-            "405 Method Not Allowed",
+            StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
-            "GET only\n",
+            "busy\n".into(),
         );
     }
-    let path = target.split('?').next().unwrap_or("");
-    match path {
+    if request.method() != Method::GET {
+        return respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n".into(),
+        );
+    }
+    let path = request.uri().path().to_owned();
+    let work = move || match path.as_str() {
         "/metrics" => {
             let mut body = render_metrics(
-                &snapshots(mailboxes, cache),
-                &StatsSnapshot::collect(&shared.stats),
-                &verifier.refusals(),
+                &snapshots(&sources.mailboxes, &sources.cache),
+                &StatsSnapshot::collect(&sources.shared.stats),
+                &sources.verifier.refusals(),
             );
-            control.render(&mut body);
-            respond(&mut stream, "200 OK", "text/plain; version=0.0.4", &body)
+            sources.control.render(&mut body);
+            (StatusCode::OK, "text/plain; version=0.0.4", body)
         }
-        "/agents" => {
-            let body = render_agents(&snapshots(mailboxes, cache));
-            respond(&mut stream, "200 OK", "application/json", &body)
-        }
-        "/healthz" => respond(&mut stream, "200 OK", "text/plain", "ok\n"),
-        "/" => respond(
-            &mut stream,
-            "200 OK",
-            "text/plain",
-            "dmsc-gateway admin: /metrics /agents /healthz\n",
+        "/agents" => (
+            StatusCode::OK,
+            "application/json",
+            render_agents(&snapshots(&sources.mailboxes, &sources.cache)),
         ),
-        _ => respond(&mut stream, "404 Not Found", "text/plain", "not found\n"),
+        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".into()),
+        "/" => (
+            StatusCode::OK,
+            "text/plain",
+            "dmsc-gateway admin: /metrics /agents /healthz\n".into(),
+        ),
+        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    };
+    // Scrapes wait for every worker's answer: off the runtime's thread.
+    match tokio::task::spawn_blocking(work).await {
+        Ok((status, content_type, body)) => respond(status, content_type, body),
+        Err(_) => respond(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            "scrape failed\n".into(),
+        ),
     }
 }
 
-fn respond(
-    stream: &mut TcpStream,
-    status: &str,
-    content_type: &str,
-    body: &str,
-) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
+fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
     );
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body.as_bytes())?;
-    stream.flush()
+    response
 }
 
 /// The metrics the readers (admin endpoint, gateway handle) hold of each worker, refreshed with

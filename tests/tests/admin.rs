@@ -177,3 +177,30 @@ fn idle_connections_do_not_delay_other_requests() {
     drop(idle);
     gw.shutdown(Duration::from_secs(1));
 }
+
+#[test]
+fn connections_beyond_the_limit_get_503_and_silent_ones_are_closed() {
+    let pki = Pki::new();
+    let gw = gateway(&pki, 1, |_| {});
+    let admin = gw.admin_addr().unwrap();
+    let mut idle: Vec<std::net::TcpStream> = (0..16)
+        .map(|_| std::net::TcpStream::connect(admin).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        exchange(admin, "GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"),
+        "HTTP/1.1 503 Service Unavailable",
+        "a 17th connection is turned away"
+    );
+    // A client that sends no head within 2 s is closed, and its place freed.
+    let mut buf = [0u8; 256];
+    for s in &mut idle {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.read(&mut buf);
+    }
+    assert_eq!(
+        exchange(admin, "GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"),
+        "HTTP/1.1 200 OK"
+    );
+    gw.shutdown(Duration::from_secs(1));
+}
