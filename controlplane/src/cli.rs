@@ -34,11 +34,11 @@ pub struct ServeArgs {
     /// it on loopback or a management network.
     #[arg(long, default_value = DEFAULT_ADMIN)]
     pub admin_listen: SocketAddr,
-    /// State directory: the development PKI is under <DIR>/pki (the control identity is issued
+    /// State directory: the development PKI is under DIR/pki (the control identity is issued
     /// there when --cert and --key are not given).
     #[arg(long, default_value = "dmsc-state")]
     pub state_dir: PathBuf,
-    /// Control-plane certificate chain, PEM (spiffe://<domain>/control; with --key).
+    /// Control-plane certificate chain, PEM (spiffe://DOMAIN/control; with --key).
     #[arg(long, requires = "key")]
     pub cert: Option<PathBuf>,
     /// Control-plane private key, PEM (with --cert).
