@@ -12,12 +12,11 @@
 //!
 //! | path | content |
 //! |---|---|
-//! | `/metrics` | Prometheus text format (version 0.0.4) |
+//! | `/metrics` | Prometheus metrics, OpenMetrics 1.0 text (encoded by `prometheus-client`) |
 //! | `/agents` | JSON array of attached agents |
 //! | `/healthz` | `ok` while the gateway runs |
 
 use std::convert::Infallible;
-use std::fmt::Write as _;
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -26,6 +25,8 @@ use bytes::Bytes;
 use crossbeam_channel::bounded;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
+use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
 
 use dmsc_protocol::Status;
 
@@ -136,13 +137,17 @@ async fn route(
     let path = request.uri().path().to_owned();
     let work = move || match path.as_str() {
         "/metrics" => {
-            let mut body = render_metrics(
+            let body = render_metrics(
                 &snapshots(&sources.mailboxes, &sources.cache),
                 &StatsSnapshot::collect(&sources.shared.stats),
                 &sources.verifier.refusals(),
+                &sources.control,
             );
-            sources.control.render(&mut body);
-            (StatusCode::OK, "text/plain; version=0.0.4", body)
+            (
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                body,
+            )
         }
         "/agents" => (
             StatusCode::OK,
@@ -293,221 +298,282 @@ fn status_label(slot: usize) -> &'static str {
     Status::ALL.get(slot).map_or("UNKNOWN", |s| s.name())
 }
 
+/// Histogram bucket bounds of the latency metrics, seconds.
+const LATENCY_BUCKETS: [f64; 18] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// The figures of one scrape, encoded by `prometheus-client` (as a collector: the values are
+/// read from the workers at scrape time, not kept in the library's metric types).
+#[derive(Debug)]
+struct Scrape {
+    snaps: Vec<WorkerSnapshot>,
+    stats: StatsSnapshot,
+    refusals: RefusalCounts,
+    control: Option<crate::control::ControlFigures>,
+}
+
+/// The Prometheus text of the gateway's metrics (OpenMetrics 1.0 text, as
+/// `prometheus-client` writes it).
 pub(crate) fn render_metrics(
     snaps: &[WorkerSnapshot],
     stats: &StatsSnapshot,
     refusals: &RefusalCounts,
+    control: &crate::control::ControlState,
 ) -> String {
-    let mut o = String::with_capacity(8192);
-    let counter = |o: &mut String, name: &str, help: &str, kind: &str| {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    };
-    counter(
-        &mut o,
-        "dmsc_requests_total",
-        "Requests received from callers, by worker.",
-        "counter",
-    );
-    for (w, n) in stats.per_worker_requests.iter().enumerate() {
-        let _ = writeln!(o, "dmsc_requests_total{{worker=\"{w}\"}} {n}");
-    }
-    counter(
-        &mut o,
-        "dmsc_gateway_answers_total",
-        "Answers the gateway generated itself, by status.",
-        "counter",
-    );
-    for (code, n) in stats.answered.iter().enumerate() {
-        let _ = writeln!(
-            o,
-            "dmsc_gateway_answers_total{{status=\"{}\"}} {n}",
-            status_label(code)
-        );
-    }
-    counter(
-        &mut o,
-        "dmsc_forwarded_local_total",
-        "Requests forwarded on the core they arrived on.",
-        "counter",
-    );
-    let _ = writeln!(o, "dmsc_forwarded_local_total {}", stats.forwarded_local);
-    counter(
-        &mut o,
-        "dmsc_handoffs_total",
-        "Requests handed to another worker (cross-core).",
-        "counter",
-    );
-    let _ = writeln!(o, "dmsc_handoffs_total {}", stats.handoffs);
-    counter(&mut o, "dmsc_attached_agents", "Agents attached.", "gauge");
-    let _ = writeln!(o, "dmsc_attached_agents {}", stats.agents);
-    counter(
-        &mut o,
-        "dmsc_connections",
-        "Open QUIC connections.",
-        "gauge",
-    );
-    let _ = writeln!(o, "dmsc_connections {}", stats.connections);
-    counter(&mut o, "dmsc_lanes", "Lane connections bound.", "gauge");
-    let _ = writeln!(o, "dmsc_lanes {}", stats.lanes);
-    counter(
-        &mut o,
-        "dmsc_send_drops_total",
-        "Datagrams dropped on full socket buffers.",
-        "counter",
-    );
-    let _ = writeln!(o, "dmsc_send_drops_total {}", stats.send_drops);
-    for (name, help, kind, value) in [
-        (
-            "dmsc_datagrams_received_total",
-            "UDP datagrams received.",
-            "counter",
-            stats.datagrams_received,
-        ),
-        (
-            "dmsc_datagrams_sent_total",
-            "UDP datagrams (or GSO batches) sent.",
-            "counter",
-            stats.datagrams_sent,
-        ),
-        (
-            "dmsc_wakeups_total",
-            "Event-loop wake-ups of the workers.",
-            "counter",
-            stats.wakeups,
-        ),
-        (
-            "dmsc_retries_total",
-            "QUIC Retry packets sent to unvalidated addresses.",
-            "counter",
-            stats.retries,
-        ),
-        (
-            "dmsc_handshakes_refused_total",
-            "Handshakes refused by QUIC.",
-            "counter",
-            stats.handshakes_refused,
-        ),
-        (
-            "dmsc_handshakes_failed_total",
-            "Handshakes that failed (no or a refused certificate, a wrong ALPN, a timeout).",
-            "counter",
-            stats.handshakes_failed,
-        ),
-        (
-            "dmsc_identity_limit_refusals_total",
-            "Connections closed over max_connections_per_identity.",
-            "counter",
-            stats.identity_limit_refusals,
-        ),
-        (
-            "dmsc_unresponsive_peers_total",
-            "Connections closed because the peer stopped answering.",
-            "counter",
-            stats.unresponsive_peers,
-        ),
-        (
-            "dmsc_stalled_exchanges_total",
-            "Requests ended because a leg refused their bytes too long.",
-            "counter",
-            stats.stalled,
-        ),
-    ] {
-        counter(&mut o, name, help, kind);
-        let _ = writeln!(o, "{name} {value}");
-    }
-    counter(
-        &mut o,
-        "dmsc_certificate_refusals_total",
-        "Client certificates refused at the handshake, by reason.",
-        "counter",
-    );
-    for (reason, n) in refusals.iter() {
-        let _ = writeln!(
-            o,
-            "dmsc_certificate_refusals_total{{reason=\"{}\"}} {n}",
-            reason.as_str()
-        );
-    }
-    counter(
-        &mut o,
-        "dmsc_table_generation",
-        "Installed table generation, by worker.",
-        "gauge",
-    );
-    for s in snaps {
-        let _ = writeln!(
-            o,
-            "dmsc_table_generation{{worker=\"{}\"}} {}",
-            s.worker, s.generation
-        );
-    }
-    counter(
-        &mut o,
-        "dmsc_table_info",
-        "The compiled table each worker holds, by its content name (absent in standalone mode).",
-        "gauge",
-    );
-    for s in snaps {
-        if let Some(name) = s.table {
-            let _ = writeln!(
-                o,
-                "dmsc_table_info{{worker=\"{}\",generation=\"{name}\"}} 1",
-                s.worker
-            );
-        }
-    }
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register_collector(Box::new(Scrape {
+        snaps: snaps.to_vec(),
+        stats: stats.clone(),
+        refusals: *refusals,
+        control: control.figures(),
+    }));
+    let mut out = String::with_capacity(8192);
+    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+    out
+}
 
-    let caps = merge(snaps);
-    counter(
-        &mut o,
-        "dmsc_responses_total",
-        "Answers to routed requests, by capability and status.",
-        "counter",
-    );
-    for (name, m) in &caps {
-        for slot in 0..STATUS_SLOTS {
-            if m.statuses[slot] > 0 {
-                let _ = writeln!(
-                    o,
-                    "dmsc_responses_total{{capability=\"{}\",status=\"{}\"}} {}",
-                    escape(name),
-                    status_label(slot),
-                    m.statuses[slot]
-                );
+impl prometheus_client::collector::Collector for Scrape {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let stats = &self.stats;
+        // Counters are named without `_total`: the encoder appends it.
+        let mut m = e.encode_descriptor(
+            "dmsc_requests",
+            "Requests received from callers, by worker.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (w, n) in stats.per_worker_requests.iter().enumerate() {
+            let worker = w.to_string();
+            counter(m.encode_family(&[("worker", worker.as_str())])?, *n)?;
+        }
+        let mut m = e.encode_descriptor(
+            "dmsc_gateway_answers",
+            "Answers the gateway generated itself, by status.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (code, n) in stats.answered.iter().enumerate() {
+            counter(m.encode_family(&[("status", status_label(code))])?, *n)?;
+        }
+        for (name, help, value) in [
+            (
+                "dmsc_forwarded_local",
+                "Requests forwarded on the core they arrived on.",
+                stats.forwarded_local,
+            ),
+            (
+                "dmsc_handoffs",
+                "Requests handed to another worker (cross-core).",
+                stats.handoffs,
+            ),
+            (
+                "dmsc_send_drops",
+                "Datagrams dropped on full socket buffers.",
+                stats.send_drops,
+            ),
+            (
+                "dmsc_datagrams_received",
+                "UDP datagrams received.",
+                stats.datagrams_received,
+            ),
+            (
+                "dmsc_datagrams_sent",
+                "UDP datagrams (or GSO batches) sent.",
+                stats.datagrams_sent,
+            ),
+            (
+                "dmsc_wakeups",
+                "Event-loop wake-ups of the workers.",
+                stats.wakeups,
+            ),
+            (
+                "dmsc_retries",
+                "QUIC Retry packets sent to unvalidated addresses.",
+                stats.retries,
+            ),
+            (
+                "dmsc_handshakes_refused",
+                "Handshakes refused by QUIC.",
+                stats.handshakes_refused,
+            ),
+            (
+                "dmsc_handshakes_failed",
+                "Handshakes that failed (no or a refused certificate, a wrong ALPN, a timeout).",
+                stats.handshakes_failed,
+            ),
+            (
+                "dmsc_identity_limit_refusals",
+                "Connections closed over max_connections_per_identity.",
+                stats.identity_limit_refusals,
+            ),
+            (
+                "dmsc_unresponsive_peers",
+                "Connections closed because the peer stopped answering.",
+                stats.unresponsive_peers,
+            ),
+            (
+                "dmsc_stalled_exchanges",
+                "Requests ended because a leg refused their bytes too long.",
+                stats.stalled,
+            ),
+        ] {
+            counter(
+                e.encode_descriptor(name, help, None, MetricType::Counter)?,
+                value,
+            )?;
+        }
+        for (name, help, value) in [
+            ("dmsc_attached_agents", "Agents attached.", stats.agents),
+            (
+                "dmsc_connections",
+                "Open QUIC connections.",
+                stats.connections,
+            ),
+            ("dmsc_lanes", "Lane connections bound.", stats.lanes),
+        ] {
+            gauge(
+                e.encode_descriptor(name, help, None, MetricType::Gauge)?,
+                value,
+            )?;
+        }
+        let mut m = e.encode_descriptor(
+            "dmsc_certificate_refusals",
+            "Client certificates refused at the handshake, by reason.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, n) in self.refusals.iter() {
+            counter(m.encode_family(&[("reason", reason.as_str())])?, n)?;
+        }
+        let mut m = e.encode_descriptor(
+            "dmsc_table_generation",
+            "Tables installed by each worker since it started (0: the one it started with).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for s in &self.snaps {
+            let worker = s.worker.to_string();
+            gauge(
+                m.encode_family(&[("worker", worker.as_str())])?,
+                s.generation,
+            )?;
+        }
+        let mut m = e.encode_descriptor(
+            "dmsc_table_info",
+            "The compiled table each worker holds, by its content name (absent in standalone mode).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for s in &self.snaps {
+            if let Some(name) = s.table {
+                let (worker, generation) = (s.worker.to_string(), name.to_string());
+                let labels = [
+                    ("worker", worker.as_str()),
+                    ("generation", generation.as_str()),
+                ];
+                gauge(m.encode_family(&labels)?, 1)?;
             }
         }
-    }
-    for (metric, help, pick) in [
-        (
-            "dmsc_request_duration_seconds",
-            "From request header arrival to the end of the exchange, by capability.",
-            (|m: &CapabilityMetrics| &m.duration_us)
-                as fn(&CapabilityMetrics) -> &hdrhistogram::Histogram<u64>,
-        ),
-        (
-            "dmsc_residence_seconds",
-            "Time a request spends inside the gateway before it is forwarded, by capability.",
-            |m: &CapabilityMetrics| &m.residence_us,
-        ),
-    ] {
-        counter(&mut o, metric, help, "summary");
-        for (name, m) in &caps {
-            let h = pick(m);
-            let name = escape(name);
-            for q in [0.5, 0.9, 0.99, 0.999] {
-                let v = if h.is_empty() {
-                    0.0
-                } else {
-                    h.value_at_quantile(q) as f64 / 1e6
-                };
-                let _ = writeln!(o, "{metric}{{capability=\"{name}\",quantile=\"{q}\"}} {v}");
-            }
-            let sum = h.mean() * h.len() as f64 / 1e6;
-            let _ = writeln!(o, "{metric}_sum{{capability=\"{name}\"}} {sum}");
-            let _ = writeln!(o, "{metric}_count{{capability=\"{name}\"}} {}", h.len());
+        if let Some(c) = &self.control {
+            gauge(
+                e.encode_descriptor(
+                    "dmsc_control_connected",
+                    "1 while the session with the control plane is up.",
+                    None,
+                    MetricType::Gauge,
+                )?,
+                u64::from(c.connected),
+            )?;
+            counter(
+                e.encode_descriptor(
+                    "dmsc_control_sessions",
+                    "Sessions established with the control plane.",
+                    None,
+                    MetricType::Counter,
+                )?,
+                c.sessions,
+            )?;
+            let mut m = e.encode_descriptor(
+                "dmsc_control_pushes",
+                "Pushes answered, by answer.",
+                None,
+                MetricType::Counter,
+            )?;
+            counter(m.encode_family(&[("result", "ack")])?, c.acks)?;
+            counter(m.encode_family(&[("result", "nack")])?, c.nacks)?;
         }
+
+        let caps = merge(&self.snaps);
+        let names: Vec<String> = caps.iter().map(|(name, _)| escape(name)).collect();
+        let mut m = e.encode_descriptor(
+            "dmsc_responses",
+            "Answers to routed requests, by capability and status.",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((_, cm), name) in caps.iter().zip(&names) {
+            for slot in 0..STATUS_SLOTS {
+                if cm.statuses[slot] > 0 {
+                    let labels = [
+                        ("capability", name.as_str()),
+                        ("status", status_label(slot)),
+                    ];
+                    counter(m.encode_family(&labels)?, cm.statuses[slot])?;
+                }
+            }
+        }
+        for (metric, help, pick) in [
+            (
+                "dmsc_request_duration_seconds",
+                "From request header arrival to the end of the exchange, by capability.",
+                (|m: &CapabilityMetrics| &m.duration_us)
+                    as fn(&CapabilityMetrics) -> &hdrhistogram::Histogram<u64>,
+            ),
+            (
+                "dmsc_residence_seconds",
+                "Time a request spends inside the gateway before it is forwarded, by capability.",
+                |m: &CapabilityMetrics| &m.residence_us,
+            ),
+        ] {
+            let mut m = e.encode_descriptor(metric, help, None, MetricType::Histogram)?;
+            for ((_, cm), name) in caps.iter().zip(&names) {
+                let h = pick(cm);
+                let buckets = histogram_buckets(h);
+                let sum = h.mean() * h.len() as f64 / 1e6;
+                m.encode_family(&[("capability", name.as_str())])?
+                    .encode_histogram::<NoLabelSet>(sum, h.len(), &buckets, None)?;
+            }
+        }
+        Ok(())
     }
-    o
+}
+
+/// Per-bucket counts (the encoder accumulates them) of a histogram of microseconds, at
+/// [`LATENCY_BUCKETS`] and `+Inf`.
+fn histogram_buckets(h: &hdrhistogram::Histogram<u64>) -> Vec<(f64, u64)> {
+    let mut out = Vec::with_capacity(LATENCY_BUCKETS.len() + 1);
+    let mut below = 0u64;
+    for bound in LATENCY_BUCKETS {
+        let up_to = if h.is_empty() {
+            0
+        } else {
+            h.count_between(0, (bound * 1e6) as u64)
+        };
+        out.push((bound, up_to.saturating_sub(below)));
+        below = up_to.max(below);
+    }
+    out.push((f64::MAX, h.len().saturating_sub(below)));
+    out
+}
+
+fn counter(mut m: MetricEncoder<'_>, value: u64) -> std::fmt::Result {
+    m.encode_counter::<NoLabelSet, _, u64>(&value, None)
+}
+
+fn gauge(mut m: MetricEncoder<'_>, value: u64) -> std::fmt::Result {
+    m.encode_gauge(&i64::try_from(value).unwrap_or(i64::MAX))
 }
 
 pub(crate) fn render_agents(snaps: &[WorkerSnapshot]) -> String {

@@ -82,32 +82,26 @@ pub struct ControlState {
 }
 
 impl ControlState {
-    /// Prometheus text for the session's metrics (nothing when no control plane is set).
-    pub(crate) fn render(&self, out: &mut String) {
-        use std::fmt::Write;
-        if !self.configured.load(Ordering::Relaxed) {
-            return;
-        }
-        let g = |a: &AtomicBool| u8::from(a.load(Ordering::Relaxed));
-        let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let _ = write!(
-            out,
-            "# HELP dmsc_control_connected 1 while the session with the control plane is up.\n\
-             # TYPE dmsc_control_connected gauge\n\
-             dmsc_control_connected {}\n\
-             # HELP dmsc_control_sessions_total Sessions established with the control plane.\n\
-             # TYPE dmsc_control_sessions_total counter\n\
-             dmsc_control_sessions_total {}\n\
-             # HELP dmsc_control_pushes_total Pushes answered, by answer.\n\
-             # TYPE dmsc_control_pushes_total counter\n\
-             dmsc_control_pushes_total{{result=\"ack\"}} {}\n\
-             dmsc_control_pushes_total{{result=\"nack\"}} {}\n",
-            g(&self.connected),
-            c(&self.sessions),
-            c(&self.acks),
-            c(&self.nacks),
-        );
+    /// The session's figures for the metrics; `None` when no control plane is set.
+    pub(crate) fn figures(&self) -> Option<ControlFigures> {
+        self.configured
+            .load(Ordering::Relaxed)
+            .then(|| ControlFigures {
+                connected: self.connected.load(Ordering::Relaxed),
+                sessions: self.sessions.load(Ordering::Relaxed),
+                acks: self.acks.load(Ordering::Relaxed),
+                nacks: self.nacks.load(Ordering::Relaxed),
+            })
     }
+}
+
+/// A copy of [`ControlState`] for one scrape.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ControlFigures {
+    pub(crate) connected: bool,
+    pub(crate) sessions: u64,
+    pub(crate) acks: u64,
+    pub(crate) nacks: u64,
 }
 
 /// Why a table could not be installed on every worker.

@@ -281,13 +281,12 @@ impl GatewayHandle {
 
     /// The Prometheus text the admin endpoint serves at `/metrics`.
     pub fn metrics_text(&self) -> String {
-        let mut text = crate::admin::render_metrics(
+        crate::admin::render_metrics(
             &self.snapshot(),
             &self.stats(),
             &self.verifier.refusals(),
-        );
-        self.control.render(&mut text);
-        text
+            &self.control,
+        )
     }
 
     /// The per-worker lane addresses offered to agents.

@@ -70,11 +70,16 @@ async fn metrics_and_agents_are_served() {
         ),
         20.0
     );
-    assert!(
+    assert_eq!(
         value(
             &body,
-            "dmsc_residence_seconds{capability=\"echo\",quantile=\"0.99\"}"
-        ) > 0.0
+            "dmsc_residence_seconds_bucket{le=\"+Inf\",capability=\"echo\"}"
+        ),
+        20.0
+    );
+    assert!(
+        body.ends_with("# EOF\n"),
+        "OpenMetrics text ends with # EOF"
     );
     assert_eq!(value(&body, "dmsc_attached_agents"), 2.0);
     assert_eq!(value(&body, "dmsc_table_generation{worker=\"0\"}"), 0.0);
