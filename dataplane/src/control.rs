@@ -59,6 +59,28 @@ pub struct ControlSettings {
     pub state_dir: PathBuf,
 }
 
+impl ControlSettings {
+    /// The settings of a gateway with `config` (its domain, id and state directory) and
+    /// `identity`, reaching the control plane at `addr`.
+    pub fn for_gateway(
+        addr: SocketAddr,
+        config: &crate::Config,
+        identity: &crate::GatewayIdentity,
+    ) -> Self {
+        Self {
+            addr,
+            domain: config.domain.clone(),
+            gateway_id: config.gateway_id.clone(),
+            credentials: Credentials {
+                cert_chain: identity.cert_chain.clone(),
+                private_key: identity.private_key.clone_key(),
+            },
+            trust_anchors: identity.trust_anchors.clone(),
+            state_dir: config.state_dir.clone(),
+        }
+    }
+}
+
 /// Why the client could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {

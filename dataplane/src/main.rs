@@ -12,7 +12,6 @@ use clap::Parser;
 
 use dmsc_dataplane::routing::{Generation, TableGeneration};
 use dmsc_dataplane::{dev_identity, Config, ControlClient, ControlSettings, Gateway};
-use dmsc_identity::Credentials;
 
 /// The DMSC gateway: agents attach over QUIC with mutual TLS and invoke each other by
 /// capability. With no flags it listens on 127.0.0.1:4433 and creates a development PKI under
@@ -204,17 +203,8 @@ fn run(args: &Args, config: Config) -> anyhow::Result<()> {
     let (table, client) = match config.control {
         None => (TableGeneration::standalone(), None),
         Some(addr) => {
-            let client = ControlClient::start(ControlSettings {
-                addr,
-                domain: config.domain.clone(),
-                gateway_id: config.gateway_id.clone(),
-                credentials: Credentials {
-                    cert_chain: identity.cert_chain.clone(),
-                    private_key: identity.private_key.clone_key(),
-                },
-                trust_anchors: identity.trust_anchors.clone(),
-                state_dir: config.state_dir.clone(),
-            })?;
+            let client =
+                ControlClient::start(ControlSettings::for_gateway(addr, &config, &identity))?;
             let Some(table) = first_table(&client, &config, &stop) else {
                 return Ok(());
             };

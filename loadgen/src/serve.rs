@@ -70,17 +70,8 @@ pub fn gateway(args: &ServeGatewayArgs) -> anyhow::Result<()> {
     let (table, client) = match config.control {
         None => (TableGeneration::standalone(), None),
         Some(addr) => {
-            let client = ControlClient::start(ControlSettings {
-                addr,
-                domain: config.domain.clone(),
-                gateway_id: config.gateway_id.clone(),
-                credentials: dmsc_identity::Credentials {
-                    cert_chain: identity.cert_chain.clone(),
-                    private_key: identity.private_key.clone_key(),
-                },
-                trust_anchors: identity.trust_anchors.clone(),
-                state_dir: config.state_dir.clone(),
-            })?;
+            let client =
+                ControlClient::start(ControlSettings::for_gateway(addr, &config, &identity))?;
             let table = client
                 .wait_first(Duration::from_secs(20))
                 .context("no table from the control plane within 20 s")?;

@@ -218,14 +218,7 @@ impl Domain {
             .expect_line("dmsc-ctl/1 on")
             .parse()
             .expect("ctl address");
-        let admin = proc
-            .expect_line("admin endpoint:")
-            .trim_start_matches("http://")
-            .split('/')
-            .next()
-            .unwrap_or_default()
-            .parse()
-            .expect("admin address");
+        let admin = admin_addr(&proc.expect_line("admin endpoint:"));
         ControlPlane { proc, ctl, admin }
     }
 
@@ -272,14 +265,7 @@ impl Domain {
         let Some(table) = proc.wait_line("table generation:", ready) else {
             return (proc, None);
         };
-        let admin = proc
-            .expect_line("admin endpoint:")
-            .trim_start_matches("http://")
-            .split('/')
-            .next()
-            .unwrap_or_default()
-            .parse()
-            .expect("admin address");
+        let admin = admin_addr(&proc.expect_line("admin endpoint:"));
         let listening = proc.expect_line("dmsc-gateway listening on");
         let addr = listening
             .split_whitespace()
@@ -289,6 +275,16 @@ impl Domain {
             .expect("gateway address");
         (proc, Some(GatewayAddrs { addr, admin, table }))
     }
+}
+
+/// The address in an `admin endpoint:` line (`http://ADDR/...`).
+fn admin_addr(line: &str) -> SocketAddr {
+    line.trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .parse()
+        .unwrap_or_else(|e| panic!("admin address in {line:?}: {e}"))
 }
 
 /// A running control plane.
