@@ -91,7 +91,16 @@ pub fn serve(args: ServeArgs, out: &mut dyn Write) -> Result<(), CommandError> {
     let domain = config.domain.name.get_ref().clone();
     let pki = DevPki::new(args.state_dir.join("pki"));
     let trust_anchors = match &args.config {
-        Some(_) => load_trust_anchors(std::path::Path::new(config.domain.trust_anchor.get_ref()))?,
+        Some(path) => {
+            let anchor = std::path::Path::new(config.domain.trust_anchor.get_ref());
+            load_trust_anchors(anchor).map_err(|e| {
+                CommandError::Refused(format!(
+                    "{}: [domain].trust_anchor {}: {e}",
+                    path.display(),
+                    anchor.display()
+                ))
+            })?
+        }
         None => {
             pki.init(&domain)?;
             load_trust_anchors(&pki.ca_cert_path())?
@@ -104,6 +113,14 @@ pub fn serve(args: ServeArgs, out: &mut dyn Write) -> Result<(), CommandError> {
         },
         _ => {
             let ca = pki.init(&domain)?;
+            if !trust_anchors.contains(&ca.cert_der()) {
+                tracing::warn!(
+                    ca = %pki.ca_cert_path().display(),
+                    "the control identity comes from the development CA under --state-dir, which \
+                     is not the configured trust anchor: gateways will refuse it (give --cert \
+                     and --key)"
+                );
+            }
             let (cert, key) = pki.ensure(
                 &ca,
                 &SpiffeId::control(&domain).map_err(dmsc_identity::IdentityError::from)?,

@@ -8,7 +8,18 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let cli = dmsc_controlplane::Cli::parse();
+    let cli = match dmsc_controlplane::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version succeed; any other command-line error is a usage error.
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(64)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     let mut stdout = std::io::stdout().lock();
     match dmsc_controlplane::run(cli, &mut stdout) {
         Ok(()) => ExitCode::SUCCESS,

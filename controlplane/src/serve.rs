@@ -79,6 +79,8 @@ pub struct Hub {
     pub(crate) changed: Notify,
     pub(crate) metrics: Metrics,
     reload: mpsc::Sender<oneshot::Sender<ApplyOutcome>>,
+    /// The `dmsc-ctl/1` endpoint, closed at shutdown.
+    endpoint: quinn::Endpoint,
 }
 
 struct HubState {
@@ -312,14 +314,12 @@ impl std::fmt::Debug for Hub {
 }
 
 impl Hub {
-    /// Closes every session with `SHUTTING_DOWN`.
+    /// Closes every session with `SHUTTING_DOWN` and accepts no new one.
     pub fn shut_down(&self) {
-        let mut s = self.lock();
-        for e in s.gateways.values_mut() {
-            if let Some(conn) = e.conn.take() {
-                close(&conn, CloseCode::ShuttingDown, "control plane stopping");
-            }
-        }
+        self.endpoint.close(
+            CloseCode::ShuttingDown.code().into(),
+            b"control plane stopping",
+        );
     }
 
     /// Reloads the configuration (as `apply` and SIGHUP do).
@@ -400,6 +400,7 @@ pub async fn start(
         changed: Notify::new(),
         metrics,
         reload: reload_tx,
+        endpoint: endpoint.clone(),
     });
     let generation = table.generation();
     let run = {
@@ -498,6 +499,8 @@ async fn reload(hub: &Arc<Hub>) -> ApplyOutcome {
             {
                 let mut s = hub.lock();
                 s.last_error = None;
+                // A gateway refused before may be listed now: log its next refusal again.
+                s.refused.clear();
                 s.listed = listed_gateways(&config);
                 hub.metrics.gateways_listed.set(s.listed.len() as i64);
                 // Gateways no longer listed lose their session.
@@ -533,6 +536,12 @@ async fn accept(endpoint: quinn::Endpoint, hub: Arc<Hub>) {
     let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     while let Some(incoming) = endpoint.accept().await {
         let Ok(permit) = open.clone().try_acquire_owned() else {
+            hub.metrics
+                .refused
+                .get_or_create(&crate::metrics::Reason {
+                    reason: "connection_limit",
+                })
+                .inc();
             incoming.refuse();
             continue;
         };
@@ -767,6 +776,12 @@ impl Session {
         self.session = s.next_session;
         let entry = s.gateways.entry(self.id.clone()).or_default();
         if let Some(old) = entry.conn.replace(self.conn.clone()) {
+            tracing::warn!(
+                gateway = %self.id,
+                old = %old.remote_address(),
+                new = %self.conn.remote_address(),
+                "a second session for this gateway id replaces the first (two gateways with one id?)"
+            );
             old.close(
                 CloseCode::NoError.code().into(),
                 b"replaced by a newer session",

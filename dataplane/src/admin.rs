@@ -496,8 +496,8 @@ impl prometheus_client::collector::Collector for Scrape {
                 c.sessions,
             )?;
             let mut m = e.encode_descriptor(
-                "dmsc_control_pushes",
-                "Pushes answered, by answer.",
+                "dmsc_control_answers",
+                "Pushes from the control plane answered, by answer (ack, nack).",
                 None,
                 MetricType::Counter,
             )?;

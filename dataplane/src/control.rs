@@ -14,7 +14,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use dmsc_identity::{Credentials, PrincipalKind, Resumption, SpiffeVerifier};
@@ -150,12 +150,27 @@ pub struct ControlLink {
     pub(crate) installs: Arc<AtomicU64>,
     pub(crate) snapshots: Arc<crate::admin::SnapshotCache>,
     pub(crate) state: Arc<ControlState>,
+    /// The compiled table every worker holds (what the gateway started with, then each one
+    /// installed through a link).
+    pub(crate) current: Arc<Mutex<Option<Generation>>>,
 }
 
 impl ControlLink {
     /// Installs `table` on every worker and returns once each has it (between its event-loop
     /// iterations; requests already routed finish on the table they started with).
     pub fn install(&self, table: Arc<Table>, timeout: Duration) -> Result<(), InstallError> {
+        let generation = table.generation();
+        if *self.current.lock().unwrap_or_else(PoisonError::into_inner) == Some(generation) {
+            return Ok(());
+        }
+        let result = self.install_on_workers(table, timeout);
+        if result.is_ok() {
+            *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(generation);
+        }
+        result
+    }
+
+    fn install_on_workers(&self, table: Arc<Table>, timeout: Duration) -> Result<(), InstallError> {
         let count = self.installs.fetch_add(1, Ordering::Relaxed) + 1;
         let generation = TableGeneration::compiled(crate::routing::Generation(count), table);
         let (done, confirmed) = crossbeam_channel::bounded(self.workers);
@@ -208,6 +223,16 @@ impl ControlLink {
         identities.sort_unstable();
         identities.dedup();
         identities.truncate(ctl::MAX_STATUS_AGENTS);
+        // Keep the frame well inside its limit whatever the identities' lengths.
+        let mut bytes = 0;
+        let fit = identities
+            .iter()
+            .take_while(|id| {
+                bytes += id.len() + 2;
+                bytes <= ctl::MAX_STATUS_IDENTITY_BYTES
+            })
+            .count();
+        identities.truncate(fit);
         ctl::Status {
             agents,
             capabilities: capabilities.len() as u64,
@@ -220,6 +245,8 @@ impl ControlLink {
 #[derive(Debug)]
 pub struct ControlClient {
     first: crossbeam_channel::Receiver<Arc<Table>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    thread: Option<std::thread::JoinHandle<()>>,
     /// The session's counters until a gateway is attached.
     state: Arc<ControlState>,
     link: tokio::sync::watch::Sender<Option<ControlLink>>,
@@ -262,7 +289,9 @@ impl ControlClient {
             .enable_all()
             .build()?;
         let state = Arc::new(ControlState::default());
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let runner = Runner {
+            stop: stop_rx,
             settings,
             client,
             held: saved.clone(),
@@ -271,7 +300,7 @@ impl ControlClient {
             state: state.clone(),
             nonce: 0,
         };
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("dmsc-control".into())
             .spawn(move || runtime.block_on(runner.run()))?;
         Ok(Self {
@@ -279,6 +308,8 @@ impl ControlClient {
             state,
             link,
             saved,
+            stop,
+            thread: Some(thread),
         })
     }
 
@@ -292,6 +323,18 @@ impl ControlClient {
     /// acknowledges it).
     pub fn wait_first(&self, timeout: Duration) -> Option<Arc<Table>> {
         self.first.recv_timeout(timeout).ok()
+    }
+
+    /// Closes the session with `SHUTTING_DOWN` (so the control plane shows the gateway gone at
+    /// once) and stops the client; waits at most a second.
+    pub fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(thread) = self.thread.take() {
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while !thread.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
     }
 
     /// Hands the client the running gateway: from now on pushes are installed on its workers.
@@ -355,6 +398,8 @@ struct Runner {
     state: Arc<ControlState>,
     /// The last push nonce seen on the current session.
     nonce: u64,
+    /// Set when the gateway stops: close the session with `SHUTTING_DOWN`.
+    stop: tokio::sync::watch::Receiver<bool>,
 }
 
 /// How a session ended.
@@ -397,8 +442,15 @@ impl Runner {
             let mut answered = false;
             let result = self.session(&endpoint, &mut answered).await;
             self.state().connected.store(false, Ordering::Relaxed);
+            if *self.stop.borrow() {
+                // Let the endpoint send the CONNECTION_CLOSE.
+                endpoint.wait_idle().await;
+                return;
+            }
+            // A session that was up, or the first attempt, is worth a warning; the retries of
+            // an outage are not.
             match &result {
-                Err(e) if failures == 0 => tracing::warn!(
+                Err(e) if answered || failures == 0 => tracing::warn!(
                     addr = %self.settings.addr,
                     error = %e,
                     "control-plane session ended; serving the installed table and reconnecting"
@@ -406,13 +458,17 @@ impl Runner {
                 Err(e) => tracing::debug!(error = %e, "control-plane session attempt failed"),
                 Ok(()) => {}
             }
-            failures = failures.saturating_add(1);
             if answered {
                 backoff = MIN_BACKOFF;
                 failures = 1;
+            } else {
+                failures = failures.saturating_add(1);
             }
             let jitter = 0.5 + 0.5 * (random_u32() as f64 / u32::MAX as f64);
-            tokio::time::sleep(backoff.mul_f64(jitter)).await;
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
+                _ = self.stop.wait_for(|stop| *stop) => return,
+            }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
@@ -461,7 +517,8 @@ impl Runner {
         let state = self.state();
         state.connected.store(true, Ordering::Relaxed);
         state.sessions.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(addr = %self.settings.addr, "connected to the control plane");
+        tracing::debug!(addr = %self.settings.addr, "connected to the control plane; HELLO sent");
+        let mut established = false;
 
         let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
         let mut chunk = vec![0u8; 64 * 1024];
@@ -482,12 +539,22 @@ impl Runner {
                     if let Some(reply) = reply {
                         send.write_all(&reply).await?;
                         *answered = true;
+                        if !established {
+                            established = true;
+                            tracing::info!(addr = %self.settings.addr, "in session with the control plane");
+                        }
                     }
                     continue;
                 }
                 Ok(None) => {}
             }
             tokio::select! {
+                _ = self.stop.wait_for(|stop| *stop) => {
+                    return Err(SessionError::Protocol {
+                        code: CloseCode::ShuttingDown,
+                        reason: "gateway stopping".into(),
+                    });
+                }
                 read = recv.read(&mut chunk) => match read? {
                     Some(n) => buf.extend_from_slice(&chunk[..n]),
                     None => return Err(SessionError::Finished),

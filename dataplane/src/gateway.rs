@@ -70,6 +70,7 @@ pub struct GatewayHandle {
     snapshots: Arc<crate::admin::SnapshotCache>,
     control: Arc<crate::control::ControlState>,
     installs: Arc<std::sync::atomic::AtomicU64>,
+    current: Arc<std::sync::Mutex<Option<dmsc_protocol::table::Generation>>>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -258,6 +259,7 @@ impl Gateway {
             snapshots,
             control,
             installs: Arc::new(std::sync::atomic::AtomicU64::new(table.generation.0)),
+            current: Arc::new(std::sync::Mutex::new(table.name())),
             threads,
         })
     }
@@ -307,6 +309,10 @@ impl GatewayHandle {
     /// Installs a table generation on every worker (between their event-loop iterations),
     /// without waiting for them; [`ControlLink::install`](crate::ControlLink::install) waits.
     pub fn install(&self, table: Arc<TableGeneration>) {
+        *self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = table.name();
         for w in 0..self.shared.workers() {
             self.mailboxes.send_blocking(
                 w,
@@ -326,6 +332,7 @@ impl GatewayHandle {
             installs: self.installs.clone(),
             snapshots: self.snapshots.clone(),
             state: self.control.clone(),
+            current: self.current.clone(),
         }
     }
 

@@ -238,6 +238,9 @@ fn run(args: &Args, config: Config) -> anyhow::Result<()> {
     }
     tracing::info!(grace_ms = drain.as_millis() as u64, "draining");
     gateway.shutdown(drain);
+    if let Some(client) = client {
+        client.shutdown();
+    }
     tracing::info!("stopped");
     Ok(())
 }

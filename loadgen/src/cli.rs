@@ -419,6 +419,11 @@ impl Plan {
                  be combined with --gateway"
             );
         }
+        if route == Route::Direct && plan.swap_tables.is_some() {
+            bail!(
+                "--swap-tables-ms swaps the gateway's tables; it needs --mode gateway or compare"
+            );
+        }
         Ok(plan)
     }
 

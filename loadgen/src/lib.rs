@@ -82,6 +82,12 @@ pub fn main_with(cli: Cli) -> anyhow::Result<i32> {
             units::thousands(verdict.failed)
         );
     }
+    if verdict.failed_swaps > 0 {
+        eprintln!(
+            "dmsc-loadgen: FAILED: {} table swap(s) were not acknowledged by the gateway",
+            verdict.failed_swaps
+        );
+    }
     for role in &verdict.died {
         eprintln!("dmsc-loadgen: FAILED: the {role} process exited during the run");
     }

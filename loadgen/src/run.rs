@@ -39,14 +39,19 @@ pub struct Verdict {
     pub failed: u64,
     /// Requests completed in the measured windows of each mode.
     pub completed: Vec<(Route, u64)>,
-    /// Child processes (`gateway`, `agents`) that exited during the run.
+    /// Child processes (`gateway`, `agents`, `control plane`) that exited during the run.
     pub died: Vec<&'static str>,
+    /// Table swaps (`--swap-tables-ms`) that were not acknowledged.
+    pub failed_swaps: u64,
 }
 
 impl Verdict {
     /// Whether every request succeeded, every mode completed some, and no child died.
     pub fn passed(&self) -> bool {
-        self.failed == 0 && self.completed.iter().all(|&(_, n)| n > 0) && self.died.is_empty()
+        self.failed == 0
+            && self.completed.iter().all(|&(_, n)| n > 0)
+            && self.died.is_empty()
+            && self.failed_swaps == 0
     }
 }
 
@@ -191,6 +196,7 @@ pub fn run(plan: &Plan) -> anyhow::Result<Verdict> {
         failed: failed_warmup + stats.values().map(ModeStats::failed).sum::<u64>(),
         completed: stats.values().map(|s| (s.route, s.requests)).collect(),
         died,
+        failed_swaps: swaps.map_or(0, |(_, failed)| failed),
     })
 }
 

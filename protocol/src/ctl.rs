@@ -32,6 +32,9 @@ pub const MAX_REJECTIONS: usize = 64;
 pub const MAX_REASON_BYTES: usize = 1024;
 /// Most agent identities one `STATUS` lists (the count says how many there are in all).
 pub const MAX_STATUS_AGENTS: usize = 256;
+/// Most bytes of identities one `STATUS` carries (each counted with 2 bytes of length), so the
+/// frame stays well inside [`MAX_FRAME_BYTES`] whatever the identities' lengths.
+pub const MAX_STATUS_IDENTITY_BYTES: usize = 32 * 1024;
 /// Longest gateway id or domain, bytes.
 pub const MAX_NAME_BYTES: usize = 255;
 /// Longest agent identity in a `STATUS`, bytes.

@@ -497,7 +497,7 @@ async fn the_gateway_rejects_bad_pushes_and_keeps_its_table() {
         "every worker serves the last good table: {metrics}"
     );
     assert!(
-        metrics.contains("dmsc_control_pushes_total{result=\"nack\"} 4"),
+        metrics.contains("dmsc_control_answers_total{result=\"nack\"} 4"),
         "{metrics}"
     );
     let saved = std::fs::read(domain.dir.0.join("gw1").join(dmsc_dataplane::SAVED_TABLE)).unwrap();
