@@ -631,6 +631,8 @@ async fn session(hub: Arc<Hub>, conn: quinn::Connection) {
         pending: None,
         force_snapshot: false,
         session: 0,
+        last_push_delta: false,
+        snapshot_retried: None,
     };
     let result = s.run(hello_by).await;
     let session_id = s.session;
@@ -682,6 +684,10 @@ struct Session {
     pending: Option<(u64, Option<Arc<Table>>, Generation, Instant)>,
     force_snapshot: bool,
     session: u64,
+    /// Whether the last push was a delta.
+    last_push_delta: bool,
+    /// The generation last retried as a snapshot after its delta was refused.
+    snapshot_retried: Option<Generation>,
 }
 
 impl Session {
@@ -706,17 +712,21 @@ impl Session {
     }
 
     async fn run(&mut self, hello_by: tokio::time::Instant) -> Result<(), End> {
-        let hello = match tokio::time::timeout_at(hello_by, self.next_frame()).await {
-            Err(_) => return Err(End::Closed(CloseCode::Timeout, "no HELLO in time".into())),
-            Ok(frame) => match frame? {
-                Frame::Hello(h) => h,
-                _ => {
-                    return Err(End::Closed(
-                        CloseCode::UnexpectedFrame,
-                        "first frame is not HELLO".into(),
-                    ))
-                }
-            },
+        let hello = loop {
+            match tokio::time::timeout_at(hello_by, self.next_frame()).await {
+                Err(_) => return Err(End::Closed(CloseCode::Timeout, "no HELLO in time".into())),
+                Ok(frame) => match frame? {
+                    Frame::Hello(h) => break h,
+                    // Extension frames are skipped in any state.
+                    Frame::Unknown(_) => continue,
+                    _ => {
+                        return Err(End::Closed(
+                            CloseCode::UnexpectedFrame,
+                            "first frame is not HELLO".into(),
+                        ))
+                    }
+                },
+            }
         };
         if hello.version != ctl::VERSION {
             return Err(End::Closed(
@@ -796,7 +806,8 @@ impl Session {
             .ok()
             .map(|d| d.as_secs());
         entry.sessions += 1;
-        entry.acked = self.held;
+        // Nothing is known held until the gateway acknowledges a push on this session.
+        entry.acked = None;
         entry.pending = None;
         drop(s);
         self.hub.changed.notify_waiters();
@@ -840,6 +851,7 @@ impl Session {
             &mut out,
         );
         self.pending = Some((self.nonce, None, held, Instant::now()));
+        self.last_push_delta = true;
         self.hub
             .metrics
             .pushes
@@ -882,6 +894,7 @@ impl Session {
             }
             _ => PushBody::Snapshot(table.encoded()),
         };
+        self.last_push_delta = matches!(body, PushBody::Delta { .. });
         let kind = if matches!(body, PushBody::Snapshot(_)) {
             "snapshot"
         } else {
@@ -922,19 +935,24 @@ impl Session {
                 let (table, sent) = self.answered(nonce, generation)?;
                 let took = sent.elapsed();
                 self.hub.metrics.acks.inc();
-                self.hub
-                    .metrics
-                    .push_ack_seconds
-                    .observe(took.as_secs_f64());
                 self.held = Some(generation);
+                // A confirmation (no table) says the gateway is in sync with what it holds; it
+                // neither clears a rejection of the current generation nor times a push.
+                let pushed = table.is_some();
                 if let Some(table) = table {
                     self.held_sections = table.section_versions();
+                    self.hub
+                        .metrics
+                        .push_ack_seconds
+                        .observe(took.as_secs_f64());
                 }
                 self.update(|e| {
                     e.acked = Some(generation);
                     e.pending = None;
-                    e.rejected = None;
-                    e.last_ack_ms = Some(took.as_secs_f64() * 1e3);
+                    if pushed {
+                        e.rejected = None;
+                        e.last_ack_ms = Some(took.as_secs_f64() * 1e3);
+                    }
                 });
                 tracing::debug!(gateway = %self.id, %generation, took_ms = took.as_secs_f64() * 1e3, "acknowledged");
                 self.push_newest().await
@@ -964,10 +982,18 @@ impl Session {
                         })
                         .collect(),
                 };
-                if code == NackCode::BaseMismatch {
+                // A delta the gateway could not turn into the announced table: our view of its
+                // sections may be wrong; a snapshot settles it (once per generation).
+                let stale_view = matches!(code, NackCode::GenerationMismatch | NackCode::Invalid)
+                    && self.last_push_delta
+                    && self.snapshot_retried != Some(generation);
+                if stale_view {
+                    self.snapshot_retried = Some(generation);
+                }
+                if code == NackCode::BaseMismatch || stale_view {
                     // The gateway does not hold what it said (or what we thought): start over
                     // from a snapshot.
-                    tracing::info!(gateway = %self.id, "delta base not held; sending a snapshot");
+                    tracing::info!(gateway = %self.id, code = code.as_str(), "delta refused; sending a snapshot");
                     self.force_snapshot = true;
                     self.held = None;
                     self.held_sections.clear();

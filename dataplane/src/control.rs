@@ -164,9 +164,10 @@ impl ControlLink {
             return Ok(());
         }
         let result = self.install_on_workers(table, timeout);
-        if result.is_ok() {
-            *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(generation);
-        }
+        // After a timeout, which table each worker ends on is unknown: the next install of any
+        // table goes to every worker.
+        *self.current.lock().unwrap_or_else(PoisonError::into_inner) =
+            result.is_ok().then_some(generation);
         result
     }
 
@@ -655,8 +656,9 @@ impl Runner {
 
     /// Whether the attached gateway already serves `table` (a resync after a reconnect).
     fn is_installed(&self, table: &Table) -> bool {
-        self.link.borrow().is_some()
-            && self.held.as_ref().map(|t| t.generation()) == Some(table.generation())
+        self.link.borrow().as_ref().is_some_and(|link| {
+            *link.current.lock().unwrap_or_else(PoisonError::into_inner) == Some(table.generation())
+        })
     }
 
     /// Builds the pushed table: decoded, validated, for this domain, the generation announced.
@@ -670,10 +672,17 @@ impl Runner {
                 }],
             )
         };
+        // Already held: acknowledged at once, whatever the body (CONTROL.md 6.7, step 1).
+        if let Some(held) = self
+            .held
+            .as_ref()
+            .filter(|t| t.generation() == push.generation)
+        {
+            return Ok(held.clone());
+        }
         let table = match push.body {
-            PushBody::Snapshot(bytes) => {
-                Table::decode(bytes).map_err(|e| reject(NackCode::Invalid, 0, &e))?
-            }
+            PushBody::Snapshot(bytes) => Table::decode(bytes)
+                .map_err(|e| reject(NackCode::Invalid, e.section_type().unwrap_or(0), &e))?,
             PushBody::Delta {
                 base,
                 upserts,
@@ -690,13 +699,15 @@ impl Runner {
                         ),
                     ));
                 };
-                if base == push.generation && upserts.is_empty() && removes.is_empty() {
-                    return Ok(held.clone());
-                }
                 apply_delta(held, &upserts, &removes).map_err(|e| {
                     let resource = match &e {
                         DeltaError::Duplicate(t) | DeltaError::RemovesAbsent(t) => *t,
-                        DeltaError::Table(_) => upserts.first().map_or(0, |s| s.ty),
+                        // The section the error names; else the only section changed; else
+                        // the table as a whole.
+                        DeltaError::Table(t) => t
+                            .section_type()
+                            .or((upserts.len() == 1).then(|| upserts[0].ty))
+                            .unwrap_or(0),
                     };
                     reject(NackCode::Invalid, resource, &e)
                 })?
@@ -733,13 +744,24 @@ impl Runner {
         let Some(link) = link else {
             return Ok(());
         };
-        tokio::task::spawn_blocking(move || link.install(table, INSTALL_TIMEOUT))
-            .await
-            .unwrap_or(Err(InstallError::Timeout {
-                missing: 0,
-                workers: 0,
-                timeout: INSTALL_TIMEOUT,
-            }))
+        let installing = link.clone();
+        let result =
+            tokio::task::spawn_blocking(move || installing.install(table, INSTALL_TIMEOUT))
+                .await
+                .unwrap_or(Err(InstallError::Timeout {
+                    missing: 0,
+                    workers: 0,
+                    timeout: INSTALL_TIMEOUT,
+                }));
+        if result.is_err() {
+            // Some workers may take the new table late: queue the last good one behind it on
+            // every worker, so they all end on the table the gateway reports it holds.
+            if let Some(held) = self.held.clone() {
+                let _ =
+                    tokio::task::spawn_blocking(move || link.install(held, INSTALL_TIMEOUT)).await;
+            }
+        }
+        result
     }
 }
 

@@ -353,6 +353,21 @@ async fn an_unlisted_gateway_is_refused() {
         refused >= 2,
         "it kept retrying and was refused each time: {metrics}"
     );
+
+    // A gateway whose certificate comes from another CA fails the handshake.
+    let foreign = Domain::new("cp-foreign", OPEN);
+    let (_intruder, ready) = tokio::task::block_in_place(|| {
+        // The foreign domain's own CA and gateway identity, pointed at this control plane.
+        foreign.gateway("gw1", cp.ctl, &[], Duration::from_secs(3))
+    });
+    assert!(ready.is_none(), "a gateway of another CA gets no table");
+    let metrics = http(cp.admin, "GET", "/metrics");
+    assert!(
+        metrics.lines().any(|l| l
+            .starts_with("dmsc_control_refused_sessions_total{reason=\"handshake\"}")
+            && !l.ends_with(" 0")),
+        "{metrics}"
+    );
     let status = cp.status();
     assert!(
         !status["gateways"]

@@ -667,9 +667,11 @@ impl Core {
         let now = self.now;
         for (id, principal) in self.per_identity.iter_mut() {
             let groups = table.groups_of(id);
-            principal.bucket = table
-                .rate_limit_of(&groups)
-                .map(|limit| ratelimit::Bucket::new(limit, workers, now));
+            let old = principal.bucket.take();
+            principal.bucket = table.rate_limit_of(&groups).map(|limit| match old {
+                Some(old) => old.resized(limit, workers, now),
+                None => ratelimit::Bucket::new(limit, workers, now),
+            });
         }
         for (_, conn) in self.conns.iter_mut() {
             let Some(id) = conn.identity.as_deref() else {

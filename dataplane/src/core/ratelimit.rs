@@ -41,8 +41,16 @@ impl Bucket {
         }
     }
 
-    /// Takes one token at `now`; false when none is left.
-    pub(super) fn take(&mut self, now: Instant) -> bool {
+    /// This bucket under a new table: the new `limit`'s rate and capacity, keeping the tokens
+    /// it holds (at most the new capacity), so installing a table never refills a bucket.
+    pub(super) fn resized(mut self, limit: Limit, workers: usize, now: Instant) -> Self {
+        self.refill(now);
+        let mut next = Self::new(limit, workers, now);
+        next.held = self.held.min(next.capacity);
+        next
+    }
+
+    fn refill(&mut self, now: Instant) {
         let elapsed_us = now.saturating_duration_since(self.updated).as_micros();
         let added =
             (elapsed_us.min(u128::from(u64::MAX)) as u64).saturating_mul(self.per_second) / 1000;
@@ -50,6 +58,11 @@ impl Bucket {
             self.held = (self.held.saturating_add(added)).min(self.capacity);
             self.updated = now;
         }
+    }
+
+    /// Takes one token at `now`; false when none is left.
+    pub(super) fn take(&mut self, now: Instant) -> bool {
+        self.refill(now);
         if self.held >= 1000 {
             self.held -= 1000;
             true
@@ -89,5 +102,34 @@ mod tests {
         assert!(b.take(later));
         assert!(b.take(later));
         assert!(!b.take(later));
+    }
+
+    #[test]
+    fn a_new_table_keeps_what_a_bucket_holds() {
+        let t0 = Instant::now();
+        let limit = Limit {
+            per_second: 1,
+            burst: 2,
+        };
+        let mut b = Bucket::new(limit, 1, t0);
+        assert!(b.take(t0));
+        assert!(b.take(t0));
+        // Installing a table (even the same limit) every 100 ms never refills the bucket.
+        for i in 1..5 {
+            b = b.resized(limit, 1, t0 + Duration::from_millis(100 * i));
+            assert!(!b.take(t0 + Duration::from_millis(100 * i)));
+        }
+        // A smaller capacity cuts what is held; time still refills at the new rate.
+        let mut b = Bucket::new(limit, 1, t0).resized(
+            Limit {
+                per_second: 1,
+                burst: 1,
+            },
+            1,
+            t0,
+        );
+        assert!(b.take(t0));
+        assert!(!b.take(t0));
+        assert!(b.take(t0 + Duration::from_secs(1)));
     }
 }

@@ -323,6 +323,29 @@ pub enum TableError {
     },
 }
 
+impl TableError {
+    /// The type of the section at fault, when the error names one (a list of the format, a
+    /// missing section): what a gateway names in a `dmsc-ctl/1` rejection.
+    pub fn section_type(&self) -> Option<u64> {
+        let name = match self {
+            TableError::Invalid { section, .. } | TableError::MissingSection(section) => *section,
+            _ => return None,
+        };
+        Some(match name {
+            "domain" => section::DOMAIN,
+            "gateways" => section::GATEWAYS,
+            "groups" => section::GROUPS,
+            "members" => section::MEMBERS,
+            "capabilities" => section::CAPABILITIES,
+            "patterns" => section::PATTERNS,
+            "exact_rules" => section::EXACT_RULES,
+            "wildcard_rules" => section::WILDCARD_RULES,
+            "rate_limits" => section::RATE_LIMITS,
+            _ => return None,
+        })
+    }
+}
+
 /// A validated, encoded and named table generation. Immutable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Table {

@@ -259,4 +259,38 @@ mod tests {
         assert_eq!(split(b"DMTX\x01"), Err(TableError::BadMagic));
         assert!(split(b"DMTB\x01\x03\x05ab").is_err());
     }
+
+    proptest::proptest! {
+        /// Between any two tables, the diff applied to the first gives the second, byte for
+        /// byte; and arbitrary upserts never panic.
+        #[test]
+        fn any_diff_applies(
+            a_groups in proptest::collection::btree_set("[a-z]{1,6}", 0..5),
+            b_groups in proptest::collection::btree_set("[a-z]{1,6}", 0..5),
+            a_gateways in proptest::collection::btree_set("[a-z0-9]{1,4}", 0..3),
+            b_gateways in proptest::collection::btree_set("[a-z0-9]{1,4}", 0..3),
+            junk in proptest::collection::vec((1u64..12, proptest::collection::vec(proptest::prelude::any::<u8>(), 1..16)), 0..3),
+        ) {
+            let make = |groups: &std::collections::BTreeSet<String>, gateways: &std::collections::BTreeSet<String>| {
+                Table::new(TableParts {
+                    domain: "dmsc.local".into(),
+                    groups: groups.iter().cloned().collect(),
+                    gateways: gateways.iter().cloned().collect(),
+                    ..TableParts::default()
+                })
+                .unwrap()
+            };
+            let (a, b) = (make(&a_groups, &a_gateways), make(&b_groups, &b_gateways));
+            let (upserts, removes) = diff(&a.section_versions(), &b);
+            let merged = apply_delta(&a, &upserts, &removes).unwrap();
+            proptest::prop_assert_eq!(merged.encoded(), b.encoded());
+            let mut seen = std::collections::BTreeSet::new();
+            let junk: Vec<SectionRef<'_>> = junk
+                .iter()
+                .filter(|(ty, _)| seen.insert(*ty))
+                .map(|(ty, body)| SectionRef { ty: *ty, body })
+                .collect();
+            let _ = apply_delta(&a, &junk, &[]);
+        }
+    }
 }
