@@ -492,9 +492,12 @@ async fn the_gateway_rejects_bad_pushes_and_keeps_its_table() {
     assert_eq!(addrs.table, good.generation().to_string());
     let _session = fake.await.expect("the fake control plane saw every answer");
     let metrics = http(addrs.admin, "GET", "/metrics");
-    assert!(
-        metrics.contains(&format!("generation=\"{}\"", next.generation())),
-        "every worker serves the last good table: {metrics}"
+    assert_eq!(
+        metrics
+            .matches(&format!("generation=\"{}\"", next.generation()))
+            .count(),
+        2,
+        "both workers serve the last good table: {metrics}"
     );
     assert!(
         metrics.contains("dmsc_control_answers_total{result=\"nack\"} 4"),
