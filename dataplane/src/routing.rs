@@ -213,6 +213,9 @@ struct Candidates {
     metric: MetricSlot,
     /// Which groups may invoke it under the installed table (`None`: everyone).
     column: Option<Column>,
+    /// The install (`Router::installs`) `column` was computed under; a column from an older
+    /// table is recomputed at the capability's next request, once.
+    column_for: u64,
 }
 
 impl Candidates {
@@ -239,6 +242,8 @@ type Agents<C> = Slab<Indexed<C>, AgentTag>;
 #[derive(Debug)]
 pub struct Router<C> {
     table: Arc<TableGeneration>,
+    /// Tables installed since the router was made; stamps each capability's column.
+    installs: u64,
     by_capability: HashMap<Box<str>, Candidates>,
     agents: Agents<C>,
     by_session: HashMap<SessionId, AgentIdx>,
@@ -255,6 +260,7 @@ impl<C: Copy> Router<C> {
     pub fn new(table: Arc<TableGeneration>, seed: u64, max_metric_names: usize) -> Self {
         Self {
             table,
+            installs: 0,
             by_capability: HashMap::new(),
             agents: Slab::default(),
             by_session: HashMap::new(),
@@ -275,23 +281,26 @@ impl<C: Copy> Router<C> {
         &self.table
     }
 
-    /// Installs a new table generation and recomputes every capability's policy column
-    /// (once per capability, here, never per request). Call between event-loop iterations
-    /// only.
+    /// Installs a new table generation. Call between event-loop iterations only. It costs the
+    /// same whatever the number of capabilities: each capability's policy column is recomputed
+    /// at its first request under the new table (once per capability per table, never per
+    /// request), so an install never stalls the worker for a large overlay.
     pub fn install(&mut self, table: Arc<TableGeneration>) {
-        for (name, c) in self.by_capability.iter_mut() {
-            c.column = table.column(Relation::Invoke, name);
-        }
         self.table = table;
+        self.installs += 1;
     }
 
     /// Picks a target for `capability` on behalf of `caller`, and counts the request as
     /// outstanding on it (release it with [`Router::finish`]).
     #[inline]
     pub fn select(&mut self, caller: &GroupSet, capability: &str) -> Selection {
-        let Some(cands) = self.by_capability.get(capability) else {
+        let Some(cands) = self.by_capability.get_mut(capability) else {
             return Selection::NoRoute;
         };
+        if cands.column_for != self.installs {
+            cands.column = self.table.column(Relation::Invoke, capability);
+            cands.column_for = self.installs;
+        }
         if !permits(caller, cands.column.as_ref()) {
             return Selection::Denied(cands.metric);
         }
@@ -444,6 +453,7 @@ impl<C: Copy> Router<C> {
                         remote: SmallVec::new(),
                         metric,
                         column: self.table.column(Relation::Invoke, cap),
+                        column_for: self.installs,
                     };
                     self.by_capability.entry(cap.clone()).or_insert(c)
                 }
