@@ -106,6 +106,9 @@ pub struct PhaseResult {
     pub errors: BTreeMap<String, u64>,
     /// CPU time of this thread during the phase.
     pub cpu: Option<Duration>,
+    /// UDP datagrams (sent, received) on this thread's connections during the phase, as quinn
+    /// counts them.
+    pub datagrams: (u64, u64),
 }
 
 /// Counters the main thread reads for the progress line.
@@ -286,6 +289,7 @@ impl ThreadContext {
     /// Runs this thread's share of a phase and waits for every request it started.
     async fn phase(&self, connections: &Rc<Connections>, spec: PhaseSpec) -> PhaseResult {
         let cpu_before = cpu::this_thread();
+        let datagrams_before = datagrams(connections.route(spec.route));
         let end = spec.start + spec.duration;
         let ctx = Rc::new(PhaseContext {
             connections: connections.route(spec.route).to_vec(),
@@ -353,8 +357,22 @@ impl ThreadContext {
             (Some(before), Some(after)) => Some(after.since(before)),
             _ => None,
         };
-        recorder.into_result(cpu)
+        let after = datagrams(connections.route(spec.route));
+        let mut result = recorder.into_result(cpu);
+        result.datagrams = (
+            after.0.saturating_sub(datagrams_before.0),
+            after.1.saturating_sub(datagrams_before.1),
+        );
+        result
     }
+}
+
+/// UDP datagrams (sent, received) on `connections` so far.
+fn datagrams(connections: &[quinn::Connection]) -> (u64, u64) {
+    connections.iter().fold((0, 0), |(s, r), c| {
+        let stats = c.stats();
+        (s + stats.udp_tx.datagrams, r + stats.udp_rx.datagrams)
+    })
 }
 
 /// An open-loop schedule: requests at `start + (k + offset) / rate` for k = 0, 1, ... while
@@ -619,6 +637,7 @@ impl Recorder {
             requests: self.requests,
             errors: self.errors,
             cpu,
+            datagrams: (0, 0),
         }
     }
 }

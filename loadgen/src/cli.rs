@@ -276,6 +276,10 @@ pub struct ServeGatewayArgs {
     /// State directory (where the gateway saves its last good table).
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
+    /// Serve the admin endpoint on a free loopback port and print `admin ADDR` (the parent
+    /// reads the gateway's datagram counters there).
+    #[arg(long)]
+    pub admin: bool,
 }
 
 /// `serve-control` flags.

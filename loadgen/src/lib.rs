@@ -25,6 +25,7 @@ pub mod attach;
 pub mod caller;
 pub mod children;
 pub mod cli;
+pub mod counters;
 pub mod cpu;
 pub mod memory;
 pub mod output;

@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 
 use crate::caller::{is_transport_error, new_histogram, PhaseResult};
 use crate::cli::{Load, Route};
+use crate::counters::{Counts, RoleCounts};
 use crate::units::{format_duration, thousands};
 
 /// CPU time per role over a window; `None` where unknown (no `/proc`, or a process the
@@ -54,6 +55,8 @@ pub struct PhaseMeasurement {
     pub results: Vec<PhaseResult>,
     /// CPU per role over `elapsed`.
     pub cpu: RoleCpu,
+    /// Datagrams and wake-ups per role over `elapsed` (callers' datagrams from `results`).
+    pub counts: RoleCounts,
 }
 
 /// Everything measured for one mode, over all its windows.
@@ -79,6 +82,8 @@ pub struct ModeStats {
     pub cpu: RoleCpu,
     /// CPU of each caller thread, summed.
     pub thread_cpu: Vec<Option<Duration>>,
+    /// Datagrams and wake-ups per role, summed.
+    pub counts: RoleCounts,
 }
 
 impl ModeStats {
@@ -99,6 +104,7 @@ impl ModeStats {
                 agents: Some(Duration::ZERO),
             },
             thread_cpu: Vec::new(),
+            counts: RoleCounts::zero(),
         }
     }
 
@@ -140,6 +146,7 @@ impl ModeStats {
             gateway: add(self.cpu.gateway, phase.cpu.gateway),
             agents: add(self.cpu.agents, phase.cpu.agents),
         };
+        self.counts = self.counts.plus(phase.counts);
     }
 
     /// Failed requests.
@@ -212,6 +219,60 @@ pub struct Summary {
     pub busiest_caller_percent: Option<f64>,
     /// Open loop: send lag p50, p99 and max (µs).
     pub send_lag_us: Option<[u64; 3]>,
+    /// Per request, of each role: datagrams sent and received, and wake-ups (see
+    /// [`crate::counters`]).
+    pub per_request: RolePerRequest,
+}
+
+/// A role's datagrams and wake-ups per request (`None`: unknown, or not in this mode).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PerRequest {
+    /// Datagrams sent per request.
+    pub sent: Option<f64>,
+    /// Datagrams received per request.
+    pub received: Option<f64>,
+    /// Wake-ups (voluntary context switches) per request.
+    pub wakeups: Option<f64>,
+}
+
+/// [`PerRequest`] of each role.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RolePerRequest {
+    /// The callers.
+    pub callers: PerRequest,
+    /// The gateway (gateway mode only).
+    pub gateway: PerRequest,
+    /// The agents.
+    pub agents: PerRequest,
+}
+
+impl PerRequest {
+    fn of(counts: Counts, requests: u64) -> PerRequest {
+        let per = |v: Option<u64>| {
+            let v = v?;
+            (requests > 0).then(|| v as f64 / requests as f64)
+        };
+        PerRequest {
+            sent: per(counts.sent),
+            received: per(counts.received),
+            wakeups: per(counts.wakeups),
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let r = |v: Option<f64>| v.map(|v| round(v, 3));
+        json!({"datagrams_sent": r(self.sent), "datagrams_received": r(self.received), "wakeups": r(self.wakeups)})
+    }
+
+    fn text(&self) -> String {
+        let o = |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.2}"));
+        format!(
+            "{} out {} in {} wake",
+            o(self.sent),
+            o(self.received),
+            o(self.wakeups)
+        )
+    }
 }
 
 /// CPU µs per request, by role.
@@ -282,6 +343,18 @@ impl Summary {
                 .map(|&cpu| percent(cpu))
                 .collect::<Option<Vec<f64>>>()
                 .and_then(|all| all.into_iter().reduce(f64::max)),
+            per_request: RolePerRequest {
+                callers: PerRequest::of(stats.counts.callers, stats.requests),
+                gateway: match (stats.route, info.self_contained) {
+                    (Route::Gateway, true) => PerRequest::of(stats.counts.gateway, stats.requests),
+                    _ => PerRequest::default(),
+                },
+                agents: if info.self_contained {
+                    PerRequest::of(stats.counts.agents, stats.requests)
+                } else {
+                    PerRequest::default()
+                },
+            },
             send_lag_us: matches!(info.load, Load::Open { .. }).then(|| {
                 [
                     stats.send_lag.value_at_quantile(0.5),
@@ -337,6 +410,11 @@ impl Summary {
             "send_lag_us": self.send_lag_us.map(|[p50, p99, max]| json!({
                 "p50": p50, "p99": p99, "max": max,
             })),
+            "per_request": {
+                "callers": self.per_request.callers.json(),
+                "gateway": self.per_request.gateway.json(),
+                "agents": self.per_request.agents.json(),
+            },
             "callers": info.callers,
             "connections": info.connections,
             "agents": info.agents,
@@ -416,6 +494,18 @@ impl Summary {
             },
             opt(cpu.agents, 1),
             opt(cpu.total(), 1)
+        );
+        let p = &self.per_request;
+        let _ = writeln!(
+            out,
+            "per request   callers {}   gateway {}   agents {}",
+            p.callers.text(),
+            if self.mode == "direct" {
+                "-".to_owned()
+            } else {
+                p.gateway.text()
+            },
+            p.agents.text()
         );
         let _ = writeln!(
             out,
@@ -604,6 +694,7 @@ mod tests {
             requests: latencies.len() as u64 + errors.iter().map(|(_, n)| n).sum::<u64>(),
             errors: errors.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             cpu: Some(Duration::from_millis(100)),
+            datagrams: (0, 0),
         };
         s.add(PhaseMeasurement {
             wall_start: SystemTime::UNIX_EPOCH,
@@ -615,6 +706,7 @@ mod tests {
                 gateway: Some(Duration::from_millis(50)),
                 agents: Some(Duration::from_millis(25)),
             },
+            counts: RoleCounts::zero(),
         });
         s
     }

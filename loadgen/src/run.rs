@@ -18,6 +18,7 @@ use dmsc_protocol::header::RequestHeader;
 use crate::caller::{CallerPool, CallerSetup, PhaseSpec};
 use crate::children::{ChildProcess, STARTUP_TIMEOUT};
 use crate::cli::{Deployment, Load, Plan, Route, Runs};
+use crate::counters;
 use crate::cpu;
 use crate::output::{interval_log, percentile_distribution};
 use crate::pki::{TempPki, DOMAIN};
@@ -224,6 +225,7 @@ fn phase(
     label: &str,
 ) -> anyhow::Result<PhaseMeasurement> {
     let cpu_before = env.cpu();
+    let counts_before = env.counters();
     let start = Instant::now() + PHASE_LEAD;
     let wall_start = SystemTime::now() + PHASE_LEAD;
     pool.begin(PhaseSpec {
@@ -271,6 +273,12 @@ fn phase(
     }
     let elapsed = start.elapsed();
     let cpu_after = env.cpu();
+    let callers_datagrams = results.iter().fold((0, 0), |(s, r), res| {
+        (s + res.datagrams.0, r + res.datagrams.1)
+    });
+    let counts = env
+        .counters()
+        .since(&counts_before, Some(callers_datagrams));
     let delta =
         |after: Option<cpu::CpuTime>, before: Option<cpu::CpuTime>| Some(after?.since(before?));
     Ok(PhaseMeasurement {
@@ -283,6 +291,7 @@ fn phase(
             gateway: delta(cpu_after.1, cpu_before.1),
             agents: delta(cpu_after.2, cpu_before.2),
         },
+        counts,
     })
 }
 
@@ -345,6 +354,7 @@ struct Environment {
     control: Option<ControlChild>,
     gateway_addr: Option<SocketAddr>,
     gateway_workers: Option<usize>,
+    gateway_admin: Option<SocketAddr>,
     direct: Vec<SocketAddr>,
     caller: Credentials,
     pki: Option<TempPki>,
@@ -364,6 +374,7 @@ impl Environment {
                 control: None,
                 gateway_addr: Some(*gateway),
                 gateway_workers: None,
+                gateway_admin: None,
                 direct: Vec::new(),
                 caller: Credentials::load(cert, key, ca)
                     .context("loading the callers' identity")?,
@@ -382,6 +393,7 @@ impl Environment {
                     control: None,
                     gateway_addr: None,
                     gateway_workers: None,
+                    gateway_admin: None,
                     direct: Vec::new(),
                     caller: Credentials::load(&pki.caller.cert, &pki.caller.key, &pki.ca)?,
                     pki: None,
@@ -398,6 +410,7 @@ impl Environment {
                     env.control = Some(control);
                     env.gateway_addr = Some(gateway.addr);
                     env.gateway_workers = Some(gateway.workers);
+                    env.gateway_admin = gateway.admin;
                     env.gateway = Some(gateway.process);
                 }
                 let mut args = os_args(&[
@@ -481,6 +494,14 @@ impl Environment {
         (cpu::this_process(), of(&self.gateway), of(&self.agents))
     }
 
+    /// The packet and wake-up counters of every role now.
+    fn counters(&self) -> counters::Snapshot {
+        counters::Snapshot::take(
+            self.gateway.as_ref().map(|g| (g.pid(), self.gateway_admin)),
+            self.agents.as_ref().map(ChildProcess::pid),
+        )
+    }
+
     /// The child processes that are no longer running.
     fn exited(&mut self) -> Vec<&'static str> {
         [
@@ -504,6 +525,8 @@ pub struct GatewayChild {
     pub addr: SocketAddr,
     /// Its worker threads.
     pub workers: usize,
+    /// Its admin endpoint, when it serves one.
+    pub admin: Option<SocketAddr>,
 }
 
 impl GatewayChild {
@@ -538,6 +561,7 @@ impl GatewayChild {
         if let Some(control) = control {
             args.extend(os_args(&["--control", &control.to_string(), "--state-dir"]));
             args.push(pki.dir().join("gateway-state").into());
+            args.push("--admin".into());
         }
         let mut process = ChildProcess::spawn("gateway", &args)?;
         if control.is_some() {
@@ -551,10 +575,20 @@ impl GatewayChild {
             .expect("workers", deadline)?
             .parse()
             .context("workers")?;
+        let admin = match control {
+            Some(_) => Some(
+                process
+                    .expect("admin", deadline)?
+                    .parse()
+                    .context("gateway admin address")?,
+            ),
+            None => None,
+        };
         Ok(GatewayChild {
             process,
             addr,
             workers,
+            admin,
         })
     }
 }

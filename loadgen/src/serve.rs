@@ -65,6 +65,9 @@ pub fn gateway(args: &ServeGatewayArgs) -> anyhow::Result<()> {
         config.state_dir = dir.clone();
     }
     config.control = args.control;
+    if args.admin {
+        config.admin_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    }
     config.validate()?;
     let (identity, _) = dev_identity(&config).context("loading the gateway identity")?;
     let (table, client) = match config.control {
@@ -88,6 +91,9 @@ pub fn gateway(args: &ServeGatewayArgs) -> anyhow::Result<()> {
     }
     println!("listening {}", gateway.local_addr());
     println!("workers {}", gateway.workers());
+    if let Some(admin) = gateway.admin_addr() {
+        println!("admin {admin}");
+    }
     std::io::stdout().flush()?;
     wait_for_parent();
     // No drain: the parent has finished with us. Exiting stops the worker threads.
