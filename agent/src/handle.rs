@@ -39,6 +39,9 @@ pub struct Agent {
 /// The shared part of every [`Agent`] clone; dropping the last one shuts the agent down.
 struct Handle {
     shared: Arc<Shared>,
+    /// The agent's serving state (its handlers), once attached: for
+    /// [`Agent::serve_connection`]. (The one reference from this leaf module to `serve`.)
+    server: OnceLock<Arc<crate::serve::Server>>,
 }
 
 impl Drop for Handle {
@@ -53,6 +56,7 @@ impl Agent {
     pub(crate) fn from_shared(shared: Arc<Shared>) -> Agent {
         let handle = Arc::new(Handle {
             shared: shared.clone(),
+            server: OnceLock::new(),
         });
         let _ = shared.handle.set(Arc::downgrade(&handle));
         Agent { handle }
@@ -100,6 +104,14 @@ impl Agent {
 
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.handle.shared
+    }
+
+    pub(crate) fn set_server(&self, server: Arc<crate::serve::Server>) {
+        let _ = self.handle.server.set(server);
+    }
+
+    pub(crate) fn server(&self) -> Option<&Arc<crate::serve::Server>> {
+        self.handle.server.get()
     }
 }
 

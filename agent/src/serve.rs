@@ -39,6 +39,23 @@ pub(crate) async fn accept_loop(server: Arc<Server>, connection: Connection) {
     }
 }
 
+impl crate::Agent {
+    /// Serves invocations that arrive on `connection`, a QUIC connection a caller opened to
+    /// this agent directly, not through a gateway: each bidirectional stream is one request
+    /// in the `dmsc/1` framing (request header, payload; response header, payload), served by
+    /// the agent's handlers exactly as the gateway's streams are. Returns when the connection
+    /// closes. The caller identity a handler sees is whatever the header carries, since no
+    /// gateway stamped it: authenticate the connection yourself (its TLS peer certificate).
+    ///
+    /// Meant for benchmarks that compare the gateway with direct calls on the same serving
+    /// path, and for tests.
+    pub async fn serve_connection(&self, connection: Connection) {
+        if let Some(server) = self.server() {
+            accept_loop(server.clone(), connection).await;
+        }
+    }
+}
+
 /// Serves one invocation stream.
 async fn serve_stream(server: Arc<Server>, mut send: SendStream, mut recv: RecvStream) {
     let shared = &server.shared;

@@ -115,6 +115,7 @@ impl Agent {
             "attached"
         );
         let server = Arc::new(Server::new(shared, handlers));
+        agent.set_server(server.clone());
         tokio::spawn(run(server, command_rx, shutdown_rx, attached));
         Ok(agent)
     }

@@ -169,6 +169,11 @@ pub struct LoadArgs {
     /// 0: never. Measures what live policy changes cost the request path.
     #[arg(long, default_value_t = 0, value_name = "MS")]
     pub swap_tables_ms: u64,
+    /// Serve direct requests with the agents' bare reference path (read the request, write
+    /// the answer) instead of the SDK's handler dispatch that serves the requests coming
+    /// through the gateway. Without a gateway (`--mode direct`) the bare path is the only one.
+    #[arg(long)]
+    pub bare_direct: bool,
     /// Pin gateway worker i to core i (the gateway's own default; off here because the
     /// callers and agents share the cores with it).
     #[arg(long)]
@@ -326,6 +331,9 @@ pub struct ServeAgentsArgs {
     /// Response payload size.
     #[arg(long)]
     pub response_bytes: usize,
+    /// Serve the direct listeners with the bare reference path even when the SDK agent runs.
+    #[arg(long)]
+    pub bare_direct: bool,
 }
 
 /// How much load, and how it is paced.
@@ -411,6 +419,8 @@ pub struct Plan {
     pub out: PathBuf,
     /// Table swap interval (`None`: no swaps).
     pub swap_tables: Option<Duration>,
+    /// Direct requests take the agents' bare path even when the SDK path is available.
+    pub bare_direct: bool,
 }
 
 impl Plan {
@@ -543,6 +553,7 @@ impl Plan {
             json: a.json.clone(),
             out: a.out.clone(),
             swap_tables: (a.swap_tables_ms > 0).then(|| Duration::from_millis(a.swap_tables_ms)),
+            bare_direct: a.bare_direct,
         })
     }
 }

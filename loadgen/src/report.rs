@@ -184,6 +184,9 @@ pub struct RunInfo {
     /// With `--swap-tables-ms`: generations installed and acknowledged during the run, and
     /// swaps that failed.
     pub table_swaps: Option<(u64, u64)>,
+    /// How the loadgen's agents serve direct requests: `sdk` (the SDK's handler dispatch, as
+    /// through the gateway) or `bare` (the reference path); `None` with an external gateway.
+    pub direct_path: Option<&'static str>,
 }
 
 /// The figures of one mode.
@@ -420,6 +423,7 @@ impl Summary {
             "agents": info.agents,
             "gateway_workers": if self.mode == "gateway" { info.gateway_workers } else { None },
             "table_generation": if self.mode == "gateway" { info.table_generation.clone() } else { None },
+            "direct_serving_path": if self.mode == "direct" { info.direct_path } else { None },
             "table_swaps": match info.table_swaps {
                 Some((acked, failed)) if self.mode == "gateway" => json!({"acked": acked, "failed": failed}),
                 _ => serde_json::Value::Null,
@@ -467,6 +471,23 @@ impl Summary {
                 out,
                 "send lag (µs) p50 {p50}, p99 {p99}, max {max} (included in the latencies)"
             );
+        }
+        if self.mode == "direct" {
+            match info.direct_path {
+                Some("sdk") => {
+                    let _ = writeln!(
+                        out,
+                        "serving path  the SDK's handler dispatch, as through the gateway"
+                    );
+                }
+                Some(_) => {
+                    let _ = writeln!(
+                        out,
+                        "serving path  the agents' bare reference path (no SDK dispatch)"
+                    );
+                }
+                None => {}
+            }
         }
         if self.mode == "gateway" {
             if let Some(generation) = &info.table_generation {
@@ -678,6 +699,7 @@ mod tests {
             gateway_workers: Some(2),
             table_generation: None,
             table_swaps: None,
+            direct_path: None,
             self_contained: true,
         }
     }

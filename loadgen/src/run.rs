@@ -156,6 +156,13 @@ pub fn run(plan: &Plan) -> anyhow::Result<Verdict> {
         self_contained: env.self_contained(),
         table_generation,
         table_swaps: swaps,
+        direct_path: env.self_contained().then_some(
+            if routes.contains(&Route::Gateway) && !plan.bare_direct {
+                "sdk"
+            } else {
+                "bare"
+            },
+        ),
     };
     let summaries: Vec<(Route, Summary)> = stats
         .values()
@@ -423,6 +430,9 @@ impl Environment {
                     &plan.response_bytes.to_string(),
                 ]);
                 push_files(&mut args, &pki.agent.cert, &pki.agent.key, &pki.ca);
+                if plan.bare_direct {
+                    args.push("--bare-direct".into());
+                }
                 if let (Some(addr), Some(workers)) = (env.gateway_addr, env.gateway_workers) {
                     args.extend(os_args(&[
                         "--gateway",

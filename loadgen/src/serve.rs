@@ -144,6 +144,7 @@ pub fn agents(args: &ServeAgentsArgs) -> anyhow::Result<()> {
         let tx = tx.clone();
         let creds = creds.clone();
         let agent = AgentSpec {
+            bare_direct: args.bare_direct,
             gateway: args.gateway,
             expect_lanes: args.expect_lanes,
             capability: args.capability.clone(),
@@ -196,6 +197,8 @@ enum Event {
 
 /// What one agent does.
 struct AgentSpec {
+    /// Serve direct connections with the bare path even when the SDK agent runs.
+    bare_direct: bool,
     gateway: Option<SocketAddr>,
     expect_lanes: usize,
     capability: String,
@@ -225,9 +228,8 @@ async fn run_agent(
             return;
         }
     }
-    tokio::spawn(accept_direct(endpoint, spec.clone()));
     // Keep the SDK agent alive for as long as the process runs.
-    let _agent = match &spec.gateway {
+    let agent = match &spec.gateway {
         Some(gateway) => match attach(index, *gateway, &spec, &creds).await {
             Ok(agent) => Some(agent),
             Err(e) => {
@@ -237,6 +239,10 @@ async fn run_agent(
         },
         None => None,
     };
+    // Direct requests go through the same SDK serving path as the gateway's, unless asked
+    // for the bare reference path (or there is no SDK agent).
+    let sdk = agent.clone().filter(|_| !spec.bare_direct);
+    tokio::spawn(accept_direct(endpoint, spec.clone(), sdk));
     let _ = tx.send(Ok(Event::Ready));
     std::future::pending::<()>().await;
 }
@@ -307,13 +313,17 @@ fn direct_listener(creds: &Credentials) -> anyhow::Result<quinn::Endpoint> {
     )?)
 }
 
-async fn accept_direct(endpoint: quinn::Endpoint, spec: Arc<AgentSpec>) {
+async fn accept_direct(endpoint: quinn::Endpoint, spec: Arc<AgentSpec>, sdk: Option<Agent>) {
     while let Some(incoming) = endpoint.accept().await {
         let spec = spec.clone();
+        let sdk = sdk.clone();
         tokio::spawn(async move {
             let Ok(connection) = incoming.await else {
                 return;
             };
+            if let Some(agent) = sdk {
+                return agent.serve_connection(connection).await;
+            }
             while let Ok((send, recv)) = connection.accept_bi().await {
                 tokio::spawn(serve_direct(spec.clone(), send, recv));
             }
@@ -321,9 +331,10 @@ async fn accept_direct(endpoint: quinn::Endpoint, spec: Arc<AgentSpec>) {
     }
 }
 
-/// Serves one invocation on a direct listener: the same framing as through the gateway
-/// (request header, payload, FIN; response header, payload, FIN), with the same handler
-/// logic as the SDK agent: read the whole payload, answer.
+/// The bare reference path (`--bare-direct`, and direct-only runs): serves one invocation on a
+/// direct listener with the same framing as through the gateway (request header, payload,
+/// FIN; response header, payload, FIN) and the same handler logic as the SDK agent (read the
+/// whole payload, answer), but none of the SDK's dispatch.
 async fn serve_direct(
     spec: Arc<AgentSpec>,
     mut send: quinn::SendStream,
