@@ -19,9 +19,8 @@ async fn an_agent_serves_a_direct_connection_with_its_handlers() {
 
     // The agent's own listener (the application opens it; the SDK serves what arrives).
     let me = pki.agent("target");
-    let verifier = |kind| {
-        Arc::new(SpiffeVerifier::new(&[pki.ca.cert_der()], &[kind], &[DOMAIN]).unwrap())
-    };
+    let verifier =
+        |kind| Arc::new(SpiffeVerifier::new(&[pki.ca.cert_der()], &[kind], &[DOMAIN]).unwrap());
     let server = dmsc_identity::server_config(
         dmsc_protocol::ALPN_AGENT,
         Credentials {
