@@ -219,6 +219,7 @@ impl Gateway {
                 socks,
                 inbox,
                 mailboxes.clone(),
+                Duration::from_micros(shared.config.busy_poll_us),
             );
             let core = (!cores.is_empty()).then(|| cores[w % cores.len()]);
             let thread = std::thread::Builder::new()

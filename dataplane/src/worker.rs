@@ -97,6 +97,9 @@ pub(crate) struct Worker {
     woken: Vec<bool>,
     /// Datagrams fed to the core per socket per iteration.
     recv_budget: usize,
+    /// How long to keep polling without sleeping before the worker would block
+    /// (`busy_poll_us`); zero: block at once.
+    busy_poll: std::time::Duration,
 }
 
 impl std::fmt::Debug for Worker {
@@ -113,6 +116,7 @@ impl Worker {
         sockets: Vec<Socket>,
         inbox: Receiver<WorkerMsg>,
         mailboxes: Arc<Mailboxes>,
+        busy_poll: std::time::Duration,
     ) -> Self {
         let gro = sockets
             .iter()
@@ -133,6 +137,7 @@ impl Worker {
             send_buf: Vec::with_capacity(65_536),
             woken: vec![false; workers],
             recv_budget: RECV_BUDGET,
+            busy_poll,
         }
     }
 
@@ -168,7 +173,36 @@ impl Worker {
                 timeout = Some(timeout.map_or(RETRY_FULL_INBOX, |t| t.min(RETRY_FULL_INBOX)));
             }
             WorkerStats::add(&self.stats.wakeups, 1);
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
+            if !self.busy_poll.is_zero() && timeout != Some(std::time::Duration::ZERO) {
+                // Busy polling: look for work without sleeping for a while before blocking,
+                // trading CPU for the kernel's wake-up latency.
+                let started = Instant::now();
+                let deadline = timeout.map(|t| started + t);
+                let spin_until = deadline.map_or(started + self.busy_poll, |d| {
+                    d.min(started + self.busy_poll)
+                });
+                let mut now = started;
+                events.clear();
+                while events.is_empty() && now < spin_until {
+                    if let Err(e) = self.poll.poll(&mut events, Some(std::time::Duration::ZERO)) {
+                        if e.kind() != std::io::ErrorKind::Interrupted {
+                            warn!(error = %e, "poll failed");
+                            return;
+                        }
+                    }
+                    std::hint::spin_loop();
+                    now = Instant::now();
+                }
+                if events.is_empty() {
+                    let left = deadline.map(|d| d.saturating_duration_since(now));
+                    if let Err(e) = self.poll.poll(&mut events, left) {
+                        if e.kind() != std::io::ErrorKind::Interrupted {
+                            warn!(error = %e, "poll failed");
+                            return;
+                        }
+                    }
+                }
+            } else if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != std::io::ErrorKind::Interrupted {
                     warn!(error = %e, "poll failed");
                     return;
@@ -388,7 +422,15 @@ mod tests {
             senders: vec![tx],
             wakers: vec![waker],
         });
-        let mut worker = Worker::new(core, stats.clone(), poll, vec![socket], rx, mailboxes);
+        let mut worker = Worker::new(
+            core,
+            stats.clone(),
+            poll,
+            vec![socket],
+            rx,
+            mailboxes,
+            std::time::Duration::ZERO,
+        );
         worker.recv_budget = 32;
         let flood = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         for _ in 0..100 {

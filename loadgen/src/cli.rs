@@ -174,6 +174,10 @@ pub struct LoadArgs {
     /// through the gateway. Without a gateway (`--mode direct`) the bare path is the only one.
     #[arg(long)]
     pub bare_direct: bool,
+    /// The gateway's `busy_poll_us`: before sleeping, each worker keeps polling for work this
+    /// many microseconds (0: off, at most 1000).
+    #[arg(long, default_value_t = 0, value_name = "US")]
+    pub gateway_busy_poll_us: u64,
     /// Pin gateway worker i to core i (the gateway's own default; off here because the
     /// callers and agents share the cores with it).
     #[arg(long)]
@@ -285,6 +289,9 @@ pub struct ServeGatewayArgs {
     /// reads the gateway's datagram counters there).
     #[arg(long)]
     pub admin: bool,
+    /// The gateway's `busy_poll_us`.
+    #[arg(long, default_value_t = 0)]
+    pub busy_poll_us: u64,
 }
 
 /// `serve-control` flags.
@@ -421,6 +428,8 @@ pub struct Plan {
     pub swap_tables: Option<Duration>,
     /// Direct requests take the agents' bare path even when the SDK path is available.
     pub bare_direct: bool,
+    /// The gateway's busy polling, µs.
+    pub gateway_busy_poll_us: u64,
 }
 
 impl Plan {
@@ -535,6 +544,9 @@ impl Plan {
         if a.out.is_file() {
             bail!("--out {}: is a file, expected a directory", a.out.display());
         }
+        if a.gateway_busy_poll_us > 1000 {
+            bail!("--gateway-busy-poll-us: at most 1000");
+        }
         if a.swap_tables_ms > 0 && matches!(deployment, Deployment::External { .. }) {
             bail!("--swap-tables-ms needs the loadgen's own control plane; it cannot be combined with --gateway");
         }
@@ -554,6 +566,7 @@ impl Plan {
             out: a.out.clone(),
             swap_tables: (a.swap_tables_ms > 0).then(|| Duration::from_millis(a.swap_tables_ms)),
             bare_direct: a.bare_direct,
+            gateway_busy_poll_us: a.gateway_busy_poll_us,
         })
     }
 }

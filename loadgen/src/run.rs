@@ -411,7 +411,7 @@ impl Environment {
                         &pki,
                         *gateway_workers,
                         *pin_gateway,
-                        &[],
+                        &[("--busy-poll-us", plan.gateway_busy_poll_us as usize)],
                         Some(control.addr),
                     )?;
                     env.control = Some(control);

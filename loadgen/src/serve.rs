@@ -65,6 +65,7 @@ pub fn gateway(args: &ServeGatewayArgs) -> anyhow::Result<()> {
         config.state_dir = dir.clone();
     }
     config.control = args.control;
+    config.busy_poll_us = args.busy_poll_us;
     if args.admin {
         config.admin_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     }

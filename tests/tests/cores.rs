@@ -108,3 +108,18 @@ async fn without_lanes_requests_cross_cores_and_all_arrive() {
     assert_eq!(stats.handoffs + stats.forwarded_local, sent, "{stats:?}");
     gw.shutdown(Duration::from_secs(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_polling_workers_serve_as_sleeping_ones_do() {
+    let pki = Pki::new();
+    let gw = gateway(&pki, 2, |c| c.busy_poll_us = 50);
+    let _target = attach(&pki, gw.local_addr(), "target", &["echo"]).await;
+    let caller = attach(&pki, gw.local_addr(), "caller", &["x"]).await;
+    for i in 0..50 {
+        let body = format!("b{i}");
+        let reply = caller.invoke("echo", body.clone()).await.unwrap();
+        assert_eq!(reply.status, Status::Ok);
+        assert_eq!(reply.payload, body.as_bytes());
+    }
+    gw.shutdown(std::time::Duration::from_secs(1));
+}
