@@ -31,6 +31,31 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// A `domain.toml` for [`Domain::new`]: trust domain `test.local`, gateways `gw1` to `gw3`,
+/// and every agent allowed to advertise, discover and invoke everything.
+pub const OPEN_DOMAIN: &str = r#"
+[domain]
+name = "test.local"
+trust_anchor = "{ca}"
+
+[[gateway]]
+id = "gw1"
+[[gateway]]
+id = "gw2"
+[[gateway]]
+id = "gw3"
+
+[groups.agents]
+members = ["spiffe://test.local/agent/*"]
+advertise = ["*"]
+discover = ["*"]
+
+[[invoke]]
+effect = "allow"
+groups = ["agents"]
+capabilities = ["*"]
+"#;
+
 /// A scratch directory removed when dropped.
 pub struct Scratch(pub PathBuf);
 

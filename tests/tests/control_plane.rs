@@ -8,34 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dmsc_agent::{Agent, Status};
-use dmsc_tests::cluster::{http, Domain};
+use dmsc_tests::cluster::{http, Domain, OPEN_DOMAIN};
 use dmsc_tests::*;
 
 const GATEWAYS: [&str; 3] = ["gw1", "gw2", "gw3"];
 
 /// Everyone may do everything.
-const OPEN: &str = r#"
-[domain]
-name = "test.local"
-trust_anchor = "{ca}"
-
-[[gateway]]
-id = "gw1"
-[[gateway]]
-id = "gw2"
-[[gateway]]
-id = "gw3"
-
-[groups.agents]
-members = ["spiffe://test.local/agent/*"]
-advertise = ["*"]
-discover = ["*"]
-
-[[invoke]]
-effect = "allow"
-groups = ["agents"]
-capabilities = ["*"]
-"#;
+const OPEN: &str = OPEN_DOMAIN;
 
 /// `whoami` denied to callers; callers see only `echo` in discovery.
 const CLOSED: &str = r#"

@@ -17,29 +17,11 @@ use dmsc_protocol::ctl::{
 };
 use dmsc_protocol::table::sections::{diff, section_version, SectionRef};
 use dmsc_protocol::table::{section, Generation, Table, TableParts};
-use dmsc_tests::cluster::{http, Domain};
+use dmsc_tests::cluster::{http, Domain, OPEN_DOMAIN};
 use dmsc_tests::DOMAIN;
 
-const CONFIG: &str = r#"
-[domain]
-name = "test.local"
-trust_anchor = "{ca}"
-
-[[gateway]]
-id = "gw1"
-[[gateway]]
-id = "gw2"
-
-[groups.agents]
-members = ["spiffe://test.local/agent/*"]
-advertise = ["*"]
-discover = ["*"]
-
-[[invoke]]
-effect = "allow"
-groups = ["agents"]
-capabilities = ["*"]
-"#;
+/// Every agent may do everything; gateways gw1 to gw3 are listed.
+const CONFIG: &str = OPEN_DOMAIN;
 
 fn credentials(domain: &Domain, id: &SpiffeId) -> Credentials {
     let dev = DevPki::new(domain.dir.0.join("pki"));
