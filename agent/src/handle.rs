@@ -39,9 +39,10 @@ pub struct Agent {
 /// The shared part of every [`Agent`] clone; dropping the last one shuts the agent down.
 struct Handle {
     shared: Arc<Shared>,
-    /// The agent's serving state (its handlers), once attached: for
-    /// [`Agent::serve_connection`]. (The one reference from this leaf module to `serve`.)
-    server: OnceLock<Arc<crate::serve::Server>>,
+    /// The agent's serving state (`serve::Server`: its handlers), once attached, for
+    /// [`Agent::serve_connection`]. Type-erased so that this module stays below `serve` in the
+    /// crate's module order.
+    server: OnceLock<Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 impl Drop for Handle {
@@ -102,16 +103,24 @@ impl Agent {
         lock(&self.shared().card).clone()
     }
 
+    /// The capabilities of the card that the gateway does not route to this agent because the
+    /// domain's policy does not let it advertise them: as `ATTACH_OK` listed them, then as the
+    /// latest `CAPABILITIES_REFUSED` (sent when a new policy changes the list) replaced them.
+    /// Empty when everything is routed.
+    pub fn refused(&self) -> Vec<String> {
+        lock(&self.shared().refused).clone()
+    }
+
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.handle.shared
     }
 
-    pub(crate) fn set_server(&self, server: Arc<crate::serve::Server>) {
+    pub(crate) fn set_server(&self, server: Arc<dyn std::any::Any + Send + Sync>) {
         let _ = self.handle.server.set(server);
     }
 
-    pub(crate) fn server(&self) -> Option<&Arc<crate::serve::Server>> {
-        self.handle.server.get()
+    pub(crate) fn server(&self) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
+        self.handle.server.get().cloned()
     }
 }
 
@@ -167,6 +176,9 @@ pub(crate) struct Shared {
     handle: OnceLock<Weak<Handle>>,
     /// The runtime the agent was attached on, for work started from synchronous calls.
     pub(crate) runtime: tokio::runtime::Handle,
+    /// Capabilities of the card the domain's policy does not route to this agent, as the
+    /// gateway last said (`ATTACH_OK`, `CAPABILITIES_REFUSED`).
+    pub(crate) refused: Mutex<Vec<String>>,
 }
 
 /// Capacity of the channel of commands to the session task.
@@ -195,6 +207,7 @@ impl Shared {
             next_connection: AtomicUsize::new(0),
             handle: OnceLock::new(),
             runtime: tokio::runtime::Handle::current(),
+            refused: Mutex::new(Vec::new()),
         });
         (shared, command_rx, shutdown_rx)
     }

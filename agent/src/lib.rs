@@ -76,6 +76,13 @@
 //!   requests in flight finish and closes the connections; [`Agent::serve_until_signal`] does
 //!   that when the process gets SIGTERM or SIGINT, so a stopped agent is not routed to until
 //!   the gateway's idle timeout.
+//! - **Policy.** The domain's policy may forbid the agent to advertise some capabilities of
+//!   its card: the gateway routes the others, and [`Agent::refused`] lists those it does not
+//!   (from `ATTACH_OK`, then from each `CAPABILITIES_REFUSED` a new policy brings). An agent
+//!   left with nothing it may advertise is refused at attach.
+//! - **Direct connections.** [`Agent::serve_connection`] serves requests arriving on a QUIC
+//!   connection a caller opened to the agent itself, with the same handlers and dispatch as
+//!   the gateway's streams (for benchmarks and tests; no gateway stamps the caller there).
 //! - **Keeping connections open.** Every connection pings after a third of
 //!   [`AgentConfig::idle_timeout`] without traffic (at most every 5 s). The agent cannot learn
 //!   the gateway's idle timeout, so against a gateway configured below 15 s set
@@ -103,7 +110,8 @@
 //   handler  -> handle, body, error         Handlers, Request, Response
 //   invoke   -> handle, handler, body,      impl Agent { invoke, request }, RequestBuilder,
 //               error                         Reply
-//   serve    -> handle, handler, body       accept loop; serving one invocation stream
+//   serve    -> handle, handler, body       accept loop; serving one invocation stream;
+//                                             impl Agent { serve_connection }
 //   connect  -> handle, control, tls,       QUIC connect, then ATTACH or LANE
 //               error
 //   lane     -> connect, serve, handle,     one task per lane

@@ -50,8 +50,8 @@ impl crate::Agent {
     /// Meant for benchmarks that compare the gateway with direct calls on the same serving
     /// path, and for tests.
     pub async fn serve_connection(&self, connection: Connection) {
-        if let Some(server) = self.server() {
-            accept_loop(server.clone(), connection).await;
+        if let Some(server) = self.server().and_then(|s| s.downcast::<Server>().ok()) {
+            accept_loop(server, connection).await;
         }
     }
 }

@@ -253,6 +253,7 @@ async fn attach_once(shared: &Shared) -> Result<Attached, AgentError> {
                         "the gateway refused some capabilities of the card"
                     );
                 }
+                *lock(&shared.refused) = refused;
                 Ok((session, lane_token, worker, lanes, max_concurrent))
             }
             other => Err(other),
@@ -550,6 +551,7 @@ async fn drive(
                     ControlFrame::CapabilitiesRefused { refused } => {
                         // A new policy of the domain: requests for these will not come.
                         tracing::warn!(?refused, "the gateway no longer routes these capabilities");
+                        *lock(&shared.refused) = refused;
                     }
                     ControlFrame::Unknown { .. } => {}
                     other => {

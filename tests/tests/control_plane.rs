@@ -108,7 +108,8 @@ async fn pushed_tables_enforce_policy_and_change_live_without_failed_requests() 
     }
 
     let gw1 = gws[0].1.addr;
-    let _target = attach(&domain.pki, gw1, "target", &["echo", "whoami"]).await;
+    let target = attach(&domain.pki, gw1, "target", &["echo", "whoami"]).await;
+    assert!(target.refused().is_empty());
     let caller = attach(&domain.pki, gw1, "caller", &["x"]).await;
     let first = caller.invoke("whoami", "s").await.unwrap();
     assert_eq!(
@@ -234,6 +235,26 @@ async fn pushed_tables_enforce_policy_and_change_live_without_failed_requests() 
     assert_eq!(code, 0, "{out}");
     let withdrawn = caller.invoke("whoami", "s").await.unwrap();
     assert_eq!(withdrawn.status, Status::NoRoute, "{}", withdrawn.message);
+    // The attached agent was told (CAPABILITIES_REFUSED); a new one learns it in ATTACH_OK;
+    // one offering nothing it may advertise is refused.
+    assert!(
+        eventually(Duration::from_secs(5), || target.refused() == ["whoami"]).await,
+        "{:?}",
+        target.refused()
+    );
+    let late = attach(&domain.pki, gw1, "target-late", &["echo", "whoami"]).await;
+    assert_eq!(late.refused(), ["whoami"]);
+    let config = agent_config(
+        &domain.pki,
+        gw1,
+        "target-none",
+        card("target-none", &["whoami"]),
+    );
+    let refused = dmsc_agent::Agent::attach(config, test_handlers("target-none")).await;
+    assert!(
+        refused.is_err(),
+        "an agent with no capability it may advertise is refused"
+    );
     let mut statuses = Vec::new();
     for i in 0..10 {
         statuses.push(caller.invoke("echo", format!("{i}")).await.unwrap().status);
