@@ -57,7 +57,7 @@ pub(crate) struct Sources {
     pub(crate) mailboxes: Arc<Mailboxes>,
     pub(crate) verifier: Arc<SpiffeVerifier>,
     pub(crate) cache: Arc<SnapshotCache>,
-    pub(crate) control: Arc<crate::control::ControlState>,
+    pub(crate) control: crate::control::ControlSlot,
 }
 
 /// Serves admin requests on `listener` until the process exits. Runs on the calling thread.
@@ -141,7 +141,7 @@ async fn route(
                 &snapshots(&sources.mailboxes, &sources.cache),
                 &StatsSnapshot::collect(&sources.shared.stats),
                 &sources.verifier.refusals(),
-                &sources.control,
+                sources.control.get().map(|s| &**s),
             );
             (
                 StatusCode::OK,
@@ -320,14 +320,14 @@ pub(crate) fn render_metrics(
     snaps: &[WorkerSnapshot],
     stats: &StatsSnapshot,
     refusals: &RefusalCounts,
-    control: &crate::control::ControlState,
+    control: Option<&crate::control::ControlState>,
 ) -> String {
     let mut registry = prometheus_client::registry::Registry::default();
     registry.register_collector(Box::new(Scrape {
         snaps: snaps.to_vec(),
         stats: stats.clone(),
         refusals: *refusals,
-        control: control.figures(),
+        control: control.map(crate::control::ControlState::figures),
     }));
     let mut out = String::with_capacity(8192);
     let _ = prometheus_client::encoding::text::encode(&mut out, &registry);

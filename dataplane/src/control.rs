@@ -92,11 +92,11 @@ pub enum ControlError {
     Start(#[from] std::io::Error),
 }
 
-/// What the gateway's admin endpoint shows of the session. Updated by the client thread,
-/// read by the admin thread.
+/// What the gateway's admin endpoint shows of the session. Owned by the client, updated by
+/// its thread; the gateway's admin thread reads it once [`ControlClient::attach`] has put it
+/// in the gateway's slot ([`ControlSlot`]).
 #[derive(Debug, Default)]
 pub struct ControlState {
-    configured: AtomicBool,
     connected: AtomicBool,
     sessions: AtomicU64,
     acks: AtomicU64,
@@ -104,18 +104,20 @@ pub struct ControlState {
 }
 
 impl ControlState {
-    /// The session's figures for the metrics; `None` when no control plane is set.
-    pub(crate) fn figures(&self) -> Option<ControlFigures> {
-        self.configured
-            .load(Ordering::Relaxed)
-            .then(|| ControlFigures {
-                connected: self.connected.load(Ordering::Relaxed),
-                sessions: self.sessions.load(Ordering::Relaxed),
-                acks: self.acks.load(Ordering::Relaxed),
-                nacks: self.nacks.load(Ordering::Relaxed),
-            })
+    /// The session's figures for one scrape.
+    pub(crate) fn figures(&self) -> ControlFigures {
+        ControlFigures {
+            connected: self.connected.load(Ordering::Relaxed),
+            sessions: self.sessions.load(Ordering::Relaxed),
+            acks: self.acks.load(Ordering::Relaxed),
+            nacks: self.nacks.load(Ordering::Relaxed),
+        }
     }
 }
+
+/// Where a gateway finds its control client's [`ControlState`]: empty when the gateway runs
+/// without a control plane (then no `dmsc_control_*` series are served).
+pub(crate) type ControlSlot = Arc<std::sync::OnceLock<Arc<ControlState>>>;
 
 /// A copy of [`ControlState`] for one scrape.
 #[derive(Debug, Clone, Copy)]
@@ -149,7 +151,7 @@ pub struct ControlLink {
     pub(crate) workers: usize,
     pub(crate) installs: Arc<AtomicU64>,
     pub(crate) snapshots: Arc<crate::admin::SnapshotCache>,
-    pub(crate) state: Arc<ControlState>,
+    pub(crate) state: ControlSlot,
     /// The compiled table every worker holds (what the gateway started with, then each one
     /// installed through a link).
     pub(crate) current: Arc<Mutex<Option<Generation>>>,
@@ -248,7 +250,7 @@ pub struct ControlClient {
     first: crossbeam_channel::Receiver<Arc<Table>>,
     stop: tokio::sync::watch::Sender<bool>,
     thread: Option<std::thread::JoinHandle<()>>,
-    /// The session's counters until a gateway is attached.
+    /// The session's counters (the runner updates the same ones).
     state: Arc<ControlState>,
     link: tokio::sync::watch::Sender<Option<ControlLink>>,
     saved: Option<Arc<Table>>,
@@ -339,18 +341,9 @@ impl ControlClient {
     }
 
     /// Hands the client the running gateway: from now on pushes are installed on its workers.
+    /// The gateway's admin endpoint serves this client's session metrics from now on.
     pub fn attach(&self, link: ControlLink) {
-        let (from, to) = (&self.state, &link.state);
-        to.configured.store(true, Ordering::Relaxed);
-        to.connected
-            .store(from.connected.load(Ordering::Relaxed), Ordering::Relaxed);
-        for (f, t) in [
-            (&from.sessions, &to.sessions),
-            (&from.acks, &to.acks),
-            (&from.nacks, &to.nacks),
-        ] {
-            t.fetch_add(f.load(Ordering::Relaxed), Ordering::Relaxed);
-        }
+        let _ = link.state.set(self.state.clone());
         let _ = self.link.send(Some(link));
     }
 }
@@ -395,7 +388,7 @@ struct Runner {
     /// Where the first pushed table goes before a gateway is attached.
     first: Option<crossbeam_channel::Sender<Arc<Table>>>,
     link: tokio::sync::watch::Receiver<Option<ControlLink>>,
-    /// Until a link is attached, counters live here.
+    /// The session's counters, shown by the gateway once attached.
     state: Arc<ControlState>,
     /// The last push nonce seen on the current session.
     nonce: u64,
@@ -442,7 +435,7 @@ impl Runner {
         loop {
             let mut answered = false;
             let result = self.session(&endpoint, &mut answered).await;
-            self.state().connected.store(false, Ordering::Relaxed);
+            self.state.connected.store(false, Ordering::Relaxed);
             if *self.stop.borrow() {
                 // Let the endpoint send the CONNECTION_CLOSE.
                 endpoint.wait_idle().await;
@@ -471,13 +464,6 @@ impl Runner {
                 _ = self.stop.wait_for(|stop| *stop) => return,
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
-        }
-    }
-
-    fn state(&self) -> Arc<ControlState> {
-        match &*self.link.borrow() {
-            Some(link) => link.state.clone(),
-            None => self.state.clone(),
         }
     }
 
@@ -515,7 +501,7 @@ impl Runner {
         ctl::encode_frame(&Frame::Hello(hello), &mut out);
         send.write_all(&out).await?;
         self.nonce = 0;
-        let state = self.state();
+        let state = &self.state;
         state.connected.store(true, Ordering::Relaxed);
         state.sessions.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(addr = %self.settings.addr, "connected to the control plane; HELLO sent");
@@ -600,7 +586,7 @@ impl Runner {
         let (nonce, generation) = (push.nonce, push.generation);
         let answer = match self.apply(push) {
             Ok(table) if self.is_installed(&table) => {
-                self.state().acks.fetch_add(1, Ordering::Relaxed);
+                self.state.acks.fetch_add(1, Ordering::Relaxed);
                 Frame::Ack { nonce, generation }
             }
             Ok(table) => match self.install(table.clone()).await {
@@ -612,14 +598,14 @@ impl Runner {
                         tracing::info!(%generation, "table installed on every worker");
                     }
                     self.held = Some(table);
-                    self.state().acks.fetch_add(1, Ordering::Relaxed);
+                    self.state.acks.fetch_add(1, Ordering::Relaxed);
                     Frame::Ack { nonce, generation }
                 }
                 Err(e) => nack(self, nonce, generation, NackCode::InstallFailed, 0, &e),
             },
             Err((code, rejections)) => {
                 tracing::warn!(%generation, code = code.as_str(), ?rejections, "push rejected; keeping the installed table");
-                self.state().nacks.fetch_add(1, Ordering::Relaxed);
+                self.state.nacks.fetch_add(1, Ordering::Relaxed);
                 Frame::Nack {
                     nonce,
                     generation,
@@ -641,7 +627,7 @@ impl Runner {
             e: &dyn std::fmt::Display,
         ) -> Frame<'static> {
             tracing::warn!(%generation, error = %e, "push not installed; keeping the installed table");
-            runner.state().nacks.fetch_add(1, Ordering::Relaxed);
+            runner.state.nacks.fetch_add(1, Ordering::Relaxed);
             Frame::Nack {
                 nonce,
                 generation,

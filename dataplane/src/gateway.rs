@@ -68,7 +68,7 @@ pub struct GatewayHandle {
     mailboxes: Arc<Mailboxes>,
     verifier: Arc<dmsc_identity::SpiffeVerifier>,
     snapshots: Arc<crate::admin::SnapshotCache>,
-    control: Arc<crate::control::ControlState>,
+    control: crate::control::ControlSlot,
     installs: Arc<std::sync::atomic::AtomicU64>,
     current: Arc<std::sync::Mutex<Option<dmsc_protocol::table::Generation>>>,
     threads: Vec<JoinHandle<()>>,
@@ -234,7 +234,7 @@ impl Gateway {
             threads.push(thread);
         }
         let snapshots = Arc::new(crate::admin::SnapshotCache::default());
-        let control = Arc::new(crate::control::ControlState::default());
+        let control = crate::control::ControlSlot::default();
         if let Some(listener) = admin {
             let sources = crate::admin::Sources {
                 shared: shared.clone(),
@@ -288,7 +288,7 @@ impl GatewayHandle {
             &self.snapshot(),
             &self.stats(),
             &self.verifier.refusals(),
-            &self.control,
+            self.control.get().map(|s| &**s),
         )
     }
 
