@@ -696,7 +696,9 @@ impl Session {
             match ctl::decode_frame_within(&self.buf, ctl::MAX_FRAME_BYTES) {
                 Err(e) => return Err(End::Closed(e.close_code(), e.to_string())),
                 Ok(Some((frame, used))) => {
-                    let frame = owned(frame);
+                    let frame = frame.into_owned().map_err(|_| {
+                        End::Closed(CloseCode::UnexpectedFrame, "PUSH from a gateway".into())
+                    })?;
                     self.buf.drain(..used);
                     return Ok(frame);
                 }
@@ -1010,7 +1012,7 @@ impl Session {
             }
             Frame::Hello(_) | Frame::Push(_) => Err(End::Closed(
                 CloseCode::UnexpectedFrame,
-                "HELLO or PUSH after the session began".into(),
+                "HELLO after the session began".into(),
             )),
         }
     }
@@ -1037,32 +1039,5 @@ impl Session {
     async fn push_newest(&mut self) -> Result<(), End> {
         let table = self.hub.current();
         self.push(table, false).await
-    }
-}
-
-/// A frame that owns its bytes (gateways send no borrowed payloads: only `PUSH` borrows).
-fn owned(frame: Frame<'_>) -> Frame<'static> {
-    match frame {
-        Frame::Hello(h) => Frame::Hello(h),
-        Frame::Ack { nonce, generation } => Frame::Ack { nonce, generation },
-        Frame::Nack {
-            nonce,
-            generation,
-            code,
-            rejections,
-        } => Frame::Nack {
-            nonce,
-            generation,
-            code,
-            rejections,
-        },
-        Frame::Status(s) => Frame::Status(s),
-        Frame::Unknown(t) => Frame::Unknown(t),
-        // A PUSH from a gateway is out of order whatever it holds.
-        Frame::Push(p) => Frame::Push(Push {
-            nonce: p.nonce,
-            generation: p.generation,
-            body: PushBody::Snapshot(&[]),
-        }),
     }
 }

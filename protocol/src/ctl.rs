@@ -270,6 +270,32 @@ pub enum Frame<'a> {
     Unknown(u64),
 }
 
+impl<'a> Frame<'a> {
+    /// The frame with nothing borrowed from the receive buffer. Only a `PUSH` borrows (its
+    /// table or sections), and only a gateway receives one: a control plane keeps the others,
+    /// and gets a `PUSH` back as `Err` (for it, always out of order).
+    pub fn into_owned(self) -> Result<Frame<'static>, Push<'a>> {
+        Ok(match self {
+            Frame::Push(push) => return Err(push),
+            Frame::Hello(h) => Frame::Hello(h),
+            Frame::Ack { nonce, generation } => Frame::Ack { nonce, generation },
+            Frame::Nack {
+                nonce,
+                generation,
+                code,
+                rejections,
+            } => Frame::Nack {
+                nonce,
+                generation,
+                code,
+                rejections,
+            },
+            Frame::Status(s) => Frame::Status(s),
+            Frame::Unknown(t) => Frame::Unknown(t),
+        })
+    }
+}
+
 /// Why a frame could not be taken from the stream.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
