@@ -629,9 +629,7 @@ async fn session(hub: Arc<Hub>, conn: quinn::Connection) {
         held: None,
         held_sections: Vec::new(),
         pending: None,
-        force_snapshot: false,
         session: 0,
-        last_push_delta: false,
         snapshot_retried: None,
     };
     let result = s.run(hello_by).await;
@@ -665,6 +663,17 @@ async fn session(hub: Arc<Hub>, conn: quinn::Connection) {
     hub.changed.notify_waiters();
 }
 
+/// The push a session waits for an answer to.
+struct Pending {
+    nonce: u64,
+    generation: Generation,
+    /// The table pushed; `None` for a confirmation (an empty delta of what the gateway holds).
+    table: Option<Arc<Table>>,
+    /// Whether it went as a delta.
+    delta: bool,
+    sent: Instant,
+}
+
 enum End {
     Closed(CloseCode, String),
     Lost(String),
@@ -680,12 +689,9 @@ struct Session {
     nonce: u64,
     held: Option<Generation>,
     held_sections: Vec<(u64, SectionVersion)>,
-    /// The push awaiting an answer: nonce, table (`None` for a confirmation), generation, sent.
-    pending: Option<(u64, Option<Arc<Table>>, Generation, Instant)>,
-    force_snapshot: bool,
+    /// The push awaiting an answer.
+    pending: Option<Pending>,
     session: u64,
-    /// Whether the last push was a delta.
-    last_push_delta: bool,
     /// The generation last retried as a snapshot after its delta was refused.
     snapshot_retried: Option<Generation>,
 }
@@ -838,35 +844,18 @@ impl Session {
     /// Pushes an empty delta of the generation the gateway holds: its acknowledgement confirms
     /// the gateway is in sync with what the control plane is willing to give it.
     async fn confirm(&mut self, held: Generation) -> Result<(), End> {
-        self.nonce += 1;
-        let mut out = Vec::new();
-        ctl::encode_frame(
-            &Frame::Push(Push {
-                nonce: self.nonce,
-                generation: held,
-                body: PushBody::Delta {
-                    base: held,
-                    upserts: Vec::new(),
-                    removes: Vec::new(),
-                },
-            }),
-            &mut out,
-        );
-        self.pending = Some((self.nonce, None, held, Instant::now()));
-        self.last_push_delta = true;
-        self.hub
-            .metrics
-            .pushes
-            .get_or_create(&crate::metrics::Kind { kind: "delta" })
-            .inc();
-        self.send
-            .write_all(&out)
-            .await
-            .map_err(|e| End::Lost(e.to_string()))
+        let body = PushBody::Delta {
+            base: held,
+            upserts: Vec::new(),
+            removes: Vec::new(),
+        };
+        let out = self.encode(held, body);
+        self.send(out, held, None, true).await
     }
 
     /// Pushes `table` unless the gateway holds it (or rejected it) already; `always` pushes
-    /// even then (the session's first push).
+    /// even then (the session's first push). A delta against what the gateway holds when that
+    /// is smaller, else (or when nothing is known held) a snapshot.
     async fn push(&mut self, table: Arc<Table>, always: bool) -> Result<(), End> {
         let generation = table.generation();
         if !always {
@@ -881,44 +870,59 @@ impl Session {
                 return Ok(());
             }
         }
-        self.nonce += 1;
-        let nonce = self.nonce;
         let (upserts, removes) = diff(&self.held_sections, &table);
         let delta_len: usize =
             upserts.iter().map(|s| s.body.len() + 12).sum::<usize>() + removes.len() * 8;
         let body = match self.held {
-            Some(base) if !self.force_snapshot && delta_len < table.encoded().len() => {
-                PushBody::Delta {
-                    base,
-                    upserts,
-                    removes,
-                }
-            }
+            Some(base) if delta_len < table.encoded().len() => PushBody::Delta {
+                base,
+                upserts,
+                removes,
+            },
             _ => PushBody::Snapshot(table.encoded()),
         };
-        self.last_push_delta = matches!(body, PushBody::Delta { .. });
-        let kind = if matches!(body, PushBody::Snapshot(_)) {
-            "snapshot"
-        } else {
-            "delta"
-        };
+        let delta = matches!(body, PushBody::Delta { .. });
+        let out = self.encode(generation, body);
+        self.send(out, generation, Some(table), delta).await
+    }
+
+    /// The next `PUSH` of this session, encoded.
+    fn encode(&mut self, generation: Generation, body: PushBody<'_>) -> Vec<u8> {
+        self.nonce += 1;
         let mut out = Vec::new();
         ctl::encode_frame(
             &Frame::Push(Push {
-                nonce,
+                nonce: self.nonce,
                 generation,
                 body,
             }),
             &mut out,
         );
-        self.force_snapshot = false;
+        out
+    }
+
+    /// Sends the encoded push just made and records it as the one awaiting an answer.
+    async fn send(
+        &mut self,
+        out: Vec<u8>,
+        generation: Generation,
+        table: Option<Arc<Table>>,
+        delta: bool,
+    ) -> Result<(), End> {
+        let kind = if delta { "delta" } else { "snapshot" };
         self.hub
             .metrics
             .pushes
             .get_or_create(&crate::metrics::Kind { kind })
             .inc();
         tracing::debug!(gateway = %self.id, %generation, kind, bytes = out.len(), "push");
-        self.pending = Some((nonce, Some(table), generation, Instant::now()));
+        self.pending = Some(Pending {
+            nonce: self.nonce,
+            generation,
+            table,
+            delta,
+            sent: Instant::now(),
+        });
         self.update(|e| e.pending = Some(generation));
         self.send
             .write_all(&out)
@@ -934,7 +938,7 @@ impl Session {
             }
             Frame::Unknown(_) => Ok(()),
             Frame::Ack { nonce, generation } => {
-                let (table, sent) = self.answered(nonce, generation)?;
+                let Pending { table, sent, .. } = self.answered(nonce, generation)?;
                 let took = sent.elapsed();
                 self.hub.metrics.acks.inc();
                 self.held = Some(generation);
@@ -965,7 +969,7 @@ impl Session {
                 code,
                 rejections,
             } => {
-                self.answered(nonce, generation)?;
+                let answered = self.answered(nonce, generation)?;
                 self.hub
                     .metrics
                     .rejections
@@ -987,7 +991,7 @@ impl Session {
                 // A delta the gateway could not turn into the announced table: our view of its
                 // sections may be wrong; a snapshot settles it (once per generation).
                 let stale_view = matches!(code, NackCode::GenerationMismatch | NackCode::Invalid)
-                    && self.last_push_delta
+                    && answered.delta
                     && self.snapshot_retried != Some(generation);
                 if stale_view {
                     self.snapshot_retried = Some(generation);
@@ -996,7 +1000,7 @@ impl Session {
                     // The gateway does not hold what it said (or what we thought): start over
                     // from a snapshot.
                     tracing::info!(gateway = %self.id, code = code.as_str(), "delta refused; sending a snapshot");
-                    self.force_snapshot = true;
+                    // Nothing known held: the next push is a snapshot.
                     self.held = None;
                     self.held_sections.clear();
                     self.update(|e| e.pending = None);
@@ -1017,13 +1021,9 @@ impl Session {
         }
     }
 
-    fn answered(
-        &mut self,
-        nonce: u64,
-        generation: Generation,
-    ) -> Result<(Option<Arc<Table>>, Instant), End> {
+    fn answered(&mut self, nonce: u64, generation: Generation) -> Result<Pending, End> {
         match self.pending.take() {
-            Some((n, table, g, sent)) if n == nonce && g == generation => Ok((table, sent)),
+            Some(p) if p.nonce == nonce && p.generation == generation => Ok(p),
             other => {
                 self.pending = other;
                 Err(End::Closed(
