@@ -3,7 +3,7 @@
 //! across control-plane and gateway restarts, unlisted gateways refused. Run with
 //! `cargo test --workspace` (the tests start the built `dmsc-control` and `dmsc-gateway`).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,29 +55,52 @@ groups = ["callers"]
 capabilities = ["whoami"]
 "#;
 
-/// Steady load on `echo` until stopped; returns (ok, failed) counts.
-fn load(caller: Agent, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(u64, Vec<String>)> {
-    tokio::spawn(async move {
-        let ok = AtomicU64::new(0);
-        let mut failed = Vec::new();
-        let mut i = 0u32;
-        while !stop.load(Ordering::Relaxed) && i < 20_000 {
-            i += 1;
-            match caller
-                .request("echo")
-                .deadline(Duration::from_secs(5))
-                .send(format!("r{i}"))
-                .await
-            {
-                Ok(r) if r.status == Status::Ok && r.payload == format!("r{i}").as_bytes() => {
-                    ok.fetch_add(1, Ordering::Relaxed);
+/// Steady load on `echo`, one request at a time, until [`Load::assert_no_failures`].
+struct Load {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<(u64, Vec<String>)>,
+}
+
+impl Load {
+    fn start(caller: Agent) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            let mut i = 0u32;
+            while !flag.load(Ordering::Relaxed) && i < 20_000 {
+                i += 1;
+                let body = format!("r{i}");
+                match caller
+                    .request("echo")
+                    .deadline(Duration::from_secs(5))
+                    .send(body.clone())
+                    .await
+                {
+                    Ok(r) if r.status == Status::Ok && r.payload == body.as_bytes() => ok += 1,
+                    Ok(r) => failed.push(format!("{:?} {}", r.status, r.message)),
+                    Err(e) => failed.push(e.to_string()),
                 }
-                Ok(r) => failed.push(format!("{:?} {}", r.status, r.message)),
-                Err(e) => failed.push(e.to_string()),
             }
-        }
-        (ok.load(Ordering::Relaxed), failed)
-    })
+            (ok, failed)
+        });
+        Load { stop, task }
+    }
+
+    /// Lets the load run a little longer, stops it, and asserts that it ran and that no
+    /// request failed.
+    async fn assert_no_failures(self) {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.stop.store(true, Ordering::Relaxed);
+        let (ok, failed) = self.task.await.unwrap();
+        assert!(ok > 10, "the load ran ({ok} requests)");
+        assert!(
+            failed.is_empty(),
+            "{} requests failed: {:?}",
+            failed.len(),
+            &failed[..failed.len().min(5)]
+        );
+    }
 }
 
 fn gen_of_gateway(admin: std::net::SocketAddr) -> Vec<String> {
@@ -121,8 +144,7 @@ async fn pushed_tables_enforce_policy_and_change_live_without_failed_requests() 
     );
 
     // Change the policy while requests flow.
-    let stop = Arc::new(AtomicBool::new(false));
-    let running = load(caller.clone(), stop.clone());
+    let running = Load::start(caller.clone());
     tokio::time::sleep(Duration::from_millis(300)).await;
     domain.write_config(CLOSED);
     let (code, out) = tokio::task::block_in_place(|| cp.command(&["apply"]));
@@ -151,16 +173,7 @@ async fn pushed_tables_enforce_policy_and_change_live_without_failed_requests() 
         vec!["echo".to_owned()],
         "exposure follows the new table"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Relaxed);
-    let (ok, failed) = running.await.unwrap();
-    assert!(ok > 10, "the load ran ({ok} requests)");
-    assert!(
-        failed.is_empty(),
-        "{} requests failed across the change: {:?}",
-        failed.len(),
-        &failed[..failed.len().min(5)]
-    );
+    running.assert_no_failures().await;
     for (_, a) in &gws {
         assert_eq!(
             gen_of_gateway(a.admin),
@@ -279,8 +292,7 @@ async fn gateways_fail_static_and_resync_when_the_control_plane_returns() {
 
     let _target = attach(&domain.pki, a1.addr, "target", &["echo", "whoami"]).await;
     let caller = attach(&domain.pki, a1.addr, "caller", &["x"]).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let running = load(caller.clone(), stop.clone());
+    let running = Load::start(caller.clone());
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // The control plane dies under load: traffic continues on the installed tables.
@@ -319,16 +331,7 @@ async fn gateways_fail_static_and_resync_when_the_control_plane_returns() {
         again, closed,
         "the same configuration names the same generation after a restart"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Relaxed);
-    let (ok, failed) = running.await.unwrap();
-    assert!(ok > 10, "the load ran ({ok} requests)");
-    assert!(
-        failed.is_empty(),
-        "{} requests failed: {:?}",
-        failed.len(),
-        &failed[..failed.len().min(5)]
-    );
+    running.assert_no_failures().await;
     drop((gw2b, target2));
 }
 
