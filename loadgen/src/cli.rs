@@ -251,15 +251,9 @@ pub struct ServeGatewayArgs {
     /// Worker threads.
     #[arg(long)]
     pub workers: usize,
-    /// Gateway certificate (PEM).
-    #[arg(long)]
-    pub cert: PathBuf,
-    /// Gateway key (PEM).
-    #[arg(long)]
-    pub key: PathBuf,
-    /// Domain CA (PEM).
-    #[arg(long)]
-    pub ca: PathBuf,
+    /// The process's identity files.
+    #[command(flatten)]
+    pub files: IdentityFiles,
     /// Trust domain.
     #[arg(long)]
     pub domain: String,
@@ -294,21 +288,29 @@ pub struct ServeGatewayArgs {
     pub busy_poll_us: u64,
 }
 
+/// The identity files every child process is started with.
+#[derive(Debug, Args)]
+pub struct IdentityFiles {
+    /// Certificate chain (PEM).
+    #[arg(long)]
+    pub cert: PathBuf,
+    /// Private key (PEM).
+    #[arg(long)]
+    pub key: PathBuf,
+    /// Domain CA (PEM).
+    #[arg(long)]
+    pub ca: PathBuf,
+}
+
 /// `serve-control` flags.
 #[derive(Debug, Args)]
 pub struct ServeControlArgs {
     /// The domain configuration.
     #[arg(long)]
     pub config: PathBuf,
-    /// Control-plane certificate (PEM).
-    #[arg(long)]
-    pub cert: PathBuf,
-    /// Control-plane key (PEM).
-    #[arg(long)]
-    pub key: PathBuf,
-    /// Domain CA (PEM).
-    #[arg(long)]
-    pub ca: PathBuf,
+    /// The process's identity files.
+    #[command(flatten)]
+    pub files: IdentityFiles,
 }
 
 /// `serve-agents` flags.
@@ -323,15 +325,9 @@ pub struct ServeAgentsArgs {
     /// Lanes each agent should have opened before `ready` is printed.
     #[arg(long, default_value_t = 0)]
     pub expect_lanes: usize,
-    /// Agent certificate (PEM).
-    #[arg(long)]
-    pub cert: PathBuf,
-    /// Agent key (PEM).
-    #[arg(long)]
-    pub key: PathBuf,
-    /// Domain CA (PEM).
-    #[arg(long)]
-    pub ca: PathBuf,
+    /// The process's identity files.
+    #[command(flatten)]
+    pub files: IdentityFiles,
     /// Capability served.
     #[arg(long)]
     pub capability: String,

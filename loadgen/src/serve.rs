@@ -41,9 +41,9 @@ pub fn gateway(args: &ServeGatewayArgs) -> anyhow::Result<()> {
         pin_workers: args.pin,
         domain: args.domain.clone(),
         gateway_id: "loadgen".into(),
-        cert: Some(args.cert.clone()),
-        key: Some(args.key.clone()),
-        ca: Some(args.ca.clone()),
+        cert: Some(args.files.cert.clone()),
+        key: Some(args.files.key.clone()),
+        ca: Some(args.files.ca.clone()),
         // The default admin port is fixed (4480): a second gateway on the machine could not
         // start. The loadgen reads nothing from it.
         admin_listen: None,
@@ -105,16 +105,15 @@ pub fn gateway(args: &ServeGatewayArgs) -> anyhow::Result<()> {
 pub fn control(args: &ServeControlArgs) -> anyhow::Result<()> {
     init_logging();
     let config = DomainConfig::load(&args.config)?;
+    let files = &args.files;
+    let creds = Credentials::load(&files.cert, &files.key, &files.ca)?;
     let settings = ServeSettings {
         config_path: Some(args.config.clone()),
         config,
         listen: "127.0.0.1:0".parse()?,
         admin_listen: "127.0.0.1:0".parse()?,
-        credentials: dmsc_identity::Credentials {
-            cert_chain: dmsc_identity::load_cert_chain(&args.cert)?,
-            private_key: dmsc_identity::load_private_key(&args.key)?,
-        },
-        trust_anchors: dmsc_identity::load_trust_anchors(&args.ca)?,
+        credentials: creds.identity(),
+        trust_anchors: creds.anchors.clone(),
         debounce: Duration::from_millis(100),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -139,7 +138,8 @@ pub fn agents(args: &ServeAgentsArgs) -> anyhow::Result<()> {
     if args.response_bytes > MAX_PAYLOAD_BYTES {
         bail!("--response-bytes: at most {MAX_PAYLOAD_BYTES}");
     }
-    let creds = Arc::new(Credentials::load(&args.cert, &args.key, &args.ca)?);
+    let files = &args.files;
+    let creds = Arc::new(Credentials::load(&files.cert, &files.key, &files.ca)?);
     let (tx, rx) = mpsc::channel::<anyhow::Result<Event>>();
     for index in 0..args.agents {
         let tx = tx.clone();

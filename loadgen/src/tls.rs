@@ -76,7 +76,8 @@ impl Credentials {
         )?))
     }
 
-    fn identity(&self) -> dmsc_identity::Credentials {
+    /// The certificate and key, as TLS configurations take them.
+    pub fn identity(&self) -> dmsc_identity::Credentials {
         dmsc_identity::Credentials {
             cert_chain: self.chain.clone(),
             private_key: self.key.clone_key(),
