@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dmsc_identity::{Credentials, Principal, PrincipalKind, Resumption, SpiffeId, SpiffeVerifier};
-use dmsc_protocol::ctl::{self, CloseCode, Frame, NackCode, Push, PushBody};
+use dmsc_protocol::ctl::{
+    self, CloseCode, Frame, NackCode, Push, PushBody, HELLO_TIMEOUT, IDLE_TIMEOUT, KEEP_ALIVE,
+};
 use dmsc_protocol::table::sections::{diff, SectionVersion};
 use dmsc_protocol::table::{Generation, Table};
 use serde::Serialize;
@@ -20,12 +22,6 @@ use crate::compile::compile;
 use crate::config::DomainConfig;
 use crate::metrics::Metrics;
 
-/// Time a gateway has after the handshake to open its stream and send `HELLO`.
-pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
-/// QUIC keep-alive interval on sessions.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
-/// QUIC idle timeout of sessions.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most gateway ids whose refusal is remembered so it is logged once.
 const MAX_REMEMBERED_REFUSALS: usize = 4096;
 /// Most concurrent handshakes and sessions (listed gateways are at most 4,096).

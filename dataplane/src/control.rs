@@ -18,7 +18,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use dmsc_identity::{Credentials, PrincipalKind, Resumption, SpiffeVerifier};
-use dmsc_protocol::ctl::{self, CloseCode, Frame, Hello, NackCode, Push, PushBody, Rejection};
+use dmsc_protocol::ctl::{
+    self, CloseCode, Frame, Hello, NackCode, Push, PushBody, Rejection, IDLE_TIMEOUT,
+    INSTALL_TIMEOUT, KEEP_ALIVE, MAX_BACKOFF, MIN_BACKOFF,
+};
 use dmsc_protocol::table::sections::{apply_delta, DeltaError};
 use dmsc_protocol::table::{Generation, Table, TableError};
 use rustls::pki_types::CertificateDer;
@@ -27,16 +30,6 @@ use crate::msg::WorkerMsg;
 use crate::routing::TableGeneration;
 use crate::worker::Mailboxes;
 
-/// Time every worker gets to take a new table before the push is refused `INSTALL_FAILED`.
-pub const INSTALL_TIMEOUT: Duration = Duration::from_secs(5);
-/// QUIC keep-alive interval on the session.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
-/// QUIC idle timeout of the session.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-/// First reconnect delay; it doubles after each failed attempt up to [`MAX_BACKOFF`].
-pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
-/// Longest reconnect delay.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How often the gateway reports its agents (only when they changed).
 pub const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// The file, under the state directory, holding the last table installed.

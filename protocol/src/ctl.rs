@@ -39,6 +39,19 @@ pub const MAX_STATUS_IDENTITY_BYTES: usize = 32 * 1024;
 pub const MAX_NAME_BYTES: usize = 255;
 /// Longest agent identity in a `STATUS`, bytes.
 pub const MAX_IDENTITY_BYTES: usize = 2048;
+/// Both sides send a QUIC PING at least this often (`docs/CONTROL.md` 6.6).
+pub const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(2);
+/// The QUIC idle timeout both sides use.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Time a gateway has after the handshake to open its stream and send `HELLO`.
+pub const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// A gateway's first reconnect delay (before jitter); it doubles up to [`MAX_BACKOFF`].
+pub const MIN_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+/// A gateway's longest reconnect delay (before jitter).
+pub const MAX_BACKOFF: std::time::Duration = std::time::Duration::from_secs(5);
+/// Time a gateway's workers get to take a pushed table before it answers `INSTALL_FAILED`.
+pub const INSTALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Frame types from here up are extensions: a receiver that does not know one skips it.
 pub const FIRST_EXTENSION_TYPE: u64 = 0x20;
 
