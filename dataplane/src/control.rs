@@ -87,7 +87,7 @@ pub enum ControlError {
 
 /// What the gateway's admin endpoint shows of the session. Owned by the client, updated by
 /// its thread; the gateway's admin thread reads it once [`ControlClient::attach`] has put it
-/// in the gateway's slot ([`ControlSlot`]).
+/// in the gateway's slot.
 #[derive(Debug, Default)]
 pub struct ControlState {
     connected: AtomicBool,
