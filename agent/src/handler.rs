@@ -62,6 +62,7 @@ where
 #[derive(Clone, Default)]
 pub struct Handlers {
     map: HashMap<String, Arc<dyn Handler>>,
+    fallback: Option<Arc<dyn Handler>>,
 }
 
 impl Handlers {
@@ -80,14 +81,39 @@ impl Handlers {
         self
     }
 
-    /// The capabilities with a handler.
+    /// Registers `handler` for every capability without a handler of its own, replacing any
+    /// previous fallback. [`Request::capability`] says which one was invoked.
+    ///
+    /// For agents whose capabilities are known only at run time, such as a bridge that
+    /// advertises another agent's skills and may re-read them ([`Agent::update_card`]).
+    /// Without a fallback, a request for a capability with no handler is answered
+    /// `NO_ROUTE`.
+    ///
+    /// ```
+    /// use dmsc_agent::{Handlers, HandlerError, Request, Response};
+    ///
+    /// let handlers = Handlers::new().fallback(|req: Request| async move {
+    ///     Ok::<_, HandlerError>(Response::ok(format!("you asked for {}", req.capability)))
+    /// });
+    /// assert_eq!(handlers.capabilities().count(), 0);
+    /// ```
+    pub fn fallback<F, Fut>(mut self, handler: F) -> Self
+    where
+        F: Fn(Request) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Response, HandlerError>> + Send + 'static,
+    {
+        self.fallback = Some(Arc::new(handler));
+        self
+    }
+
+    /// The capabilities with a handler of their own (not counting a fallback).
     pub fn capabilities(&self) -> impl Iterator<Item = &str> {
         self.map.keys().map(String::as_str)
     }
 
-    /// The handler for `capability`.
+    /// The handler for `capability`: its own, else the fallback.
     pub(crate) fn get(&self, capability: &str) -> Option<Arc<dyn Handler>> {
-        self.map.get(capability).cloned()
+        self.map.get(capability).or(self.fallback.as_ref()).cloned()
     }
 }
 
@@ -97,6 +123,7 @@ impl fmt::Debug for Handlers {
         names.sort_unstable();
         f.debug_struct("Handlers")
             .field("capabilities", &names)
+            .field("fallback", &self.fallback.is_some())
             .finish()
     }
 }

@@ -64,7 +64,7 @@ impl Agent {
     pub async fn attach(config: AgentConfig, handlers: Handlers) -> Result<Agent, AgentError> {
         config.validate()?;
         for capability in config.card.capabilities() {
-            if handlers.capabilities().all(|c| c != capability) {
+            if handlers.get(capability).is_none() {
                 tracing::warn!(
                     capability,
                     "the card advertises a capability with no handler; requests for it will \

@@ -1,0 +1,419 @@
+//! The adapter: attaches an unmodified A2A agent (HTTP, JSON-RPC v1.0) to a gateway.
+//!
+//! It reads the agent's card from `/.well-known/agent-card.json`, attaches with it (each skill
+//! a capability, tags and modes kept), and turns each invocation on the A2A binding into a
+//! JSON-RPC call on the agent: `SendMessage` and friends are POSTed as they are,
+//! `SendStreamingMessage` and `SubscribeToTask` are read back as server-sent events and relayed
+//! one event per line. It re-reads the card every `card_interval` (with `If-None-Match`) and
+//! updates the capabilities when it changed; after `unhealthy_after` failed reads in a row it
+//! detaches, so the gateway stops routing to a dead agent, and attaches again once the card
+//! can be read.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use dmsc_agent::{
+    Agent, AgentCard, AgentConfig, HandlerError, Handlers, Request, Response, Status,
+};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ACCEPT, CONTENT_TYPE as HTTP_CONTENT_TYPE, ETAG, IF_NONE_MATCH};
+use hyper::{StatusCode, Uri};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+use crate::binding::{self, Call, CONTENT_TYPE, STREAM_CONTENT_TYPE};
+use crate::error::{A2aError, ErrorKind};
+use crate::sse::SseParser;
+
+/// The header carrying the caller's verified identity to the agent.
+pub const CALLER_HEADER: &str = "dmsc-caller";
+
+/// Adapter settings.
+#[derive(Debug, Clone)]
+pub struct AdaptConfig {
+    /// The agent's base URL; its card is at `<agent_url>/.well-known/agent-card.json`.
+    pub agent_url: String,
+    /// Where to send JSON-RPC calls; `None` takes the card's first JSON-RPC 1.x interface.
+    pub rpc_url: Option<String>,
+    /// How often the card is re-read (and the agent's health checked).
+    pub card_interval: Duration,
+    /// Failed card reads in a row after which the capabilities are withdrawn.
+    pub unhealthy_after: u32,
+    /// Time the agent has to begin its answer when the caller set no deadline.
+    pub upstream_timeout: Duration,
+    /// Largest answer or streamed event accepted from the agent (bytes).
+    pub max_message_bytes: usize,
+}
+
+impl AdaptConfig {
+    /// Defaults for the agent at `agent_url`.
+    pub fn new(agent_url: impl Into<String>) -> Self {
+        Self {
+            agent_url: agent_url.into().trim_end_matches('/').to_owned(),
+            rpc_url: None,
+            card_interval: Duration::from_secs(30),
+            unhealthy_after: 3,
+            upstream_timeout: Duration::from_secs(60),
+            max_message_bytes: binding::DEFAULT_MAX_MESSAGE_BYTES,
+        }
+    }
+}
+
+/// Why the card could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CardProblem {
+    /// The agent could not be reached or answered an HTTP error.
+    #[error("reading the card: {0}")]
+    Unreachable(String),
+    /// The card is not a card this adapter can attach with.
+    #[error("the card: {0}")]
+    Invalid(String),
+}
+
+/// The result of reading the card.
+#[derive(Debug)]
+pub enum CardFetch {
+    /// A card (new, or changed since the ETag given).
+    Changed {
+        /// The parsed card.
+        card: Box<AgentCard>,
+        /// Its ETag, if the agent sent one.
+        etag: Option<String>,
+    },
+    /// The card is the one with the ETag given (HTTP 304).
+    Unchanged,
+}
+
+/// The A2A agent seen over HTTP.
+#[derive(Debug)]
+pub struct Upstream {
+    client: Client<HttpConnector, Full<Bytes>>,
+    config: AdaptConfig,
+    rpc: Mutex<Option<Uri>>,
+}
+
+const CARD_PATH: &str = "/.well-known/agent-card.json";
+const CARD_READ_LIMIT: usize = 1 << 20;
+const CARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Upstream {
+    /// An HTTP client for the agent in `config`.
+    pub fn new(config: AdaptConfig) -> Result<Self, CardProblem> {
+        let rpc = match &config.rpc_url {
+            Some(url) => Some(parse_uri(url)?),
+            None => None,
+        };
+        parse_uri(&config.agent_url)?;
+        let client = Client::builder(TokioExecutor::new()).build_http();
+        Ok(Self {
+            client,
+            config,
+            rpc: Mutex::new(rpc),
+        })
+    }
+
+    /// Reads the card (conditionally, if `etag` is given).
+    pub async fn fetch_card(&self, etag: Option<&str>) -> Result<CardFetch, CardProblem> {
+        let uri = parse_uri(&format!("{}{CARD_PATH}", self.config.agent_url))?;
+        let mut request = hyper::Request::get(uri).header("a2a-version", "1.0");
+        if let Some(etag) = etag {
+            request = request.header(IF_NONE_MATCH, etag);
+        }
+        let request = request
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| CardProblem::Invalid(e.to_string()))?;
+        let unreachable = |e: String| CardProblem::Unreachable(e);
+        let response = tokio::time::timeout(CARD_TIMEOUT, self.client.request(request))
+            .await
+            .map_err(|_| unreachable(format!("no answer in {CARD_TIMEOUT:?}")))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        if response.status() == StatusCode::NOT_MODIFIED {
+            return Ok(CardFetch::Unchanged);
+        }
+        if !response.status().is_success() {
+            return Err(unreachable(format!("HTTP {}", response.status())));
+        }
+        let etag = response
+            .headers()
+            .get(ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = read_limited(response.into_body(), CARD_READ_LIMIT)
+            .await
+            .map_err(unreachable)?;
+        let card = AgentCard::from_json(&body).map_err(|e| CardProblem::Invalid(e.to_string()))?;
+        if self.config.rpc_url.is_none() {
+            let url = jsonrpc_url(&card)?;
+            *self.rpc.lock().unwrap_or_else(|p| p.into_inner()) = Some(parse_uri(&url)?);
+        }
+        Ok(CardFetch::Changed {
+            card: Box::new(card),
+            etag,
+        })
+    }
+
+    fn rpc_uri(&self) -> Option<Uri> {
+        self.rpc.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Serves one invocation: the whole A2A exchange with the agent.
+    pub async fn serve(&self, mut request: Request) -> Result<Response, HandlerError> {
+        if request.content_type != CONTENT_TYPE {
+            return Ok(Response::error(
+                Status::BadRequest,
+                format!(
+                    "this agent speaks A2A: send content type {CONTENT_TYPE}, not {:?}",
+                    request.content_type
+                ),
+            ));
+        }
+        let body = request.payload().await?;
+        let call = match Call::decode(&body) {
+            Ok(call) => call,
+            Err((e, id)) => return Ok(whole(&e.jsonrpc_response(&id))),
+        };
+        let Some(uri) = self.rpc_uri() else {
+            return Ok(Response::error(
+                Status::Unavailable,
+                "the A2A agent's card has not been read yet",
+            ));
+        };
+        let mut http = hyper::Request::post(uri.clone())
+            .header(HTTP_CONTENT_TYPE, "application/json")
+            .header("a2a-version", "1.0");
+        if let Ok(caller) = HeaderValue::from_str(&request.caller) {
+            http = http.header(CALLER_HEADER, caller);
+        }
+        if call.method.is_streaming() {
+            http = http.header(ACCEPT, "text/event-stream");
+        }
+        let http = http
+            .body(Full::new(body))
+            .map_err(|e| HandlerError::new(e.to_string()))?;
+        let wait = request.deadline.unwrap_or(self.config.upstream_timeout);
+        let response = match tokio::time::timeout(wait, self.client.request(http)).await {
+            Err(_) => {
+                return Ok(Response::error(
+                    Status::DeadlineExceeded,
+                    format!("the A2A agent did not answer within {wait:?}"),
+                ))
+            }
+            Ok(Err(e)) => {
+                return Ok(Response::error(
+                    Status::TargetFailed,
+                    format!("the A2A agent at {uri} is unreachable: {e}"),
+                ))
+            }
+            Ok(Ok(response)) => response,
+        };
+        let status = response.status();
+        let is_events = response
+            .headers()
+            .get(HTTP_CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let limit = self.config.max_message_bytes;
+        if is_events && status.is_success() {
+            return Ok(relay_events(response.into_body(), call.id, limit));
+        }
+        let body = match read_limited(response.into_body(), limit).await {
+            Ok(body) => body,
+            Err(e) => {
+                return Ok(Response::error(
+                    Status::TargetFailed,
+                    format!("reading the A2A agent's answer: {e}"),
+                ))
+            }
+        };
+        match binding::parse_answer(&body) {
+            Ok(_) => Ok(Response::ok(body).with_content_type(CONTENT_TYPE)),
+            Err(e) => Ok(Response::error(
+                Status::TargetFailed,
+                format!("the A2A agent answered HTTP {status}: {}", e.message),
+            )),
+        }
+    }
+}
+
+fn parse_uri(url: &str) -> Result<Uri, CardProblem> {
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| CardProblem::Invalid(format!("{url:?} is not a URL: {e}")))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(CardProblem::Invalid(format!(
+            "{url:?}: only http:// agents are supported (the adapter runs beside the agent)"
+        )));
+    }
+    Ok(uri)
+}
+
+/// The URL of the card's first JSON-RPC interface of protocol version 1.x.
+pub fn jsonrpc_url(card: &AgentCard) -> Result<String, CardProblem> {
+    let v1 = |version: Option<&str>| version.is_some_and(|v| v == "1" || v.starts_with("1."));
+    card.interfaces
+        .iter()
+        .find(|i| {
+            i.protocol_binding.eq_ignore_ascii_case("JSONRPC") && v1(i.protocol_version.as_deref())
+        })
+        .map(|i| i.url.clone())
+        .ok_or_else(|| {
+            CardProblem::Invalid(
+                "the agent offers no JSON-RPC interface of A2A version 1.x (this adapter calls \
+                 agents over JSON-RPC 1.0; give --rpc-url to name one)"
+                    .into(),
+            )
+        })
+}
+
+async fn read_limited(body: Incoming, limit: usize) -> Result<Bytes, String> {
+    Limited::new(body, limit)
+        .collect()
+        .await
+        .map(|collected| collected.to_bytes())
+        .map_err(|e| format!("{e} (limit {limit} bytes)"))
+}
+
+fn whole(response: &Value) -> Response {
+    Response::ok(serde_json::to_vec(response).unwrap_or_default()).with_content_type(CONTENT_TYPE)
+}
+
+/// Relays the agent's event stream as the binding's lines. A broken or malformed stream ends
+/// with an error line, so the caller gets a terminal event rather than a silent end.
+fn relay_events(mut body: Incoming, id: Value, limit: usize) -> Response {
+    let (response, mut writer) = Response::streaming(STREAM_CONTENT_TYPE);
+    tokio::spawn(async move {
+        let mut parser = SseParser::new(limit);
+        let mut events = Vec::new();
+        let failure = loop {
+            let frame = match body.frame().await {
+                None => break None,
+                Some(Err(e)) => {
+                    break Some(A2aError::new(
+                        ErrorKind::TargetFailed,
+                        format!("the A2A agent's event stream broke: {e}"),
+                    ))
+                }
+                Some(Ok(frame)) => frame,
+            };
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
+            if let Err(e) = parser.push(data, &mut events) {
+                break Some(e);
+            }
+            let mut bad = None;
+            for event in events.drain(..) {
+                match binding::parse_answer(&event) {
+                    Ok(value) => {
+                        let mut line = serde_json::to_vec(&value).unwrap_or_default();
+                        line.push(b'\n');
+                        if writer.write(line).await.is_err() {
+                            return; // the caller went away
+                        }
+                    }
+                    Err(e) => {
+                        bad = Some(e);
+                        break;
+                    }
+                }
+            }
+            if bad.is_some() {
+                break bad;
+            }
+        };
+        if let Some(e) = failure {
+            let mut line = serde_json::to_vec(&e.jsonrpc_response(&id)).unwrap_or_default();
+            line.push(b'\n');
+            let _ = writer.write(line).await;
+        }
+        let _ = writer.finish().await;
+    });
+    response
+}
+
+/// The handlers of an adapted agent: every capability goes to `upstream`.
+pub fn handlers(upstream: Arc<Upstream>) -> Handlers {
+    Handlers::new().fallback(move |request: Request| {
+        let upstream = upstream.clone();
+        async move { upstream.serve(request).await }
+    })
+}
+
+/// Runs the adapter until `shutdown` completes: attach when the card can be read, update on
+/// change, withdraw while the agent is unhealthy, detach at the end. `attach_config` turns a
+/// card into the SDK configuration (identity, gateway).
+pub async fn run(
+    config: AdaptConfig,
+    attach_config: impl Fn(AgentCard) -> anyhow::Result<AgentConfig>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let interval = config.card_interval;
+    let unhealthy_after = config.unhealthy_after.max(1);
+    let upstream = Arc::new(Upstream::new(config)?);
+    let handlers = handlers(upstream.clone());
+    let mut attached: Option<Agent> = None;
+    let mut etag: Option<String> = None;
+    let mut failures = 0u32;
+    tokio::pin!(shutdown);
+    loop {
+        match upstream.fetch_card(etag.as_deref()).await {
+            Ok(CardFetch::Unchanged) => failures = 0,
+            Ok(CardFetch::Changed { card, etag: new }) => {
+                failures = 0;
+                let skills: Vec<String> = card.capabilities().map(str::to_owned).collect();
+                match &attached {
+                    Some(agent) => match agent.update_card(*card).await {
+                        Ok(()) => {
+                            etag = new;
+                            println!("dmsc-a2a adapt: card updated: {}", skills.join(" "));
+                        }
+                        Err(e) => tracing::warn!("updating the card at the gateway: {e}"),
+                    },
+                    None => match Agent::attach(attach_config(*card)?, handlers.clone()).await {
+                        Ok(agent) => {
+                            etag = new;
+                            println!("dmsc-a2a adapt: attached: {}", skills.join(" "));
+                            let refused = agent.refused();
+                            if !refused.is_empty() {
+                                tracing::warn!("policy refused capabilities: {refused:?}");
+                            }
+                            attached = Some(agent);
+                        }
+                        Err(e) => tracing::warn!("attaching to the gateway: {e}"),
+                    },
+                }
+            }
+            Err(e @ CardProblem::Invalid(_)) => tracing::warn!("{e}; retrying"),
+            Err(e) => {
+                failures += 1;
+                // Warn on the first failure and at withdrawal, not at every read after.
+                if failures == 1 || failures == unhealthy_after {
+                    tracing::warn!("the A2A agent is unhealthy ({failures} in a row): {e}");
+                } else {
+                    tracing::debug!("the A2A agent is unhealthy ({failures} in a row): {e}");
+                }
+                if failures >= unhealthy_after {
+                    if let Some(agent) = attached.take() {
+                        println!("dmsc-a2a adapt: withdrawn: the agent is unhealthy");
+                        etag = None;
+                        if let Err(e) = agent.detach().await {
+                            tracing::warn!("detaching: {e}");
+                        }
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = &mut shutdown => break,
+        }
+    }
+    if let Some(agent) = attached {
+        agent.detach().await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,751 @@
+//! The front door: an HTTP server where every capability of the domain is a virtual A2A agent.
+//!
+//! Routes (all under the base URL; `{cap}` is a capability name, percent-encoded):
+//!
+//! | Route | What |
+//! |---|---|
+//! | `GET /.well-known/api-catalog` | RFC 9727 catalog: a linkset with one item per capability card |
+//! | `GET /a2a/c/{cap}/.well-known/agent-card.json` | the capability's card |
+//! | `POST /a2a/c/{cap}` | JSON-RPC, A2A v1.0 and v0.3 |
+//! | `/a2a/c/{cap}/rest/...` | HTTP+JSON, A2A v1.0 (also with a `/{tenant}` prefix) |
+//!
+//! Every request is forwarded as one `dmsc/1` invocation of `{cap}` on the A2A binding
+//! ([`crate::binding`]); the gateway picks the agent. HTTP and tokio stay here, in the front
+//! door's process: the gateway's workers see ordinary `dmsc/1` requests.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method as HttpMethod, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use bytes::Bytes;
+use dmsc_agent::{Agent, DiscoveryEntry, InvokeError, Status};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::binding::{self, Call, LineBuffer, CONTENT_TYPE, STREAM_CONTENT_TYPE};
+use crate::convert;
+use crate::error::{rest_from_jsonrpc, A2aError, ErrorKind};
+use crate::method::{self, Dialect, Method};
+
+/// Front-door settings.
+#[derive(Debug, Clone)]
+pub struct FrontConfig {
+    /// The URL clients reach the front door at, without a trailing slash; cards point there.
+    pub public_url: String,
+    /// Largest request body accepted (bytes); larger ones get HTTP 413.
+    pub max_body_bytes: usize,
+    /// Largest answer, or streamed event, accepted from an agent (bytes).
+    pub max_answer_bytes: usize,
+    /// Requests forwarded at once; beyond it callers get `OVERLOADED` (HTTP 503).
+    pub max_concurrent: usize,
+    /// Time an agent has to begin its answer.
+    pub request_timeout: Duration,
+}
+
+impl FrontConfig {
+    /// Defaults for a front door reached at `public_url`.
+    pub fn new(public_url: impl Into<String>) -> Self {
+        Self {
+            public_url: public_url.into().trim_end_matches('/').to_owned(),
+            max_body_bytes: 1 << 20,
+            max_answer_bytes: binding::DEFAULT_MAX_MESSAGE_BYTES,
+            max_concurrent: 1024,
+            request_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+struct Shared {
+    agent: Agent,
+    config: FrontConfig,
+    permits: Arc<Semaphore>,
+}
+
+/// The front door's routes, invoking through `agent`.
+pub fn router(agent: Agent, config: FrontConfig) -> Router {
+    let permits = Arc::new(Semaphore::new(config.max_concurrent));
+    let shared = Arc::new(Shared {
+        agent,
+        config,
+        permits,
+    });
+    Router::new()
+        .route("/.well-known/api-catalog", get(catalog))
+        .route("/a2a/c/{cap}/.well-known/agent-card.json", get(card))
+        .route("/a2a/c/{cap}", post(jsonrpc))
+        .route("/a2a/c/{cap}/", post(jsonrpc))
+        .route("/a2a/c/{cap}/rest/{*path}", axum::routing::any(rest))
+        .with_state(shared)
+}
+
+/// Serves the front door on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    agent: Agent,
+    config: FrontConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(agent, config))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+// ---- cards and the catalog ----
+
+/// `{cap}` as a URL path segment.
+pub fn encode_segment(cap: &str) -> String {
+    let mut out = String::with_capacity(cap.len());
+    for b in cap.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The card of the virtual agent for capability `entry`, served at `base`.
+pub fn capability_card(base: &str, entry: &DiscoveryEntry) -> Value {
+    let url = format!("{base}/a2a/c/{}", encode_segment(&entry.capability));
+    let modes = |m: &[String]| -> Value {
+        if m.is_empty() {
+            json!(["text/plain"])
+        } else {
+            json!(m)
+        }
+    };
+    let description = if entry.description.is_empty() {
+        format!(
+            "The capability {:?}, served by the agents of the domain",
+            entry.capability
+        )
+    } else {
+        entry.description.clone()
+    };
+    json!({
+        "name": entry.capability,
+        "description": description,
+        "version": "1.0.0",
+        // v1.0 clients take the first interface they support: JSON-RPC 1.0, then HTTP+JSON,
+        // then JSON-RPC 0.3; the legacy fields below keep v0.3 clients on the front door too.
+        "supportedInterfaces": [
+            {"url": url, "protocolBinding": "JSONRPC", "protocolVersion": "1.0"},
+            {"url": format!("{url}/rest"), "protocolBinding": "HTTP+JSON", "protocolVersion": "1.0"},
+            {"url": url, "protocolBinding": "JSONRPC", "protocolVersion": "0.3"},
+        ],
+        "capabilities": {"streaming": true, "pushNotifications": false},
+        "defaultInputModes": modes(&entry.input_modes),
+        "defaultOutputModes": modes(&entry.output_modes),
+        "skills": [{
+            "id": entry.capability,
+            "name": entry.capability,
+            "description": description,
+            "tags": entry.tags,
+        }],
+        "url": url,
+        "preferredTransport": "JSONRPC",
+        "protocolVersion": "0.3.0",
+    })
+}
+
+async fn discover(shared: &Shared, prefix: &str) -> Result<Vec<DiscoveryEntry>, A2aError> {
+    shared.agent.discover(prefix, "").await.map_err(|e| {
+        A2aError::new(
+            ErrorKind::GatewayUnavailable,
+            format!("the gateway did not answer discovery: {e}"),
+        )
+    })
+}
+
+async fn card(
+    State(shared): State<Arc<Shared>>,
+    Path(cap): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let entries = match discover(&shared, &cap).await {
+        Ok(entries) => entries,
+        Err(e) => return rest_error(&e),
+    };
+    let Some(entry) = entries.iter().find(|e| e.capability == cap) else {
+        let e = A2aError::new(
+            ErrorKind::CapabilityNotFound,
+            format!("no agent of the domain offers {cap:?} to this front door"),
+        );
+        return rest_error(&e);
+    };
+    let body =
+        serde_json::to_vec(&capability_card(&shared.config.public_url, entry)).unwrap_or_default();
+    let etag = format!("\"{:016x}\"", fnv1a(&body));
+    let matches = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().trim_start_matches("W/") == etag)
+        });
+    let mut response = if matches {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        json_response(StatusCode::OK, body)
+    };
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        response.headers_mut().insert(header::ETAG, v);
+    }
+    response
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+async fn catalog(State(shared): State<Arc<Shared>>) -> Response {
+    let entries = match discover(&shared, "").await {
+        Ok(entries) => entries,
+        Err(e) => return rest_error(&e),
+    };
+    let base = &shared.config.public_url;
+    let items: Vec<Value> = entries
+        .iter()
+        .map(|e| {
+            json!({
+                "href": format!("{base}/a2a/c/{}/.well-known/agent-card.json", encode_segment(&e.capability)),
+                "type": "application/json",
+                "title": e.capability,
+            })
+        })
+        .collect();
+    let body = json!({"linkset": [{
+        "anchor": format!("{base}/.well-known/api-catalog"),
+        "item": items,
+    }]});
+    let mut response = json_response(
+        StatusCode::OK,
+        serde_json::to_vec(&body).unwrap_or_default(),
+    );
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/linkset+json"),
+    );
+    response
+}
+
+// ---- JSON-RPC ----
+
+fn version_header(headers: &HeaderMap) -> Option<&str> {
+    headers.get("a2a-version").and_then(|v| v.to_str().ok())
+}
+
+async fn jsonrpc(
+    State(shared): State<Arc<Shared>>,
+    Path(cap): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let body = match read_body(body, shared.config.max_body_bytes).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    let value: Value = match serde_json::from_slice(&body) {
+        Ok(value) => value,
+        Err(e) => {
+            return rpc_error(
+                &A2aError::new(ErrorKind::Parse, format!("the body is not JSON: {e}")),
+                &Value::Null,
+            )
+        }
+    };
+    let (name, params, id) = match binding::envelope(&value) {
+        Ok(parts) => parts,
+        Err((e, id)) => return rpc_error(&e, &id),
+    };
+    let (method, dialect) = match method::jsonrpc_dialect(name, version_header(&headers)) {
+        Ok(found) => found,
+        Err(e) => return rpc_error(&e, &id),
+    };
+    let params = match prepare(method, dialect, &cap, params) {
+        Ok(params) => params,
+        Err(e) => return rpc_error(&e, &id),
+    };
+    let call = Call { method, params, id };
+    forward(&shared, &cap, call, dialect).await
+}
+
+/// Checks the tenant, refuses what the front door does not forward, and converts v0.3 params.
+fn prepare(method: Method, dialect: Dialect, cap: &str, params: Value) -> Result<Value, A2aError> {
+    if let Some(tenant) = params.get("tenant").and_then(Value::as_str) {
+        if !tenant.is_empty() && tenant != cap {
+            return Err(A2aError::new(
+                ErrorKind::InvalidParams,
+                format!("tenant {tenant:?} disagrees with the capability {cap:?} in the path"),
+            ));
+        }
+    }
+    if !method.is_forwarded() {
+        return Err(method.refusal());
+    }
+    if dialect == Dialect::JsonRpc03 {
+        convert::params_v03_to_v1(method, &params)
+    } else {
+        Ok(params)
+    }
+}
+
+// ---- HTTP+JSON ----
+
+async fn rest(
+    State(shared): State<Arc<Shared>>,
+    Path((cap, path)): Path<(String, String)>,
+    Query(query): Query<HashMap<String, String>>,
+    http_method: HttpMethod,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let body = match read_body(body, shared.config.max_body_bytes).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    let major = match method::header_major(version_header(&headers)) {
+        Ok(major) => major,
+        Err(e) => return rest_error(&e),
+    };
+    if major != 1 {
+        return rest_error(&method::unsupported_version(version_header(&headers)));
+    }
+    let (method, params) = match rest_route(&cap, &path, &http_method, &query, &body) {
+        Ok(route) => route,
+        Err(e) => return rest_error(&e),
+    };
+    let params = match prepare(method, Dialect::Rest1, &cap, params) {
+        Ok(params) => params,
+        Err(e) => return rest_error(&e),
+    };
+    let call = Call {
+        method,
+        params,
+        id: json!(1),
+    };
+    forward(&shared, &cap, call, Dialect::Rest1).await
+}
+
+/// The method and params of an HTTP+JSON request to `/rest/{path}`.
+fn rest_route(
+    cap: &str,
+    path: &str,
+    http_method: &HttpMethod,
+    query: &HashMap<String, String>,
+    body: &[u8],
+) -> Result<(Method, Value), A2aError> {
+    let mut segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let known = |s: &str| s.starts_with("message:") || s == "tasks" || s == "extendedAgentCard";
+    let mut tenant = None;
+    if segments.len() > 1 && !known(segments[0]) {
+        tenant = Some(segments.remove(0));
+    }
+    if let Some(tenant) = tenant {
+        if tenant != cap {
+            return Err(A2aError::new(
+                ErrorKind::InvalidParams,
+                format!("tenant {tenant:?} disagrees with the capability {cap:?} in the path"),
+            ));
+        }
+    }
+    let json_body = || -> Result<Value, A2aError> {
+        if body.is_empty() {
+            return Ok(json!({}));
+        }
+        let value: Value = serde_json::from_slice(body)
+            .map_err(|e| A2aError::new(ErrorKind::Parse, format!("the body is not JSON: {e}")))?;
+        if value.is_object() {
+            Ok(value)
+        } else {
+            Err(A2aError::new(
+                ErrorKind::InvalidParams,
+                "the body must be a JSON object",
+            ))
+        }
+    };
+    let not_found = || {
+        A2aError::new(
+            ErrorKind::MethodNotFound,
+            format!("no A2A operation at {http_method} /rest/{path}"),
+        )
+    };
+    let is_post = http_method == HttpMethod::POST;
+    let is_get = http_method == HttpMethod::GET;
+    match segments.as_slice() {
+        ["message:send"] if is_post => Ok((Method::SendMessage, json_body()?)),
+        ["message:stream"] if is_post => Ok((Method::SendStreamingMessage, json_body()?)),
+        ["extendedAgentCard"] if is_get => Ok((Method::GetExtendedAgentCard, json!({}))),
+        ["tasks"] if is_get => Ok((Method::ListTasks, query_params(query))),
+        ["tasks", _, "pushNotificationConfigs", ..] => Ok((Method::CreatePushConfig, json!({}))),
+        ["tasks", action] => {
+            if let Some((id, verb)) = action.rsplit_once(':') {
+                let method = match verb {
+                    "cancel" if is_post => Method::CancelTask,
+                    "subscribe" if is_post || is_get => Method::SubscribeToTask,
+                    _ => return Err(not_found()),
+                };
+                let mut params = json_body()?;
+                params["id"] = json!(id);
+                Ok((method, params))
+            } else if is_get {
+                let mut params = query_params(query);
+                params["id"] = json!(action);
+                Ok((Method::GetTask, params))
+            } else {
+                Err(not_found())
+            }
+        }
+        _ => Err(not_found()),
+    }
+}
+
+/// Query parameters as JSON params; integers become numbers.
+fn query_params(query: &HashMap<String, String>) -> Value {
+    let map = query
+        .iter()
+        .map(|(k, v)| {
+            let value = v.parse::<i64>().map_or_else(|_| json!(v), |n| json!(n));
+            (k.clone(), value)
+        })
+        .collect();
+    Value::Object(map)
+}
+
+// ---- forwarding ----
+
+async fn forward(shared: &Shared, cap: &str, call: Call, dialect: Dialect) -> Response {
+    let Ok(_permit) = shared.permits.clone().try_acquire_owned() else {
+        let e = A2aError::new(
+            ErrorKind::Overloaded,
+            format!(
+                "the front door is serving its limit of {} requests",
+                shared.config.max_concurrent
+            ),
+        );
+        return error_for(dialect, &e, &call.id);
+    };
+    let request = shared
+        .agent
+        .request(cap)
+        .content_type(CONTENT_TYPE)
+        .deadline(shared.config.request_timeout);
+    let (mut writer, answer) = request.send_streaming();
+    let payload = Bytes::from(call.encode());
+    let write = async move {
+        writer.write(payload).await?;
+        writer.finish().await
+    };
+    let (written, answer) = tokio::join!(write, answer);
+    let mut answer = match answer {
+        Ok(answer) => answer,
+        Err(e) => return error_for(dialect, &invoke_error(&e), &call.id),
+    };
+    if answer.status != Status::Ok {
+        return error_for(
+            dialect,
+            &status_error(answer.status, &answer.message),
+            &call.id,
+        );
+    }
+    if let Err(e) = written {
+        let e = A2aError::new(ErrorKind::TargetFailed, format!("sending the request: {e}"));
+        return error_for(dialect, &e, &call.id);
+    }
+    let limit = shared.config.max_answer_bytes;
+    if answer.content_type == STREAM_CONTENT_TYPE {
+        return stream_events(answer, call, dialect, limit);
+    }
+    if answer.content_type != CONTENT_TYPE {
+        let e = A2aError::new(
+            ErrorKind::InvalidAgentResponse,
+            format!(
+                "the agent answered content type {:?}, not the A2A binding's",
+                answer.content_type
+            ),
+        );
+        return error_for(dialect, &e, &call.id);
+    }
+    let body = match answer.body(limit).await {
+        Ok(body) => body,
+        Err(e) => {
+            let e = A2aError::new(ErrorKind::TargetFailed, format!("reading the answer: {e}"));
+            return error_for(dialect, &e, &call.id);
+        }
+    };
+    match binding::parse_answer(&body) {
+        Ok(response) => render(dialect, call.method, &response, &call.id),
+        Err(e) => error_for(dialect, &e, &call.id),
+    }
+}
+
+fn invoke_error(e: &InvokeError) -> A2aError {
+    A2aError::new(ErrorKind::for_status(e.status()), e.to_string())
+}
+
+fn status_error(status: Status, message: &str) -> A2aError {
+    let message = if message.is_empty() {
+        format!("the gateway answered {status}")
+    } else {
+        format!("{status}: {message}")
+    };
+    A2aError::new(ErrorKind::for_status(status), message)
+}
+
+/// A whole JSON-RPC response from the agent, in the caller's dialect.
+fn render(dialect: Dialect, method: Method, response: &Value, id: &Value) -> Response {
+    match (dialect, response.get("error")) {
+        (Dialect::Rest1, Some(error)) => {
+            let (status, body) = rest_from_jsonrpc(error);
+            json_value(status_code(status), &body)
+        }
+        (_, Some(error)) => json_value(
+            StatusCode::OK,
+            &json!({"jsonrpc": "2.0", "id": id, "error": error}),
+        ),
+        (Dialect::Rest1, None) => json_value(StatusCode::OK, &response["result"]),
+        (Dialect::JsonRpc1, None) => json_value(
+            StatusCode::OK,
+            &json!({"jsonrpc": "2.0", "id": id, "result": response["result"]}),
+        ),
+        (Dialect::JsonRpc03, None) => {
+            let result = convert::result_v1_to_v03(method, &response["result"]);
+            json_value(
+                StatusCode::OK,
+                &json!({"jsonrpc": "2.0", "id": id, "result": result}),
+            )
+        }
+    }
+}
+
+/// A streamed answer as server-sent events, one JSON-RPC response (or, for HTTP+JSON, one
+/// stream response) per event. A failure mid-stream ends the stream with an error event.
+fn stream_events(
+    mut answer: dmsc_agent::ReplyStream,
+    call: Call,
+    dialect: Dialect,
+    limit: usize,
+) -> Response {
+    let (tx, rx) = mpsc::channel::<Event>(16);
+    tokio::spawn(async move {
+        let mut lines = LineBuffer::new(limit);
+        let mut ready = Vec::new();
+        loop {
+            let chunk = match answer.chunk().await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => break,
+                Err(e) => {
+                    let e = A2aError::new(
+                        ErrorKind::TargetFailed,
+                        format!("the agent's stream failed: {e}"),
+                    );
+                    let _ = tx.send(error_event(dialect, &e, &call.id)).await;
+                    return;
+                }
+            };
+            if let Err(e) = lines.push(&chunk, &mut ready) {
+                let _ = tx.send(error_event(dialect, &e, &call.id)).await;
+                return;
+            }
+            for line in ready.drain(..) {
+                let event = match binding::parse_answer(&line) {
+                    Ok(response) => event(dialect, call.method, &response, &call.id),
+                    Err(e) => error_event(dialect, &e, &call.id),
+                };
+                if tx.send(event).await.is_err() {
+                    return; // the client went away: dropping the answer cancels it
+                }
+            }
+        }
+        if let Some(rest) = lines.finish() {
+            let event = match binding::parse_answer(&rest) {
+                Ok(response) => event(dialect, call.method, &response, &call.id),
+                Err(e) => error_event(dialect, &e, &call.id),
+            };
+            let _ = tx.send(event).await;
+        }
+    });
+    let events = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))
+    });
+    Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+fn event(dialect: Dialect, method: Method, response: &Value, id: &Value) -> Event {
+    match (dialect, response.get("error")) {
+        (Dialect::Rest1, Some(error)) => {
+            let (_, body) = rest_from_jsonrpc(error);
+            Event::default().event("error").data(body.to_string())
+        }
+        (_, Some(error)) => {
+            Event::default().data(json!({"jsonrpc": "2.0", "id": id, "error": error}).to_string())
+        }
+        (Dialect::Rest1, None) => Event::default().data(response["result"].to_string()),
+        (Dialect::JsonRpc1, None) => Event::default()
+            .data(json!({"jsonrpc": "2.0", "id": id, "result": response["result"]}).to_string()),
+        (Dialect::JsonRpc03, None) => {
+            let result = convert::result_v1_to_v03(method, &response["result"]);
+            Event::default().data(json!({"jsonrpc": "2.0", "id": id, "result": result}).to_string())
+        }
+    }
+}
+
+fn error_event(dialect: Dialect, e: &A2aError, id: &Value) -> Event {
+    match dialect {
+        Dialect::Rest1 => Event::default()
+            .event("error")
+            .data(e.rest_body().to_string()),
+        _ => Event::default().data(e.jsonrpc_response(id).to_string()),
+    }
+}
+
+// ---- responses ----
+
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, Response> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let message =
+            format!("the request body is over the limit of {limit} bytes, or broken ({e})");
+        let body = A2aError::new(ErrorKind::InvalidRequest, message).rest_body();
+        json_value(StatusCode::PAYLOAD_TOO_LARGE, &body)
+    })
+}
+
+fn error_for(dialect: Dialect, e: &A2aError, id: &Value) -> Response {
+    match dialect {
+        Dialect::Rest1 => rest_error(e),
+        _ => rpc_error(e, id),
+    }
+}
+
+fn rpc_error(e: &A2aError, id: &Value) -> Response {
+    json_value(StatusCode::OK, &e.jsonrpc_response(id))
+}
+
+fn rest_error(e: &A2aError) -> Response {
+    json_value(status_code(e.kind.http_status()), &e.rest_body())
+}
+
+fn status_code(code: u16) -> StatusCode {
+    StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+fn json_value(status: StatusCode, value: &Value) -> Response {
+    json_response(status, serde_json::to_vec(value).unwrap_or_default())
+}
+
+fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
+    let mut response = (status, body).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// The address a front door listening on `addr` is reached at, for cards.
+pub fn default_public_url(addr: SocketAddr) -> String {
+    format!("http://{addr}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(path: &str, method: HttpMethod, body: &[u8]) -> Result<(Method, Value), ErrorKind> {
+        rest_route("echo", path, &method, &HashMap::new(), body).map_err(|e| e.kind)
+    }
+
+    #[test]
+    fn rest_routes() {
+        assert_eq!(
+            route("message:send", HttpMethod::POST, b"{\"message\":{}}").unwrap(),
+            (Method::SendMessage, json!({"message": {}}))
+        );
+        assert_eq!(
+            route("echo/message:stream", HttpMethod::POST, b"")
+                .unwrap()
+                .0,
+            Method::SendStreamingMessage
+        );
+        assert_eq!(
+            route("tasks/t1", HttpMethod::GET, b"").unwrap(),
+            (Method::GetTask, json!({"id": "t1"}))
+        );
+        assert_eq!(
+            route("tasks/t1:cancel", HttpMethod::POST, b"").unwrap(),
+            (Method::CancelTask, json!({"id": "t1"}))
+        );
+        assert_eq!(
+            route("tasks/t1:subscribe", HttpMethod::POST, b"")
+                .unwrap()
+                .0,
+            Method::SubscribeToTask
+        );
+        assert_eq!(
+            route("other/message:send", HttpMethod::POST, b""),
+            Err(ErrorKind::InvalidParams)
+        );
+        assert_eq!(
+            route("message:send", HttpMethod::GET, b""),
+            Err(ErrorKind::MethodNotFound)
+        );
+        assert_eq!(
+            route("tasks/t1:explode", HttpMethod::POST, b""),
+            Err(ErrorKind::MethodNotFound)
+        );
+        assert_eq!(
+            route("message:send", HttpMethod::POST, b"[1]"),
+            Err(ErrorKind::InvalidParams)
+        );
+        assert_eq!(
+            route("message:send", HttpMethod::POST, b"{"),
+            Err(ErrorKind::Parse)
+        );
+    }
+
+    #[test]
+    fn tenant_must_match_the_path() {
+        let params = json!({"tenant": "other", "message": {}});
+        let e = prepare(Method::SendMessage, Dialect::JsonRpc1, "echo", params).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidParams);
+        let params = json!({"tenant": "echo", "message": {}});
+        assert!(prepare(Method::SendMessage, Dialect::JsonRpc1, "echo", params).is_ok());
+    }
+
+    #[test]
+    fn cards_keep_clients_on_the_front_door() {
+        let entry = DiscoveryEntry {
+            capability: "sum up".into(),
+            description: String::new(),
+            providers: 2,
+            tags: vec!["text".into()],
+            input_modes: vec![],
+            output_modes: vec!["application/json".into()],
+        };
+        let card = capability_card("http://gw:8080", &entry);
+        assert_eq!(card["url"], "http://gw:8080/a2a/c/sum%20up");
+        for interface in card["supportedInterfaces"].as_array().unwrap() {
+            assert!(interface["url"]
+                .as_str()
+                .unwrap()
+                .starts_with("http://gw:8080/a2a/c/sum%20up"));
+        }
+        assert_eq!(card["supportedInterfaces"][0]["protocolVersion"], "1.0");
+        assert_eq!(card["skills"][0]["id"], "sum up");
+        assert_eq!(card["defaultOutputModes"], json!(["application/json"]));
+    }
+}

@@ -1,0 +1,231 @@
+//! `dmsc-a2a`: the A2A front door (`front`) and adapter (`adapt`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use dmsc_a2a::adapt::{self, AdaptConfig};
+use dmsc_a2a::front::{self, FrontConfig};
+use dmsc_agent::{Agent, AgentCard, AgentConfig, Handlers, Response, Skill, Status};
+
+/// Unmodified A2A clients and agents, through a DMSC gateway, by capability.
+#[derive(Debug, Parser)]
+#[command(name = "dmsc-a2a", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve every capability of the domain as a virtual A2A agent over HTTP.
+    Front(FrontArgs),
+    /// Attach an A2A agent (HTTP, JSON-RPC 1.0) to a gateway with its own card.
+    Adapt(AdaptArgs),
+}
+
+/// How to reach the gateway, and who we are.
+#[derive(Debug, Args)]
+struct GatewayArgs {
+    /// The gateway's `dmsc/1` address.
+    #[arg(long, default_value = "127.0.0.1:4433")]
+    gateway: SocketAddr,
+    /// This process's certificate chain (PEM): an agent identity of the domain.
+    #[arg(long)]
+    cert: PathBuf,
+    /// Its private key (PEM).
+    #[arg(long)]
+    key: PathBuf,
+    /// The domain's CA (PEM).
+    #[arg(long)]
+    ca: PathBuf,
+}
+
+impl GatewayArgs {
+    fn config(&self, card: AgentCard) -> anyhow::Result<AgentConfig> {
+        AgentConfig::from_files(self.gateway, &self.cert, &self.key, &self.ca, card)
+            .context("loading the identity files")
+    }
+}
+
+#[derive(Debug, Args)]
+struct FrontArgs {
+    #[command(flatten)]
+    gateway: GatewayArgs,
+    /// HTTP address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// The URL clients reach this front door at (written into cards); default http://<listen>.
+    #[arg(long)]
+    public_url: Option<String>,
+    /// Largest request body accepted, in bytes (larger: HTTP 413).
+    #[arg(long, default_value_t = 1 << 20)]
+    max_body_bytes: usize,
+    /// Largest answer or streamed event accepted from an agent, in bytes.
+    #[arg(long, default_value_t = dmsc_a2a::binding::DEFAULT_MAX_MESSAGE_BYTES)]
+    max_answer_bytes: usize,
+    /// Requests forwarded at once; beyond it callers get OVERLOADED (HTTP 503).
+    #[arg(long, default_value_t = 1024)]
+    max_concurrent: usize,
+    /// Milliseconds an agent has to begin its answer.
+    #[arg(long, default_value_t = 60_000)]
+    request_timeout_ms: u64,
+}
+
+#[derive(Debug, Args)]
+struct AdaptArgs {
+    #[command(flatten)]
+    gateway: GatewayArgs,
+    /// The A2A agent's base URL (its card is at <URL>/.well-known/agent-card.json).
+    #[arg(long)]
+    agent_url: String,
+    /// Where to send JSON-RPC calls; default: the card's first JSON-RPC 1.x interface.
+    #[arg(long)]
+    rpc_url: Option<String>,
+    /// Milliseconds between card reads (each one is also a health check).
+    #[arg(long, default_value_t = 30_000)]
+    card_interval_ms: u64,
+    /// Failed card reads in a row after which the agent's capabilities are withdrawn.
+    #[arg(long, default_value_t = 3)]
+    unhealthy_after: u32,
+    /// Milliseconds the agent has to begin its answer when the caller set no deadline.
+    #[arg(long, default_value_t = 60_000)]
+    upstream_timeout_ms: u64,
+    /// Largest answer or streamed event accepted from the agent, in bytes.
+    #[arg(long, default_value_t = dmsc_a2a::binding::DEFAULT_MAX_MESSAGE_BYTES)]
+    max_message_bytes: usize,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(64)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DMSC_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("dmsc-a2a: error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Front(args) => run_front(args).await,
+            Command::Adapt(args) => run_adapt(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dmsc-a2a: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// The front door's own card: it invokes, and serves nothing (its one skill is there because a
+/// card needs one; requests for it are answered NO_ROUTE by [`front_handlers`]).
+fn front_card() -> AgentCard {
+    AgentCard::new(
+        "dmsc-a2a-front",
+        "The A2A front door: HTTP A2A clients invoke the domain's capabilities through it",
+        env!("CARGO_PKG_VERSION"),
+    )
+    .with_skill(Skill::new("dmsc.a2a.front", "A2A front door"))
+}
+
+fn front_handlers() -> Handlers {
+    Handlers::new().fallback(|_request| async {
+        Ok::<_, dmsc_agent::HandlerError>(Response::error(
+            Status::NoRoute,
+            "the A2A front door invokes capabilities for HTTP clients; it serves none",
+        ))
+    })
+}
+
+async fn run_front(args: FrontArgs) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let local = listener.local_addr()?;
+    let mut config = FrontConfig::new(
+        args.public_url
+            .clone()
+            .unwrap_or_else(|| front::default_public_url(local)),
+    );
+    config.max_body_bytes = args.max_body_bytes;
+    config.max_answer_bytes = args.max_answer_bytes;
+    config.max_concurrent = args.max_concurrent.max(1);
+    config.request_timeout = Duration::from_millis(args.request_timeout_ms);
+    let mut agent_config = args.gateway.config(front_card())?;
+    // Streams of events may pause for long; the request timeout bounds the start of answers.
+    agent_config.request_timeout = config.request_timeout.max(Duration::from_secs(300));
+    agent_config.max_response_bytes = config.max_answer_bytes;
+    let agent = Agent::attach(agent_config, front_handlers())
+        .await
+        .with_context(|| format!("attaching to the gateway at {}", args.gateway.gateway))?;
+    println!("dmsc-a2a front attached to {}", args.gateway.gateway);
+    println!(
+        "dmsc-a2a front listening on {} (catalog: {}/.well-known/api-catalog)",
+        config.public_url, config.public_url
+    );
+    front::serve(listener, agent.clone(), config, shutdown_signal()).await?;
+    agent.detach().await?;
+    Ok(())
+}
+
+async fn run_adapt(args: AdaptArgs) -> anyhow::Result<()> {
+    let mut config = AdaptConfig::new(args.agent_url);
+    config.rpc_url = args.rpc_url;
+    config.card_interval = Duration::from_millis(args.card_interval_ms.max(10));
+    config.unhealthy_after = args.unhealthy_after;
+    config.upstream_timeout = Duration::from_millis(args.upstream_timeout_ms);
+    config.max_message_bytes = args.max_message_bytes;
+    let gateway = args.gateway;
+    let max = config.max_message_bytes;
+    adapt::run(
+        config,
+        |card| {
+            let mut c = gateway.config(card)?;
+            c.max_request_bytes = max;
+            Ok(c)
+        },
+        shutdown_signal(),
+    )
+    .await
+}
