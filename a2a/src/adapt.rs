@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dmsc_agent::{
-    Agent, AgentCard, AgentConfig, HandlerError, Handlers, Request, Response, Status,
+    Agent, AgentCard, AgentConfig, HandlerError, Handlers, Request, Response, SessionId, Status,
 };
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -28,6 +28,7 @@ use serde_json::Value;
 use crate::binding::{self, Call, CONTENT_TYPE, STREAM_CONTENT_TYPE};
 use crate::error::{A2aError, ErrorKind};
 use crate::sse::SseParser;
+use crate::task_id::{self, ForeignTask};
 
 /// The header carrying the caller's verified identity to the agent.
 pub const CALLER_HEADER: &str = "dmsc-caller";
@@ -172,10 +173,22 @@ impl Upstream {
             ));
         }
         let body = request.payload().await?;
-        let call = match Call::decode(&body) {
+        let mut call = match Call::decode(&body) {
             Ok(call) => call,
             Err((e, id)) => return Ok(whole(&e.jsonrpc_response(&id))),
         };
+        // Task ids arrive qualified with this agent's session; the agent knows its own.
+        let session = request.agent().and_then(Agent::session);
+        if let Some(session) = session {
+            if let Err(ForeignTask(id)) = task_id::strip(call.method, &mut call.params, session) {
+                let e = A2aError::new(
+                    ErrorKind::TaskNotFound,
+                    format!("task {id:?} is held by another agent"),
+                );
+                return Ok(whole(&e.jsonrpc_response(&call.id)));
+            }
+        }
+        let body = Bytes::from(call.encode());
         let Some(uri) = self.rpc_uri() else {
             return Ok(Response::error(
                 Status::Unavailable,
@@ -218,7 +231,7 @@ impl Upstream {
             .is_some_and(|v| v.starts_with("text/event-stream"));
         let limit = self.config.max_message_bytes;
         if is_events && status.is_success() {
-            return Ok(relay_events(response.into_body(), call.id, limit));
+            return Ok(relay_events(response.into_body(), call, session, limit));
         }
         let body = match read_limited(response.into_body(), limit).await {
             Ok(body) => body,
@@ -230,7 +243,12 @@ impl Upstream {
             }
         };
         match binding::parse_answer(&body) {
-            Ok(_) => Ok(Response::ok(body).with_content_type(CONTENT_TYPE)),
+            Ok(mut answer) => {
+                if let Some(session) = session {
+                    task_id::qualify_answer(call.method, &mut answer, session);
+                }
+                Ok(whole(&answer))
+            }
             Err(e) => Ok(Response::error(
                 Status::TargetFailed,
                 format!("the A2A agent answered HTTP {status}: {}", e.message),
@@ -283,7 +301,12 @@ fn whole(response: &Value) -> Response {
 
 /// Relays the agent's event stream as the binding's lines. A broken or malformed stream ends
 /// with an error line, so the caller gets a terminal event rather than a silent end.
-fn relay_events(mut body: Incoming, id: Value, limit: usize) -> Response {
+fn relay_events(
+    mut body: Incoming,
+    call: Call,
+    session: Option<SessionId>,
+    limit: usize,
+) -> Response {
     let (response, mut writer) = Response::streaming(STREAM_CONTENT_TYPE);
     tokio::spawn(async move {
         let mut parser = SseParser::new(limit);
@@ -308,7 +331,10 @@ fn relay_events(mut body: Incoming, id: Value, limit: usize) -> Response {
             let mut bad = None;
             for event in events.drain(..) {
                 match binding::parse_answer(&event) {
-                    Ok(value) => {
+                    Ok(mut value) => {
+                        if let Some(session) = session {
+                            task_id::qualify_answer(call.method, &mut value, session);
+                        }
                         let mut line = serde_json::to_vec(&value).unwrap_or_default();
                         line.push(b'\n');
                         if writer.write(line).await.is_err() {
@@ -326,7 +352,7 @@ fn relay_events(mut body: Incoming, id: Value, limit: usize) -> Response {
             }
         };
         if let Some(e) = failure {
-            let mut line = serde_json::to_vec(&e.jsonrpc_response(&id)).unwrap_or_default();
+            let mut line = serde_json::to_vec(&e.jsonrpc_response(&call.id)).unwrap_or_default();
             line.push(b'\n');
             let _ = writer.write(line).await;
         }

@@ -35,6 +35,7 @@ use crate::binding::{self, Call, LineBuffer, CONTENT_TYPE, STREAM_CONTENT_TYPE};
 use crate::convert;
 use crate::error::{rest_from_jsonrpc, A2aError, ErrorKind};
 use crate::method::{self, Dialect, Method};
+use crate::task_id;
 
 /// Front-door settings.
 #[derive(Debug, Clone)]
@@ -437,11 +438,17 @@ async fn forward(shared: &Shared, cap: &str, call: Call, dialect: Dialect) -> Re
         );
         return error_for(dialect, &e, &call.id);
     };
-    let request = shared
+    let mut request = shared
         .agent
         .request(cap)
         .content_type(CONTENT_TYPE)
         .deadline(shared.config.request_timeout);
+    // A follow-up goes to the agent holding the task, named in its id.
+    let task = task_id::referenced(call.method, &call.params)
+        .and_then(|id| task_id::session_of(id).map(|s| (id.to_owned(), s)));
+    if let Some((_, session)) = &task {
+        request = request.target_session(*session);
+    }
     let (mut writer, answer) = request.send_streaming();
     let payload = Bytes::from(call.encode());
     let write = async move {
@@ -454,11 +461,14 @@ async fn forward(shared: &Shared, cap: &str, call: Call, dialect: Dialect) -> Re
         Err(e) => return error_for(dialect, &invoke_error(&e), &call.id),
     };
     if answer.status != Status::Ok {
-        return error_for(
-            dialect,
-            &status_error(answer.status, &answer.message),
-            &call.id,
-        );
+        let e = match &task {
+            Some((id, _)) if answer.status == Status::NoRoute => A2aError::new(
+                ErrorKind::TaskNotFound,
+                format!("the agent holding task {id:?} is no longer reachable"),
+            ),
+            _ => status_error(answer.status, &answer.message),
+        };
+        return error_for(dialect, &e, &call.id);
     }
     if let Err(e) = written {
         let e = A2aError::new(ErrorKind::TargetFailed, format!("sending the request: {e}"));

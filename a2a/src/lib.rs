@@ -22,3 +22,4 @@ pub mod error;
 pub mod front;
 pub mod method;
 pub mod sse;
+pub mod task_id;

@@ -127,43 +127,47 @@ fn stock_a2a_sdk_clients_and_agents_through_the_gateway() {
     };
 
     // A stock a2a-sdk agent, and the adapter beside it.
-    let port = free_port();
-    let mut upstream = Proc::spawn(
-        "a2a-sdk agent",
-        Path::new("python3"),
-        &[
-            script("agent_server.py").display().to_string(),
-            "--port".into(),
-            port.to_string(),
-            "--name".into(),
-            "a1".into(),
-        ],
-    );
-    wait_http(SocketAddr::from(([127, 0, 0, 1], port)));
-    let (cert, key) = identity("a1-adapter");
-    let mut adapter = Proc::spawn(
-        "adapter",
-        &binary("dmsc-a2a"),
-        &[
-            "adapt".into(),
-            "--gateway".into(),
-            gateway.to_string(),
-            "--cert".into(),
-            cert,
-            "--key".into(),
-            key,
-            "--ca".into(),
-            ca_path.clone(),
-            "--agent-url".into(),
-            format!("http://127.0.0.1:{port}"),
-            "--card-interval-ms".into(),
-            "200".into(),
-            "--unhealthy-after".into(),
-            "2".into(),
-        ],
-    );
-    let attached = adapter.expect_line("dmsc-a2a adapt: attached:");
-    assert_eq!(attached, "echo", "the card's skills become capabilities");
+    let start_agent = |name: &str| -> (Proc, Proc) {
+        let port = free_port();
+        let upstream = Proc::spawn(
+            &format!("a2a-sdk agent {name}"),
+            Path::new("python3"),
+            &[
+                script("agent_server.py").display().to_string(),
+                "--port".into(),
+                port.to_string(),
+                "--name".into(),
+                name.into(),
+            ],
+        );
+        wait_http(SocketAddr::from(([127, 0, 0, 1], port)));
+        let (cert, key) = identity(&format!("{name}-adapter"));
+        let mut adapter = Proc::spawn(
+            &format!("adapter {name}"),
+            &binary("dmsc-a2a"),
+            &[
+                "adapt".into(),
+                "--gateway".into(),
+                gateway.to_string(),
+                "--cert".into(),
+                cert,
+                "--key".into(),
+                key,
+                "--ca".into(),
+                ca_path.clone(),
+                "--agent-url".into(),
+                format!("http://127.0.0.1:{port}"),
+                "--card-interval-ms".into(),
+                "200".into(),
+                "--unhealthy-after".into(),
+                "2".into(),
+            ],
+        );
+        let attached = adapter.expect_line("dmsc-a2a adapt: attached:");
+        assert_eq!(attached, "echo", "the card's skills become capabilities");
+        (upstream, adapter)
+    };
+    let (_a1, mut adapter1) = start_agent("a1");
 
     // The front door.
     let (cert, key) = identity("a2a-front");
@@ -179,7 +183,7 @@ fn stock_a2a_sdk_clients_and_agents_through_the_gateway() {
             "--key".into(),
             key,
             "--ca".into(),
-            ca_path,
+            ca_path.clone(),
             "--listen".into(),
             "127.0.0.1:0".into(),
         ],
@@ -215,14 +219,45 @@ fn stock_a2a_sdk_clients_and_agents_through_the_gateway() {
     ]);
     client(&["native", "--front", &url, "--cap", "native"]);
 
-    // The agent dies mid-stream: the caller's stream ends with an error event, the adapter
-    // withdraws the capability, and everything else keeps working.
+    // A second instance of `echo`: tasks spread over both, and every follow-up (GetTask, a
+    // message on the task) reaches the instance holding the task.
+    let (_a2, mut adapter2) = start_agent("a2");
+    let spread = client(&[
+        "affinity", "--front", &url, "--cap", "echo", "--agents", "a1,a2",
+    ]);
+    assert!(
+        spread.contains("ok tasks were spread over ['a1', 'a2']"),
+        "{spread}"
+    );
+
+    // An agent dies mid-stream: the caller's stream ends with an error event, its adapter
+    // withdraws the capability, and the other instance and everything else keep working.
     client(&["die", "--front", &url, "--cap", "echo"]);
-    adapter.expect_line("dmsc-a2a adapt: withdrawn");
-    let answer = client(&["send", "--front", &url, "--cap", "echo"]);
-    assert!(answer.starts_with("error"), "echo is gone: {answer}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let survivor = loop {
+        let step = Duration::from_millis(100);
+        if adapter1
+            .wait_line("dmsc-a2a adapt: withdrawn", step)
+            .is_some()
+        {
+            break "a2";
+        }
+        if adapter2
+            .wait_line("dmsc-a2a adapt: withdrawn", step)
+            .is_some()
+        {
+            break "a1";
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no adapter withdrew its dead agent"
+        );
+    };
+    for _ in 0..5 {
+        let answer = client(&["send", "--front", &url, "--cap", "echo", "--text", "again"]);
+        assert_eq!(answer.trim(), format!("text {survivor}: again"));
+    }
     client(&["native", "--front", &url, "--cap", "native"]);
     assert!(!front.exited(), "the front door keeps serving");
-    let _ = upstream.exited();
     runtime.block_on(native.detach()).unwrap();
 }

@@ -10,6 +10,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
+use dmsc_protocol::control::SessionId;
 use dmsc_protocol::header::{RequestHeader, ResponseHeader, TraceContext};
 use dmsc_protocol::limits::MAX_HEADER_BYTES;
 use dmsc_protocol::{Status, StreamCode};
@@ -155,6 +156,7 @@ pub struct RequestBuilder {
     content_type: String,
     trace: TraceContext,
     hop_count: u8,
+    target_session: u64,
 }
 
 impl RequestBuilder {
@@ -166,6 +168,7 @@ impl RequestBuilder {
             content_type: String::new(),
             trace: TraceContext::default(),
             hop_count: 0,
+            target_session: 0,
         }
     }
 
@@ -186,6 +189,17 @@ impl RequestBuilder {
     /// The W3C trace context to propagate.
     pub fn trace(mut self, trace: TraceContext) -> Self {
         self.trace = trace;
+        self
+    }
+
+    /// Asks the gateway to deliver the request to the agent of `session` and no other: a
+    /// follow-up to work that agent holds (an A2A task, say), when several agents offer the
+    /// capability. If that agent is gone, no longer offers the capability, or may not be
+    /// invoked by this caller, the answer is `NO_ROUTE` or `DENIED` as usual; the gateway
+    /// never substitutes another agent. An agent learns its own session from
+    /// [`Agent::session`].
+    pub fn target_session(mut self, session: SessionId) -> Self {
+        self.target_session = session.0;
         self
     }
 
@@ -375,6 +389,7 @@ impl RequestBuilder {
             trace: self.trace,
             content_type: &self.content_type,
             caller: "",
+            target_session: self.target_session,
         }
         .encode(&mut out)
         .map_err(InvokeError::InvalidRequest)?;
@@ -389,6 +404,7 @@ impl fmt::Debug for RequestBuilder {
             .field("deadline", &self.deadline)
             .field("content_type", &self.content_type)
             .field("trace", &self.trace)
+            .field("target_session", &self.target_session)
             .finish()
     }
 }

@@ -542,6 +542,7 @@ async fn forward(
         trace,
         content_type: &content_type,
         caller: &caller,
+        target_session: 0,
     }
     .encode(&mut out)?;
     out.extend_from_slice(&buf[used..]);

@@ -24,6 +24,7 @@ fn header_codec(c: &mut Criterion) {
         },
         content_type: "application/json",
         caller: "spiffe://dmsc.local/agent/caller",
+        target_session: 0,
     };
     let mut buf = Vec::with_capacity(256);
     header.encode(&mut buf).unwrap();

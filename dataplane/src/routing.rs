@@ -203,6 +203,29 @@ fn pick<C>(pool: &[AgentIdx], agents: &Agents<C>, rng: u64) -> Option<AgentIdx> 
     }
 }
 
+/// The candidates for `capability` if `caller` may invoke it: `NoRoute` if nobody offers
+/// it, `Denied` if policy forbids. Recomputes the capability's policy column once per install.
+#[inline]
+fn admit<'a>(
+    by_capability: &'a mut HashMap<Box<str>, Candidates>,
+    table: &TableGeneration,
+    installs: u64,
+    caller: &GroupSet,
+    capability: &str,
+) -> Result<&'a Candidates, Selection> {
+    let Some(cands) = by_capability.get_mut(capability) else {
+        return Err(Selection::NoRoute);
+    };
+    if cands.column_for != installs {
+        cands.column = table.column(Relation::Invoke, capability);
+        cands.column_for = installs;
+    }
+    if !permits(caller, cands.column.as_ref()) {
+        return Err(Selection::Denied(cands.metric));
+    }
+    Ok(cands)
+}
+
 #[derive(Debug)]
 struct Candidates {
     /// Agents offering the capability that this worker reaches directly.
@@ -294,16 +317,16 @@ impl<C: Copy> Router<C> {
     /// outstanding on it (release it with [`Router::finish`]).
     #[inline]
     pub fn select(&mut self, caller: &GroupSet, capability: &str) -> Selection {
-        let Some(cands) = self.by_capability.get_mut(capability) else {
-            return Selection::NoRoute;
+        let cands = match admit(
+            &mut self.by_capability,
+            &self.table,
+            self.installs,
+            caller,
+            capability,
+        ) {
+            Ok(cands) => cands,
+            Err(refusal) => return refusal,
         };
-        if cands.column_for != self.installs {
-            cands.column = self.table.column(Relation::Invoke, capability);
-            cands.column_for = self.installs;
-        }
-        if !permits(caller, cands.column.as_ref()) {
-            return Selection::Denied(cands.metric);
-        }
         self.rng ^= self.rng << 13;
         self.rng ^= self.rng >> 7;
         self.rng ^= self.rng << 17;
@@ -319,6 +342,46 @@ impl<C: Copy> Router<C> {
             return Selection::Handoff(idx, metric);
         }
         Selection::Overloaded
+    }
+
+    /// Like [`Router::select`], but only the agent of `session` may serve: `NoRoute` if it is
+    /// not attached or does not offer `capability`, `Overloaded` if it is at its limit. The
+    /// policy check is the same.
+    pub fn select_session(
+        &mut self,
+        caller: &GroupSet,
+        capability: &str,
+        session: SessionId,
+    ) -> Selection {
+        let metric = match admit(
+            &mut self.by_capability,
+            &self.table,
+            self.installs,
+            caller,
+            capability,
+        ) {
+            Ok(cands) => cands.metric,
+            Err(refusal) => return refusal,
+        };
+        let Some(idx) = self.find(session) else {
+            return Selection::NoRoute;
+        };
+        let Some(entry) = self.agent(idx) else {
+            return Selection::NoRoute;
+        };
+        if !entry.capabilities.iter().any(|c| &**c == capability) {
+            return Selection::NoRoute;
+        }
+        if entry.outstanding >= entry.limit {
+            return Selection::Overloaded;
+        }
+        let local = entry.local.is_some();
+        self.take(idx);
+        if local {
+            Selection::Local(idx, metric)
+        } else {
+            Selection::Handoff(idx, metric)
+        }
     }
 
     fn take(&mut self, idx: AgentIdx) {
@@ -534,6 +597,42 @@ mod tests {
             r.select(&GroupSet::EMPTY, "echo"),
             Selection::Local(_, MetricSlot(0))
         ));
+    }
+
+    #[test]
+    fn a_targeted_session_is_the_only_candidate() {
+        let mut r: Router<u8> = Router::new(TableGeneration::standalone(), 3, 16);
+        let a = r.insert(entry(1, &["echo"], Some(0), 1));
+        let b = r.insert(entry(2, &["echo", "other"], None, 4));
+        let groups = GroupSet::EMPTY;
+        for _ in 0..3 {
+            assert!(matches!(
+                r.select_session(&groups, "echo", SessionId(2)),
+                Selection::Handoff(x, _) if x == b
+            ));
+        }
+        assert!(matches!(
+            r.select_session(&groups, "echo", SessionId(1)),
+            Selection::Local(x, _) if x == a
+        ));
+        // At its limit: overloaded, never another agent instead.
+        assert_eq!(
+            r.select_session(&groups, "echo", SessionId(1)),
+            Selection::Overloaded
+        );
+        // Gone, or not offering the capability: no route.
+        assert_eq!(
+            r.select_session(&groups, "echo", SessionId(9)),
+            Selection::NoRoute
+        );
+        assert_eq!(
+            r.select_session(&groups, "other", SessionId(1)),
+            Selection::NoRoute
+        );
+        assert_eq!(
+            r.select_session(&groups, "nope", SessionId(2)),
+            Selection::NoRoute
+        );
     }
 
     #[test]

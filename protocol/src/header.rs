@@ -8,7 +8,8 @@
 //! ```text
 //! request header block:  capability (str) | deadline_ms (varint) | hop_count (varint)
 //!                        | trace_id (16 bytes) | span_id (8 bytes) | trace_flags (1 byte)
-//!                        | content_type (str) | caller (str) | ...extensions
+//!                        | content_type (str) | caller (str) | [target_session (varint)]
+//!                        | ...extensions
 //! response header block: status (varint) | content_type (str) | message (str) | ...extensions
 //! str = varint length, then that many bytes of UTF-8
 //! ```
@@ -60,6 +61,10 @@ pub struct RequestHeader<'a> {
     /// The verified identity of the caller, stamped by the gateway on requests it forwards. A
     /// caller sends it empty; gateways overwrite whatever a caller puts here.
     pub caller: &'a str,
+    /// The agent session that must serve the request (a follow-up to work that agent holds,
+    /// such as an A2A task); 0, the default, lets the gateway choose. On the wire the field is
+    /// left out when 0, so headers without it are exactly those of earlier revisions.
+    pub target_session: u64,
 }
 
 /// The header that opens every invocation answer.
@@ -105,6 +110,16 @@ impl<'a> RequestHeader<'a> {
                 reason: "above 2^62-1",
             });
         }
+        if self.target_session > varint::MAX {
+            return Err(DecodeError::InvalidValue {
+                what: "target_session",
+                reason: "above 2^62-1",
+            });
+        }
+        let target_len = match self.target_session {
+            0 => 0,
+            s => varint::encoded_len(s),
+        };
         let block_len = str_len(self.capability)
             + varint::encoded_len(self.deadline_ms)
             + varint::encoded_len(u64::from(self.hop_count))
@@ -112,7 +127,8 @@ impl<'a> RequestHeader<'a> {
             + 8
             + 1
             + str_len(self.content_type)
-            + str_len(self.caller);
+            + str_len(self.caller)
+            + target_len;
         out.reserve(block_len + 2);
         varint::encode(block_len as u64, out);
         put_bytes(out, self.capability.as_bytes());
@@ -123,6 +139,9 @@ impl<'a> RequestHeader<'a> {
         out.push(self.trace.flags);
         put_bytes(out, self.content_type.as_bytes());
         put_bytes(out, self.caller.as_bytes());
+        if self.target_session != 0 {
+            varint::encode(self.target_session, out);
+        }
         Ok(())
     }
 
@@ -155,6 +174,11 @@ impl<'a> RequestHeader<'a> {
         };
         let content_type = r.str("content_type", MAX_CONTENT_TYPE_BYTES)?;
         let caller = r.str("caller", MAX_IDENTITY_BYTES)?;
+        let target_session = if r.is_empty() {
+            0
+        } else {
+            r.varint("target_session")?
+        };
         // Remaining bytes are extensions of a later revision: ignored.
         Ok(Some((
             Self {
@@ -164,6 +188,7 @@ impl<'a> RequestHeader<'a> {
                 trace,
                 content_type,
                 caller,
+                target_session,
             },
             prefix + block,
         )))
@@ -265,6 +290,7 @@ mod tests {
             trace: TraceContext::default(),
             content_type: "text/plain",
             caller: "",
+            target_session: 0,
         };
         let mut out = Vec::new();
         header.encode(&mut out).unwrap();
@@ -306,15 +332,27 @@ mod tests {
                 None
             );
         }
+        // The last field, target_session, is absent when 0: headers of earlier revisions.
+        let (h, _) = RequestHeader::decode(&out, MAX_HEADER_BYTES)
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.target_session, 0);
+        let mut targeted = Vec::new();
+        let header = RequestHeader {
+            target_session: 5,
+            ..RequestHeader::new("cap")
+        };
+        header.encode(&mut targeted).unwrap();
+        assert_eq!(targeted.len(), out.len() + 1);
         // Append two extension bytes inside the block: still decodes, extension ignored.
-        let mut extended = vec![(out[0] + 2)];
-        extended.extend_from_slice(&out[1..]);
+        let mut extended = vec![(targeted[0] + 2)];
+        extended.extend_from_slice(&targeted[1..]);
         extended.extend_from_slice(&[0xff, 0xee]);
         extended.extend_from_slice(b"payload");
         let (h, used) = RequestHeader::decode(&extended, MAX_HEADER_BYTES)
             .unwrap()
             .unwrap();
-        assert_eq!(h.capability, "cap");
+        assert_eq!(h, header);
         assert_eq!(&extended[used..], b"payload");
     }
 
@@ -362,6 +400,7 @@ mod tests {
             flags: u8,
             content_type in arb_str(64),
             caller in arb_str(200),
+            target_session in prop_oneof![Just(0u64), 1..=varint::MAX],
         ) {
             let header = RequestHeader {
                 capability: &capability,
@@ -370,6 +409,7 @@ mod tests {
                 trace: TraceContext { trace_id, span_id, flags },
                 content_type: &content_type,
                 caller: &caller,
+                target_session,
             };
             let mut out = Vec::new();
             header.encode(&mut out).unwrap();

@@ -73,6 +73,7 @@ async fn an_agent_serves_a_direct_connection_with_its_handlers() {
                 trace: TraceContext::default(),
                 content_type: "",
                 caller: "",
+                target_session: 0,
             }
             .encode(&mut raw)
             .unwrap();

@@ -23,3 +23,49 @@ async fn attach_and_invoke_by_capability() {
     caller.detach().await.unwrap();
     gw.shutdown(Duration::from_secs(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_session_reaches_that_agent_and_no_other() {
+    let pki = Pki::new();
+    let gw = gateway(&pki, 2, |_| {});
+    let a = attach(&pki, gw.local_addr(), "a", &["whoami"]).await;
+    let b = attach(&pki, gw.local_addr(), "b", &["whoami"]).await;
+    let caller = attach(&pki, gw.local_addr(), "caller", &["echo"]).await;
+    for (agent, name) in [(&a, "a"), (&b, "b")] {
+        let session = agent.session().expect("attached");
+        for _ in 0..20 {
+            let reply = caller
+                .request("whoami")
+                .target_session(session)
+                .send("")
+                .await
+                .unwrap();
+            assert_eq!(reply.into_result().unwrap(), name);
+        }
+    }
+    // A session that does not offer the capability, or is gone: NO_ROUTE, never another agent.
+    let session = caller.session().unwrap();
+    let reply = caller
+        .request("whoami")
+        .target_session(session)
+        .send("")
+        .await
+        .unwrap();
+    assert_eq!(reply.status, dmsc_protocol::Status::NoRoute);
+    let gone = a.session().unwrap();
+    a.detach().await.unwrap();
+    let reply = caller
+        .request("whoami")
+        .target_session(gone)
+        .send("")
+        .await
+        .unwrap();
+    assert_eq!(
+        reply.status,
+        dmsc_protocol::Status::NoRoute,
+        "{}",
+        reply.message
+    );
+    // Without a target, the remaining agent still serves.
+    assert_eq!(caller.invoke("whoami", "").await.unwrap().payload, "b");
+}

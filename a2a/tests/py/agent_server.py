@@ -5,7 +5,7 @@ at `/rest`, with the SDK's own card routes. What it does with the user's text:
 
 - anything else: a task whose artifact is "<name>: <text>", completed (streamed as a working
   status, the artifact and the completed status);
-- "ask": the task stops in input-required; a follow-up message on that task completes it with
+- "ask": the task stops in input-required ("<name>: what else?"); a follow-up message on that task completes it with
   "<name> got: <text>";
 - "die": the task starts working, then the process exits (an agent dying mid-stream).
 
@@ -59,7 +59,7 @@ class Executor(AgentExecutor):
             await updater.complete()
         elif text == "ask":
             await updater.requires_input(
-                new_text_message("what else?", role=Role.ROLE_AGENT)
+                new_text_message(f"{self.name}: what else?", role=Role.ROLE_AGENT)
             )
         elif text == "die":
             await asyncio.sleep(0.3)

@@ -6,6 +6,7 @@ Usage:
                                                                  #  JSON-RPC 0.3} x {stream, not}
   python3 client.py errors --front URL --cap CAP                # error mappings, raw HTTP
   python3 client.py native --front URL --cap CAP                # a native dmsc/1 agent answers
+  python3 client.py affinity --front URL --cap CAP --agents A,B # follow-ups reach the task's agent
   python3 client.py die --front URL --cap CAP                   # the agent dies mid-stream
   python3 client.py send --front URL --cap CAP --text T         # one message, prints the text
 """
@@ -206,6 +207,40 @@ async def native(args):
     check(texts(events) == ["native: hi"], f"... and a v0.3 streaming caller {texts(events)}")
 
 
+def status_text(events):
+    for ev in events:
+        if ev.HasField("task") and ev.task.status.HasField("message"):
+            return [p.text for p in ev.task.status.message.parts]
+        if ev.HasField("status_update") and ev.status_update.status.HasField("message"):
+            return [p.text for p in ev.status_update.status.message.parts]
+    return []
+
+
+async def affinity(args):
+    agents = args.agents.split(",")
+    seen = set()
+    for binding in ("jsonrpc-1.0", "rest-1.0", "jsonrpc-0.3"):
+        for streaming in (False, True):
+            client = await client_for(args.front, args.cap, binding, streaming)
+            for _ in range(4):
+                events = await send(client, "ask")
+                state, task_id, context_id = final_state(events)
+                holder = [a for a in agents if f"{a}: what else?" in status_text(events)]
+                if state != TaskState.TASK_STATE_INPUT_REQUIRED or len(holder) != 1:
+                    fail(f"{binding}: ask answered {status_text(events)}")
+                holder = holder[0]
+                seen.add(holder)
+                task = await client.get_task(GetTaskRequest(id=task_id))
+                if task.status.state != TaskState.TASK_STATE_INPUT_REQUIRED:
+                    fail(f"{binding}: GetTask of {task_id} reached the wrong agent")
+                events = await send(client, "more", task_id, context_id)
+                if f"{holder} got: more" not in texts(events):
+                    fail(f"{binding}: follow-up to {holder}'s task answered {texts(events)}")
+            check(True, f"{binding} streaming={streaming}: 4 tasks followed up at their agent")
+            await client.close()
+    check(seen == set(agents), f"tasks were spread over {sorted(seen)}")
+
+
 async def die(args):
     client = await client_for(args.front, args.cap, "jsonrpc-1.0", True)
     try:
@@ -228,14 +263,22 @@ async def send_one(args):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["matrix", "errors", "native", "die", "send"])
+    p.add_argument("what", choices=["matrix", "errors", "native", "affinity", "die", "send"])
     p.add_argument("--front", required=True)
     p.add_argument("--cap", required=True)
     p.add_argument("--agent", default="")
+    p.add_argument("--agents", default="")
     p.add_argument("--denied", default="")
     p.add_argument("--text", default="hello")
     args = p.parse_args()
-    run = {"matrix": matrix, "errors": errors, "native": native, "die": die, "send": send_one}
+    run = {
+        "matrix": matrix,
+        "errors": errors,
+        "native": native,
+        "affinity": affinity,
+        "die": die,
+        "send": send_one,
+    }
     asyncio.run(run[args.what](args))
 
 

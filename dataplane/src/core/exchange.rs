@@ -28,6 +28,7 @@ use bytes::{Bytes, BytesMut};
 use quinn_proto::{Dir, ReadError, StreamId, VarInt, WriteError};
 use smallvec::SmallVec;
 
+use dmsc_protocol::control::SessionId;
 use dmsc_protocol::header::{RequestHeader, ResponseHeader};
 use dmsc_protocol::{Status, StreamCode};
 
@@ -494,9 +495,19 @@ impl Core {
                 return self.answer(key, Status::RateLimited, "over the caller's rate limit");
             }
         }
-        let (target, local, metric) = match self.router.select(&groups, header.capability) {
+        let selection = match header.target_session {
+            0 => self.router.select(&groups, header.capability),
+            session => self
+                .router
+                .select_session(&groups, header.capability, SessionId(session)),
+        };
+        let (target, local, metric) = match selection {
             Selection::Local(t, m) => (t, true, m),
             Selection::Handoff(t, m) => (t, false, m),
+            Selection::NoRoute if header.target_session != 0 => {
+                let why = "the target session is not attached or does not offer this capability";
+                return self.answer(key, Status::NoRoute, why);
+            }
             Selection::NoRoute => {
                 return self.answer(key, Status::NoRoute, "no agent offers this capability")
             }
@@ -512,6 +523,8 @@ impl Core {
             caller,
             deadline_ms,
             hop_count: header.hop_count + 1,
+            // Consumed here: the target is the session itself.
+            target_session: 0,
             ..header
         };
         let encoded = encode_header(&mut self.scratch, &mut self.arena, &forwarded);
