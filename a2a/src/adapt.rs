@@ -33,6 +33,9 @@ use crate::task_id::{self, ForeignTask};
 /// The header carrying the caller's verified identity to the agent.
 pub const CALLER_HEADER: &str = "dmsc-caller";
 
+/// The header carrying the bridge that sent the request on the caller's behalf, if any.
+pub const VIA_HEADER: &str = "dmsc-via";
+
 /// Adapter settings.
 #[derive(Debug, Clone)]
 pub struct AdaptConfig {
@@ -200,6 +203,11 @@ impl Upstream {
             .header("a2a-version", "1.0");
         if let Ok(caller) = HeaderValue::from_str(&request.caller) {
             http = http.header(CALLER_HEADER, caller);
+        }
+        if let Ok(via) = HeaderValue::from_str(&request.via) {
+            if !request.via.is_empty() {
+                http = http.header(VIA_HEADER, via);
+            }
         }
         if call.method.is_streaming() {
             http = http.header(ACCEPT, "text/event-stream");

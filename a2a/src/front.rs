@@ -25,11 +25,15 @@ use axum::http::{header, HeaderMap, HeaderValue, Method as HttpMethod, StatusCod
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::Router;
 use bytes::Bytes;
 use dmsc_agent::{Agent, DiscoveryEntry, InvokeError, Status};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Semaphore};
+use tower::ServiceExt as _;
 
 use crate::binding::{self, Call, LineBuffer, CONTENT_TYPE, STREAM_CONTENT_TYPE};
 use crate::convert;
@@ -50,7 +54,37 @@ pub struct FrontConfig {
     pub max_concurrent: usize,
     /// Time an agent has to begin its answer.
     pub request_timeout: Duration,
+    /// HTTP connections served at once; more are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// Who the HTTP clients are, for the domain's policy.
+    pub clients: ClientIdentity,
 }
+
+/// Who the front door's HTTP clients are for the domain's policy (`docs/A2A.md` §1.5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientIdentity {
+    /// Every client is the front door itself: requests carry no delegated identity.
+    FrontDoor,
+    /// Development mode: every client of this (loopback) listener is this agent identity,
+    /// sent as the delegated identity of every request.
+    Fixed(String),
+    /// HTTPS, and every client presents a certificate of the domain: its SPIFFE ID is sent as
+    /// the delegated identity of its requests.
+    Certificate,
+}
+
+/// Time a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a request's head (request line and headers) may take to arrive.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head, in bytes.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// How long, at shutdown, connections may take to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The identity a connection's requests are sent on behalf of (a request extension).
+#[derive(Debug, Clone)]
+struct Caller(Option<Arc<str>>);
 
 impl FrontConfig {
     /// Defaults for a front door reached at `public_url`.
@@ -61,6 +95,8 @@ impl FrontConfig {
             max_answer_bytes: binding::DEFAULT_MAX_MESSAGE_BYTES,
             max_concurrent: 1024,
             request_timeout: Duration::from_secs(60),
+            max_connections: 1024,
+            clients: ClientIdentity::FrontDoor,
         }
     }
 }
@@ -88,16 +124,92 @@ pub fn router(agent: Agent, config: FrontConfig) -> Router {
         .with_state(shared)
 }
 
-/// Serves the front door on `listener` until `shutdown` completes.
+/// Serves the front door on `listener` until `shutdown` completes, over HTTPS if `tls` is
+/// given (with [`ClientIdentity::Certificate`], `tls` must require client certificates). At
+/// most `max_connections` connections are served at once; at shutdown, connections get
+/// 5 s to finish.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     agent: Agent,
     config: FrontConfig,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(agent, config))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let max_connections = config.max_connections.clamp(1, Semaphore::MAX_PERMITS);
+    let fixed: Option<Arc<str>> = match &config.clients {
+        ClientIdentity::Fixed(id) => Some(id.as_str().into()),
+        _ => None,
+    };
+    let app = router(agent, config);
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    tokio::pin!(shutdown);
+    loop {
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of file descriptors, say: pause rather than spin.
+                    tracing::warn!("accepting an HTTP connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("at the connection limit ({max_connections}): closing a new one");
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let app = app.clone();
+        let acceptor = acceptor.clone();
+        let fixed = fixed.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            match acceptor {
+                None => serve_connection(TokioIo::new(tcp), app, Caller(fixed)).await,
+                Some(acceptor) => {
+                    let stream =
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(e)) => return tracing::debug!("TLS handshake: {e}"),
+                            Err(_) => return tracing::debug!("TLS handshake timed out"),
+                        };
+                    let identity = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|certs| certs.first())
+                        .and_then(|cert| dmsc_identity::spiffe_id_from_cert(cert).ok())
+                        .map(|id| Arc::from(id.as_str()));
+                    serve_connection(TokioIo::new(stream), app, Caller(identity.or(fixed))).await
+                }
+            }
+        });
+    }
+    // Stop accepting; let the connections in flight finish, for a while.
+    let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, slots.acquire_many(all)).await;
+    Ok(())
+}
+
+/// Serves one HTTP/1.1 connection, every request tagged with `caller`.
+async fn serve_connection<I>(io: TokioIo<I>, app: Router, caller: Caller)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+        request.extensions_mut().insert(caller.clone());
+        app.clone().oneshot(request)
+    });
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES);
+    if let Err(e) = http.serve_connection(io, service).await {
+        tracing::debug!("HTTP connection: {e}");
+    }
 }
 
 // ---- cards and the catalog ----
@@ -251,6 +363,7 @@ fn version_header(headers: &HeaderMap) -> Option<&str> {
 async fn jsonrpc(
     State(shared): State<Arc<Shared>>,
     Path(cap): Path<String>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -280,7 +393,7 @@ async fn jsonrpc(
         Err(e) => return rpc_error(&e, &id),
     };
     let call = Call { method, params, id };
-    forward(&shared, &cap, call, dialect).await
+    forward(&shared, &cap, &caller, call, dialect).await
 }
 
 /// Checks the tenant, refuses what the front door does not forward, and converts v0.3 params.
@@ -308,6 +421,7 @@ fn prepare(method: Method, dialect: Dialect, cap: &str, params: Value) -> Result
 async fn rest(
     State(shared): State<Arc<Shared>>,
     Path((cap, path)): Path<(String, String)>,
+    Extension(caller): Extension<Caller>,
     Query(query): Query<HashMap<String, String>>,
     http_method: HttpMethod,
     headers: HeaderMap,
@@ -337,7 +451,7 @@ async fn rest(
         params,
         id: json!(1),
     };
-    forward(&shared, &cap, call, Dialect::Rest1).await
+    forward(&shared, &cap, &caller, call, Dialect::Rest1).await
 }
 
 /// The method and params of an HTTP+JSON request to `/rest/{path}`.
@@ -427,7 +541,13 @@ fn query_params(query: &HashMap<String, String>) -> Value {
 
 // ---- forwarding ----
 
-async fn forward(shared: &Shared, cap: &str, call: Call, dialect: Dialect) -> Response {
+async fn forward(
+    shared: &Shared,
+    cap: &str,
+    caller: &Caller,
+    call: Call,
+    dialect: Dialect,
+) -> Response {
     let Ok(_permit) = shared.permits.clone().try_acquire_owned() else {
         let e = A2aError::new(
             ErrorKind::Overloaded,
@@ -448,6 +568,10 @@ async fn forward(shared: &Shared, cap: &str, call: Call, dialect: Dialect) -> Re
         .and_then(|id| task_id::session_of(id).map(|s| (id.to_owned(), s)));
     if let Some((_, session)) = &task {
         request = request.target_session(*session);
+    }
+    // Policy judges the HTTP client, if the front door knows who it is.
+    if let Some(identity) = &caller.0 {
+        request = request.on_behalf_of(identity.as_ref());
     }
     let (mut writer, answer) = request.send_streaming();
     let payload = Bytes::from(call.encode());

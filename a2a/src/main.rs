@@ -3,13 +3,15 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use dmsc_a2a::adapt::{self, AdaptConfig};
-use dmsc_a2a::front::{self, FrontConfig};
+use dmsc_a2a::front::{self, ClientIdentity, FrontConfig};
 use dmsc_agent::{Agent, AgentCard, AgentConfig, Handlers, Response, Skill, Status};
+use dmsc_identity::{PrincipalKind, SpiffeId, SpiffeVerifier};
 
 /// Unmodified A2A clients and agents, through a DMSC gateway, by capability.
 #[derive(Debug, Parser)]
@@ -73,6 +75,23 @@ struct FrontArgs {
     /// Milliseconds an agent has to begin its answer.
     #[arg(long, default_value_t = 60_000)]
     request_timeout_ms: u64,
+    /// HTTP connections served at once; more are closed at once.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+    /// Development mode: every HTTP client is this agent identity of the domain (a SPIFFE ID)
+    /// for policy. Only on a loopback listener.
+    #[arg(long, conflicts_with = "tls_cert")]
+    client_identity: Option<String>,
+    /// Serve HTTPS with this certificate chain (PEM), and require every client to present a
+    /// certificate of the domain: its SPIFFE ID is who policy judges. Needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The HTTPS private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) that client certificates must chain to; default: --ca.
+    #[arg(long, requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -199,14 +218,83 @@ async fn run_front(args: FrontArgs) -> anyhow::Result<()> {
     let agent = Agent::attach(agent_config, front_handlers())
         .await
         .with_context(|| format!("attaching to the gateway at {}", args.gateway.gateway))?;
+    let domain = agent.identity().trust_domain().to_owned();
+    config.max_connections = args.max_connections.max(1);
+    let mut tls = None;
+    if let Some(identity) = &args.client_identity {
+        if !local.ip().is_loopback() {
+            anyhow::bail!(
+                "--client-identity maps every client to one identity: only on a loopback \
+                 listener (use --tls-cert for clients with their own identities)"
+            );
+        }
+        check_client_identity(identity, &domain)?;
+        config.clients = ClientIdentity::Fixed(identity.clone());
+    }
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let client_ca = args.client_ca.as_ref().unwrap_or(&args.gateway.ca);
+        tls = Some(https_config(cert, key, client_ca, &domain)?);
+        config.clients = ClientIdentity::Certificate;
+        if args.public_url.is_none() {
+            config.public_url = format!("https://{local}");
+        }
+    }
     println!("dmsc-a2a front attached to {}", args.gateway.gateway);
+    match &config.clients {
+        ClientIdentity::FrontDoor => {
+            println!("dmsc-a2a front: clients act as {}", agent.identity())
+        }
+        ClientIdentity::Fixed(id) => {
+            println!("dmsc-a2a front: clients act as {id} (development mode)")
+        }
+        ClientIdentity::Certificate => {
+            println!("dmsc-a2a front: clients act as their certificates' identities")
+        }
+    }
     println!(
         "dmsc-a2a front listening on {} (catalog: {}/.well-known/api-catalog)",
         config.public_url, config.public_url
     );
-    front::serve(listener, agent.clone(), config, shutdown_signal()).await?;
+    front::serve(listener, tls, agent.clone(), config, shutdown_signal()).await?;
     agent.detach().await?;
     Ok(())
+}
+
+/// A `--client-identity` must be an agent identity of the front door's domain.
+fn check_client_identity(identity: &str, domain: &str) -> anyhow::Result<()> {
+    let id = SpiffeId::parse(identity)
+        .with_context(|| format!("--client-identity {identity:?} is not a SPIFFE ID"))?;
+    if id.trust_domain() != domain || id.kind() != PrincipalKind::Agent {
+        anyhow::bail!(
+            "--client-identity {identity:?} must be an agent identity of {domain} \
+             (spiffe://{domain}/agent/<name>)"
+        );
+    }
+    Ok(())
+}
+
+/// HTTPS presenting `cert`/`key`, requiring client certificates of `domain`'s agents that
+/// chain to `client_ca`.
+fn https_config(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    client_ca: &std::path::Path,
+    domain: &str,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let chain = dmsc_identity::load_cert_chain(cert).context("--tls-cert")?;
+    let key = dmsc_identity::load_private_key(key).context("--tls-key")?;
+    let anchors = dmsc_identity::load_trust_anchors(client_ca).context("the client CA")?;
+    let verifier = SpiffeVerifier::new(&anchors, &[PrincipalKind::Agent], &[domain])
+        .context("the client certificate verifier")?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS versions")?
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_single_cert(chain, key)
+        .context("--tls-cert and --tls-key")?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 async fn run_adapt(args: AdaptArgs) -> anyhow::Result<()> {

@@ -35,8 +35,14 @@ members = ["spiffe://test.local/agent/*"]
 advertise = ["*"]
 discover = ["*"]
 
+# The front doors are bridges: their requests carry their HTTP clients' identities, which
+# policy judges instead of theirs.
 [groups.front]
-members = ["spiffe://test.local/agent/a2a-front"]
+members = ["spiffe://test.local/agent/a2a-front*"]
+bridge = true
+
+[groups.mallory]
+members = ["spiffe://test.local/agent/mallory"]
 
 [[invoke]]
 effect = "allow"
@@ -47,6 +53,11 @@ capabilities = ["*"]
 effect = "deny"
 groups = ["front"]
 capabilities = ["secret"]
+
+[[invoke]]
+effect = "deny"
+groups = ["mallory"]
+capabilities = ["whoami"]
 "#;
 
 fn script(name: &str) -> PathBuf {
@@ -96,9 +107,15 @@ fn native_handlers() -> Handlers {
             .as_str()
             .unwrap_or_default()
             .to_owned();
+        // `whoami` answers who the gateway says is calling, and through which bridge.
+        let answer = if req.capability == "whoami" {
+            format!("{} via {}", req.caller, req.via)
+        } else {
+            format!("native: {text}")
+        };
         let result = json!({"message": {
             "messageId": "native-1", "role": "ROLE_AGENT",
-            "parts": [{"text": format!("native: {text}")}],
+            "parts": [{"text": answer}],
         }});
         let answer = json!({"jsonrpc": "2.0", "id": call.id, "result": result});
         let mut bytes = serde_json::to_vec(&answer).unwrap();
@@ -121,6 +138,7 @@ fn stock_a2a_sdk_clients_and_agents_through_the_gateway() {
     let dev = DevPki::new(domain.dir.0.join("pki"));
     let ca = dev.load_ca().expect("CA");
     let ca_path = dev.ca_cert_path().display().to_string();
+    let pki = &domain.pki;
     let identity = |name: &str| {
         let (cert, key) = dev.ensure_agent(&ca, name).expect("identity");
         (cert.display().to_string(), key.display().to_string())
@@ -169,12 +187,10 @@ fn stock_a2a_sdk_clients_and_agents_through_the_gateway() {
     };
     let (_a1, mut adapter1) = start_agent("a1");
 
-    // The front door.
-    let (cert, key) = identity("a2a-front");
-    let mut front = Proc::spawn(
-        "front door",
-        &binary("dmsc-a2a"),
-        &[
+    // The front door, and variants of it for the client-identity modes.
+    let start_front = |name: &str, extra: &[&str]| -> (Proc, String) {
+        let (cert, key) = identity(name);
+        let mut args: Vec<String> = vec![
             "front".into(),
             "--gateway".into(),
             gateway.to_string(),
@@ -186,14 +202,17 @@ fn stock_a2a_sdk_clients_and_agents_through_the_gateway() {
             ca_path.clone(),
             "--listen".into(),
             "127.0.0.1:0".into(),
-        ],
-    );
-    let line = front.expect_line("dmsc-a2a front listening on");
-    let url = line.split_whitespace().next().expect("URL").to_owned();
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut front = Proc::spawn(name, &binary("dmsc-a2a"), &args);
+        let line = front.expect_line("dmsc-a2a front listening on");
+        let url = line.split_whitespace().next().expect("URL").to_owned();
+        (front, url)
+    };
+    let (mut front, url) = start_front("a2a-front", &[]);
 
     // A native dmsc/1 agent offering `native` and `secret` on the binding.
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let pki = &domain.pki;
     let native: Agent = runtime.block_on(async {
         let id = pki.agent("native");
         let config = AgentConfig::new(
@@ -201,7 +220,7 @@ fn stock_a2a_sdk_clients_and_agents_through_the_gateway() {
             id.cert_chain(),
             id.private_key(),
             vec![pki.ca.cert_der()],
-            card("native", &["native", "secret"]),
+            card("native", &["native", "secret", "whoami"]),
         );
         Agent::attach(config, native_handlers())
             .await
@@ -218,6 +237,79 @@ fn stock_a2a_sdk_clients_and_agents_through_the_gateway() {
         "errors", "--front", &url, "--cap", "echo", "--denied", "secret",
     ]);
     client(&["native", "--front", &url, "--cap", "native"]);
+
+    // Who policy judges. Without a client identity: the front door itself (denied `secret`,
+    // above), stamped as the caller.
+    let whoami = |url: &str, tls: &[&str]| {
+        let mut args = vec!["send", "--front", url, "--cap", "whoami"];
+        args.extend_from_slice(tls);
+        client(&args).trim().to_owned()
+    };
+    let id = |name: &str| format!("spiffe://test.local/agent/{name}");
+    assert_eq!(whoami(&url, &[]), format!("text {} via", id("a2a-front")));
+    // Development mode: every client of the loopback listener is alice; the front door is a
+    // bridge, so policy judges alice (who may invoke `secret`) and the agent sees both.
+    let (_dev, dev_url) = start_front("a2a-front-dev", &["--client-identity", &id("alice")]);
+    assert_eq!(
+        whoami(&dev_url, &[]),
+        format!("text {} via {}", id("alice"), id("a2a-front-dev"))
+    );
+    let secret = client(&["send", "--front", &dev_url, "--cap", "secret"]);
+    assert_eq!(
+        secret.trim(),
+        "text native: hello",
+        "alice may invoke secret"
+    );
+    let (_mal, mal_url) = start_front("a2a-front-mallory", &["--client-identity", &id("mallory")]);
+    let denied = whoami(&mal_url, &[]);
+    assert!(
+        denied.contains("policy denies"),
+        "mallory is denied: {denied}"
+    );
+    // HTTPS: each client is the identity of its certificate.
+    let tls_dir = domain.dir.0.join("https");
+    std::fs::create_dir_all(&tls_dir).unwrap();
+    let server = pki
+        .ca
+        .issue(
+            &dmsc_identity::SpiffeId::agent("test.local", "a2a-front-tls").unwrap(),
+            &["localhost", "127.0.0.1"],
+        )
+        .unwrap();
+    let (server_cert, server_key) = (tls_dir.join("server.pem"), tls_dir.join("server.key"));
+    std::fs::write(&server_cert, &server.cert_pem).unwrap();
+    std::fs::write(&server_key, &server.key_pem).unwrap();
+    let (_tls, tls_url) = start_front(
+        "a2a-front-tls",
+        &[
+            "--tls-cert",
+            &server_cert.display().to_string(),
+            "--tls-key",
+            &server_key.display().to_string(),
+        ],
+    );
+    assert!(tls_url.starts_with("https://"), "{tls_url}");
+    let ca_file = dev.ca_cert_path().display().to_string();
+    for (who, expect_denied) in [("alice", false), ("mallory", true)] {
+        let (cert, key) = identity(who);
+        let answer = whoami(
+            &tls_url,
+            &["--cert", &cert, "--key", &key, "--ca", &ca_file],
+        );
+        if expect_denied {
+            assert!(answer.contains("policy denies"), "{who}: {answer}");
+        } else {
+            assert_eq!(
+                answer,
+                format!("text {} via {}", id(who), id("a2a-front-tls"))
+            );
+        }
+    }
+    let anonymous = whoami(&tls_url, &["--ca", &ca_file]);
+    assert!(
+        anonymous.starts_with("error") && anonymous.contains("certificate required"),
+        "no client certificate: {anonymous}"
+    );
 
     // A second instance of `echo`: tasks spread over both, and every follow-up (GetTask, a
     // message on the task) reaches the instance holding the task.

@@ -136,8 +136,12 @@ pub struct Request {
     /// The capability invoked.
     pub capability: String,
     /// The caller's verified identity (`spiffe://<domain>/agent/<name>`), stamped by the
-    /// gateway from the caller's certificate.
+    /// gateway from the caller's certificate, or, for a request a bridge sent on behalf of
+    /// someone, that someone (see [`Request::via`]).
     pub caller: String,
+    /// The bridge that sent the request on behalf of `caller` (an A2A front door, say), as the
+    /// gateway verified it; empty for a request the caller sent itself.
+    pub via: String,
     /// The payload's media type; may be empty.
     pub content_type: String,
     /// The time left for the answer to begin, as the gateway computed it when it forwarded the
@@ -166,6 +170,7 @@ impl Request {
         Self {
             capability: header.capability.to_owned(),
             caller: header.caller.to_owned(),
+            via: header.via.to_owned(),
             content_type: header.content_type.to_owned(),
             deadline: (header.deadline_ms > 0).then(|| Duration::from_millis(header.deadline_ms)),
             trace: header.trace,
@@ -205,6 +210,7 @@ impl fmt::Debug for Request {
         f.debug_struct("Request")
             .field("capability", &self.capability)
             .field("caller", &self.caller)
+            .field("via", &self.via)
             .field("content_type", &self.content_type)
             .field("deadline", &self.deadline)
             .field("trace", &self.trace)

@@ -157,6 +157,7 @@ pub struct RequestBuilder {
     trace: TraceContext,
     hop_count: u8,
     target_session: u64,
+    on_behalf_of: String,
 }
 
 impl RequestBuilder {
@@ -169,6 +170,7 @@ impl RequestBuilder {
             trace: TraceContext::default(),
             hop_count: 0,
             target_session: 0,
+            on_behalf_of: String::new(),
         }
     }
 
@@ -200,6 +202,16 @@ impl RequestBuilder {
     /// [`Agent::session`].
     pub fn target_session(mut self, session: SessionId) -> Self {
         self.target_session = session.0;
+        self
+    }
+
+    /// Invokes on behalf of `identity` (a SPIFFE ID of the domain): for bridges such as the A2A
+    /// front door, which forward requests of clients that are not agents. The gateway accepts
+    /// it only from a caller in a group the domain marks `bridge = true`, answering `DENIED`
+    /// otherwise; it then applies policy to `identity` instead of this agent, and the target
+    /// sees `identity` as the caller and this agent as `via`.
+    pub fn on_behalf_of(mut self, identity: impl Into<String>) -> Self {
+        self.on_behalf_of = identity.into();
         self
     }
 
@@ -390,6 +402,8 @@ impl RequestBuilder {
             content_type: &self.content_type,
             caller: "",
             target_session: self.target_session,
+            on_behalf_of: &self.on_behalf_of,
+            via: "",
         }
         .encode(&mut out)
         .map_err(InvokeError::InvalidRequest)?;

@@ -543,6 +543,8 @@ async fn forward(
         content_type: &content_type,
         caller: &caller,
         target_session: 0,
+        on_behalf_of: "",
+        via: "",
     }
     .encode(&mut out)?;
     out.extend_from_slice(&buf[used..]);

@@ -25,6 +25,8 @@ fn header_codec(c: &mut Criterion) {
         content_type: "application/json",
         caller: "spiffe://dmsc.local/agent/caller",
         target_session: 0,
+        on_behalf_of: "",
+        via: "",
     };
     let mut buf = Vec::with_capacity(256);
     header.encode(&mut buf).unwrap();

@@ -87,6 +87,15 @@ impl TableGeneration {
         }
     }
 
+    /// Whether a caller in `groups` is a bridge, which may invoke on behalf of another
+    /// identity. Standalone (everything allowed): every caller.
+    pub fn is_bridge(&self, groups: &GroupSet) -> bool {
+        match &self.policy {
+            Policy::AllowAll => true,
+            Policy::Table(table) => table.bridges().intersects(groups),
+        }
+    }
+
     /// The rate limit of a caller in `groups` (`None`: unlimited).
     pub fn rate_limit_of(&self, groups: &GroupSet) -> Option<Limit> {
         match &self.policy {

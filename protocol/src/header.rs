@@ -8,7 +8,8 @@
 //! ```text
 //! request header block:  capability (str) | deadline_ms (varint) | hop_count (varint)
 //!                        | trace_id (16 bytes) | span_id (8 bytes) | trace_flags (1 byte)
-//!                        | content_type (str) | caller (str) | [target_session (varint)]
+//!                        | content_type (str) | caller (str)
+//!                        | [target_session (varint) | [on_behalf_of (str) | [via (str)]]]
 //!                        | ...extensions
 //! response header block: status (varint) | content_type (str) | message (str) | ...extensions
 //! str = varint length, then that many bytes of UTF-8
@@ -62,10 +63,20 @@ pub struct RequestHeader<'a> {
     /// caller sends it empty; gateways overwrite whatever a caller puts here.
     pub caller: &'a str,
     /// The agent session that must serve the request (a follow-up to work that agent holds,
-    /// such as an A2A task); 0, the default, lets the gateway choose. On the wire the field is
-    /// left out when 0, so headers without it are exactly those of earlier revisions.
+    /// such as an A2A task); 0, the default, lets the gateway choose.
     pub target_session: u64,
+    /// Sent by a bridge (a caller the domain marks as one, such as an A2A front door): the
+    /// identity it acts for, which the gateway's policy then evaluates instead of the bridge's
+    /// own and stamps as `caller`. Empty otherwise; gateways never forward it.
+    pub on_behalf_of: &'a str,
+    /// Stamped by the gateway when it forwards a request a bridge sent on behalf of `caller`:
+    /// the bridge's verified identity. Callers send it empty.
+    pub via: &'a str,
 }
+
+// The last three fields are optional on the wire: a sender leaves out the trailing ones at
+// their defaults (0, empty), so a header using none of them is byte for byte one of the
+// revision before they existed.
 
 /// The header that opens every invocation answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +115,8 @@ impl<'a> RequestHeader<'a> {
             MAX_CONTENT_TYPE_BYTES,
         )?;
         check_len("caller", self.caller.len(), MAX_IDENTITY_BYTES)?;
+        check_len("on_behalf_of", self.on_behalf_of.len(), MAX_IDENTITY_BYTES)?;
+        check_len("via", self.via.len(), MAX_IDENTITY_BYTES)?;
         if self.deadline_ms > varint::MAX {
             return Err(DecodeError::InvalidValue {
                 what: "deadline_ms",
@@ -116,10 +129,21 @@ impl<'a> RequestHeader<'a> {
                 reason: "above 2^62-1",
             });
         }
-        let target_len = match self.target_session {
-            0 => 0,
-            s => varint::encoded_len(s),
+        // How many of the optional trailing fields are written.
+        let optional = if !self.via.is_empty() {
+            3
+        } else if !self.on_behalf_of.is_empty() {
+            2
+        } else {
+            usize::from(self.target_session != 0)
         };
+        let optional_len = [
+            varint::encoded_len(self.target_session),
+            str_len(self.on_behalf_of),
+            str_len(self.via),
+        ][..optional]
+            .iter()
+            .sum::<usize>();
         let block_len = str_len(self.capability)
             + varint::encoded_len(self.deadline_ms)
             + varint::encoded_len(u64::from(self.hop_count))
@@ -128,7 +152,7 @@ impl<'a> RequestHeader<'a> {
             + 1
             + str_len(self.content_type)
             + str_len(self.caller)
-            + target_len;
+            + optional_len;
         out.reserve(block_len + 2);
         varint::encode(block_len as u64, out);
         put_bytes(out, self.capability.as_bytes());
@@ -139,8 +163,14 @@ impl<'a> RequestHeader<'a> {
         out.push(self.trace.flags);
         put_bytes(out, self.content_type.as_bytes());
         put_bytes(out, self.caller.as_bytes());
-        if self.target_session != 0 {
+        if optional >= 1 {
             varint::encode(self.target_session, out);
+        }
+        if optional >= 2 {
+            put_bytes(out, self.on_behalf_of.as_bytes());
+        }
+        if optional >= 3 {
+            put_bytes(out, self.via.as_bytes());
         }
         Ok(())
     }
@@ -179,6 +209,16 @@ impl<'a> RequestHeader<'a> {
         } else {
             r.varint("target_session")?
         };
+        let on_behalf_of = if r.is_empty() {
+            ""
+        } else {
+            r.str("on_behalf_of", MAX_IDENTITY_BYTES)?
+        };
+        let via = if r.is_empty() {
+            ""
+        } else {
+            r.str("via", MAX_IDENTITY_BYTES)?
+        };
         // Remaining bytes are extensions of a later revision: ignored.
         Ok(Some((
             Self {
@@ -189,6 +229,8 @@ impl<'a> RequestHeader<'a> {
                 content_type,
                 caller,
                 target_session,
+                on_behalf_of,
+                via,
             },
             prefix + block,
         )))
@@ -291,6 +333,8 @@ mod tests {
             content_type: "text/plain",
             caller: "",
             target_session: 0,
+            on_behalf_of: "",
+            via: "",
         };
         let mut out = Vec::new();
         header.encode(&mut out).unwrap();
@@ -332,18 +376,33 @@ mod tests {
                 None
             );
         }
-        // The last field, target_session, is absent when 0: headers of earlier revisions.
+        // The optional trailing fields are absent at their defaults: headers of earlier
+        // revisions.
         let (h, _) = RequestHeader::decode(&out, MAX_HEADER_BYTES)
             .unwrap()
             .unwrap();
-        assert_eq!(h.target_session, 0);
+        assert_eq!((h.target_session, h.on_behalf_of, h.via), (0, "", ""));
+        let len = |header: RequestHeader<'_>| {
+            let mut v = Vec::new();
+            header.encode(&mut v).unwrap();
+            v.len()
+        };
+        let base = RequestHeader::new("cap");
+        let with_target = RequestHeader {
+            target_session: 5,
+            ..base
+        };
+        assert_eq!(len(with_target), out.len() + 1);
+        // A later field set: the earlier ones are written at their defaults.
+        let with_via = RequestHeader { via: "v", ..base };
+        assert_eq!(len(with_via), out.len() + 1 + 1 + 2);
         let mut targeted = Vec::new();
         let header = RequestHeader {
             target_session: 5,
-            ..RequestHeader::new("cap")
+            via: "spiffe://d/agent/bridge",
+            ..base
         };
         header.encode(&mut targeted).unwrap();
-        assert_eq!(targeted.len(), out.len() + 1);
         // Append two extension bytes inside the block: still decodes, extension ignored.
         let mut extended = vec![(targeted[0] + 2)];
         extended.extend_from_slice(&targeted[1..]);
@@ -401,6 +460,8 @@ mod tests {
             content_type in arb_str(64),
             caller in arb_str(200),
             target_session in prop_oneof![Just(0u64), 1..=varint::MAX],
+            on_behalf_of in prop_oneof![Just(String::new()), arb_str(100)],
+            via in prop_oneof![Just(String::new()), arb_str(100)],
         ) {
             let header = RequestHeader {
                 capability: &capability,
@@ -410,6 +471,8 @@ mod tests {
                 content_type: &content_type,
                 caller: &caller,
                 target_session,
+                on_behalf_of: &on_behalf_of,
+                via: &via,
             };
             let mut out = Vec::new();
             header.encode(&mut out).unwrap();

@@ -74,6 +74,8 @@ async fn an_agent_serves_a_direct_connection_with_its_handlers() {
                 content_type: "",
                 caller: "",
                 target_session: 0,
+                on_behalf_of: "",
+                via: "",
             }
             .encode(&mut raw)
             .unwrap();

@@ -9,10 +9,12 @@ Usage:
   python3 client.py affinity --front URL --cap CAP --agents A,B # follow-ups reach the task's agent
   python3 client.py die --front URL --cap CAP                   # the agent dies mid-stream
   python3 client.py send --front URL --cap CAP --text T         # one message, prints the text
+      (any command: --cert C --key K --ca CA for HTTPS with a client certificate)
 """
 
 import argparse
 import asyncio
+import ssl
 import sys
 import uuid
 
@@ -46,26 +48,45 @@ def check(cond, what):
     print(f"ok {what}", flush=True)
 
 
+TLS = {}
+
+
+def http_client(**kw):
+    """An httpx client, with the client certificate and CA of --cert/--key/--ca if given."""
+    if TLS.get("ca"):
+        context = ssl.create_default_context(cafile=TLS["ca"])
+        if TLS.get("cert"):
+            context.load_cert_chain(TLS["cert"], TLS["key"])
+        kw.update(verify=context)
+    return httpx.AsyncClient(**kw)
+
+
 async def client_for(front, cap, binding, streaming):
     url = f"{front}/a2a/c/{cap}"
+    http = http_client(timeout=30)
     if binding == "jsonrpc-1.0":
         # The ordinary card-driven path: the client reads the card and picks an interface.
-        return await create_client(url, client_config=ClientConfig(streaming=streaming))
+        return await create_client(
+            url, client_config=ClientConfig(streaming=streaming, httpx_client=http)
+        )
     if binding == "rest-1.0":
         return await create_client(
             url,
             client_config=ClientConfig(
-                streaming=streaming, supported_protocol_bindings=["HTTP+JSON"]
+                streaming=streaming,
+                supported_protocol_bindings=["HTTP+JSON"],
+                httpx_client=http,
             ),
         )
     # v0.3: the same card with only its v0.3 interface, as an older client would see it.
-    async with httpx.AsyncClient() as http:
-        data = (await http.get(f"{url}/.well-known/agent-card.json", headers=V1)).json()
+    data = (await http.get(f"{url}/.well-known/agent-card.json", headers=V1)).json()
     data["supportedInterfaces"] = [
         i for i in data["supportedInterfaces"] if i.get("protocolVersion") == "0.3"
     ]
     card = parse_agent_card(data)
-    return await create_client(card, client_config=ClientConfig(streaming=streaming))
+    return await create_client(
+        card, client_config=ClientConfig(streaming=streaming, httpx_client=http)
+    )
 
 
 def texts(events):
@@ -270,7 +291,11 @@ def main():
     p.add_argument("--agents", default="")
     p.add_argument("--denied", default="")
     p.add_argument("--text", default="hello")
+    p.add_argument("--cert")
+    p.add_argument("--key")
+    p.add_argument("--ca")
     args = p.parse_args()
+    TLS.update(cert=args.cert, key=args.key, ca=args.ca)
     run = {
         "matrix": matrix,
         "errors": errors,

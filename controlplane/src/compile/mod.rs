@@ -98,8 +98,12 @@ pub fn compile(config: &DomainConfig) -> Result<Table, CompileError> {
     let mut members = Vec::new();
     let mut rules = Rules::default();
     let mut rate_limits = Vec::new();
+    let mut bridges = Vec::new();
     for (gi, (name, group)) in config.groups.iter().enumerate() {
         let gid = GroupId(gi as u16);
+        if group.bridge {
+            bridges.push(gid);
+        }
         let name = name.get_ref();
         for (i, m) in group.members.iter().enumerate() {
             let pattern = IdentityPattern::parse(domain, m.get_ref())
@@ -188,6 +192,7 @@ pub fn compile(config: &DomainConfig) -> Result<Table, CompileError> {
         exact_rules,
         wildcard_rules,
         rate_limits,
+        bridges,
         extensions: Vec::new(),
     };
     Ok(Table::new(parts)?)

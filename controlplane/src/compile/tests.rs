@@ -123,3 +123,27 @@ proptest! {
         prop_assert_eq!(got.encoded(), want.encoded());
     }
 }
+
+#[test]
+fn bridge_groups_compile_to_the_bridges_section() {
+    let text = r#"
+[domain]
+name = "example.org"
+trust_anchor = "ca.pem"
+
+[groups.doors]
+members = ["spiffe://example.org/agent/a2a-front*"]
+bridge = true
+
+[groups.people]
+members = ["spiffe://example.org/agent/alice"]
+"#;
+    let t = compile(&DomainConfig::from_toml("domain.toml", text).unwrap()).unwrap();
+    assert_eq!(t.parts().bridges, [GroupId(0)]);
+    let groups = |who: &str| t.groups_of(&SpiffeId::agent("example.org", who).unwrap());
+    assert!(t.bridges().intersects(&groups("a2a-front-1")));
+    assert!(!t.bridges().intersects(&groups("alice")));
+    // Round trip through the wire format keeps it.
+    let decoded = Table::decode(t.encoded()).unwrap();
+    assert_eq!(decoded.parts().bridges, [GroupId(0)]);
+}

@@ -74,6 +74,10 @@ pub struct GroupConfig {
     /// Requests per second each member may make.
     #[serde(default)]
     pub rate_limit: Option<Spanned<RateLimitConfig>>,
+    /// Members are bridges: they may invoke on behalf of another identity of the domain (an
+    /// A2A front door for its HTTP clients), which policy then evaluates instead of theirs.
+    #[serde(default)]
+    pub bridge: bool,
 }
 
 /// `rate_limit = { per_second = N, burst = M }`.

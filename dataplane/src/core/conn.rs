@@ -109,6 +109,8 @@ pub(super) struct Conn {
     pub(super) groups: GroupSet,
     /// The installed table limits the identity's rate (its bucket is in the core's principals).
     pub(super) rate_limited: bool,
+    /// The identity is a bridge under the installed table: it may invoke on behalf of others.
+    pub(super) bridge: bool,
     pub(super) role: Role,
     pub(super) control: Option<StreamId>,
     pub(super) ctl_in: FrameBuffer,
@@ -149,6 +151,7 @@ impl Core {
             identity: None,
             counted: false,
             groups: GroupSet::EMPTY,
+            bridge: false,
             rate_limited: false,
             role: Role::Pending,
             control: None,
@@ -274,6 +277,7 @@ impl Core {
         conn.rate_limited = principal.bucket.is_some();
         let over = principal.conns > self.shared.config.limits.max_connections_per_identity;
         debug!(parent: &conn.span, identity = %id, "handshake complete");
+        conn.bridge = table.is_bridge(&groups);
         conn.groups = groups;
         conn.identity = Some(id);
         if over {

@@ -30,11 +30,14 @@ use smallvec::SmallVec;
 
 use dmsc_protocol::control::SessionId;
 use dmsc_protocol::header::{RequestHeader, ResponseHeader};
+use dmsc_protocol::spiffe::{Principal, SpiffeId};
+use dmsc_protocol::table::GroupSet;
 use dmsc_protocol::{Status, StreamCode};
+use hashbrown::HashMap;
 
-use super::{after, mark_dirty, ConnIdx, Core, IntoVarInt, HEADER_ARENA};
+use super::{after, mark_dirty, ConnIdx, Core, IntoVarInt, HEADER_ARENA, MAX_DELEGATED_IDENTITIES};
 use crate::msg::{ExKey, HandoffEvent, HandoffId, ToHome, ToOrigin, WorkerMsg};
-use crate::routing::{AgentIdx, MetricSlot, Selection, WorkerId};
+use crate::routing::{AgentIdx, MetricSlot, Router, Selection, WorkerId};
 use crate::stats::WorkerStats;
 
 /// Bytes one hand-off flow may have in flight between workers before an acknowledgement.
@@ -479,6 +482,7 @@ impl Core {
             return self.answer(key, Status::Denied, "no caller identity");
         };
         let groups = conn.groups;
+        let bridge = conn.bridge;
         if conn.rate_limited {
             let within = match self.per_identity.get_mut(caller) {
                 Some(super::Principal {
@@ -495,6 +499,28 @@ impl Core {
                 return self.answer(key, Status::RateLimited, "over the caller's rate limit");
             }
         }
+        // A bridge's request on behalf of another identity: policy and the target see that
+        // identity; the bridge is stamped as `via`. (Rate limits stay the bridge's own.)
+        let (groups, stamped, via) = if header.on_behalf_of.is_empty() {
+            (groups, caller, "")
+        } else if !bridge {
+            let why = "only a bridge may invoke on behalf of another identity";
+            return self.answer(key, Status::Denied, why);
+        } else {
+            let domain = &self.shared.config.domain;
+            match delegated_groups(
+                &mut self.delegated,
+                &self.router,
+                domain,
+                header.on_behalf_of,
+            ) {
+                Some(delegated) => (delegated, header.on_behalf_of, caller),
+                None => {
+                    let why = "on_behalf_of is not an agent identity of this domain";
+                    return self.answer(key, Status::BadRequest, why);
+                }
+            }
+        };
         let selection = match header.target_session {
             0 => self.router.select(&groups, header.capability),
             session => self
@@ -520,11 +546,13 @@ impl Core {
             }
         };
         let forwarded = RequestHeader {
-            caller,
+            caller: stamped,
             deadline_ms,
             hop_count: header.hop_count + 1,
             // Consumed here: the target is the session itself.
             target_session: 0,
+            on_behalf_of: "",
+            via,
             ..header
         };
         let encoded = encode_header(&mut self.scratch, &mut self.arena, &forwarded);
@@ -1033,4 +1061,28 @@ fn split_header(x: &mut Exchange, chunk: Bytes, limit: usize) -> bool {
             true
         }
     }
+}
+
+/// The policy groups of `identity`, for a request a bridge sent on its behalf: from the
+/// worker's cache, else computed (and cached, the cache emptied when full). `None` if it is
+/// not an agent SPIFFE ID of `domain`.
+fn delegated_groups(
+    cache: &mut HashMap<Box<str>, GroupSet>,
+    router: &Router<ConnIdx>,
+    domain: &str,
+    identity: &str,
+) -> Option<GroupSet> {
+    if let Some(groups) = cache.get(identity) {
+        return Some(*groups);
+    }
+    let id = SpiffeId::parse(identity).ok()?;
+    if id.trust_domain() != domain || !matches!(id.principal(), Principal::Agent(_)) {
+        return None;
+    }
+    let groups = router.table().groups_of(identity);
+    if cache.len() >= MAX_DELEGATED_IDENTITIES {
+        cache.clear();
+    }
+    cache.insert(identity.into(), groups);
+    Some(groups)
 }

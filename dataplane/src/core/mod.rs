@@ -132,6 +132,10 @@ const HEADER_ARENA: usize = 64 * 1024;
 /// iteration are dropped (their peers retry).
 const MAX_ENDPOINT_RESPONSES: usize = 1024;
 
+/// Most identities whose groups a worker keeps for delegated requests; beyond it the cache is
+/// emptied and refilled (each refill costs one membership lookup per identity).
+pub(crate) const MAX_DELEGATED_IDENTITIES: usize = 4096;
+
 /// What every worker's core shares: configuration and counters. Immutable apart from the
 /// attach-time agent count and the per-worker counters (each written by one worker only).
 #[derive(Debug)]
@@ -228,6 +232,10 @@ pub(crate) struct Core {
     conn_count: usize,
     /// Per verified identity on this worker: its connections and its rate limit.
     per_identity: HashMap<Arc<str>, Principal>,
+    /// The groups of identities bridges invoked on behalf of, under the installed table
+    /// (computed at an identity's first delegated request, at most
+    /// [`MAX_DELEGATED_IDENTITIES`] kept; emptied when a table is installed).
+    delegated: HashMap<Box<str>, dmsc_protocol::table::GroupSet>,
     exchanges: Slab<Exchange>,
     handoffs_in: HashMap<HandoffId, ExKey>,
     router: Router<ConnIdx>,
@@ -319,6 +327,7 @@ impl Core {
             conns: Conns::default(),
             conn_count: 0,
             per_identity: HashMap::new(),
+            delegated: HashMap::new(),
             exchanges: Slab::default(),
             handoffs_in: HashMap::new(),
             router: Router::new(
@@ -678,11 +687,13 @@ impl Core {
                 continue;
             };
             conn.groups = table.groups_of(id);
+            conn.bridge = table.is_bridge(&conn.groups);
             conn.rate_limited = self
                 .per_identity
                 .get(id)
                 .is_some_and(|p| p.bucket.is_some());
         }
+        self.delegated.clear();
         self.router.install(table);
         self.readmit_home_agents();
     }

@@ -106,6 +106,15 @@ pub(super) fn encode(parts: &TableParts) -> Result<Vec<u8>, TableError> {
             varint::encode(u64::from(r.burst), b);
         },
     );
+    put_list(
+        &mut out,
+        &mut body,
+        section::BRIDGES,
+        &parts.bridges,
+        |b, g| {
+            varint::encode(u64::from(g.0), b);
+        },
+    );
     for ext in &parts.extensions {
         varint::encode(ext.section_type, &mut out);
         put_bytes(&mut out, &ext.body);
@@ -267,6 +276,9 @@ pub(super) fn decode(bytes: &[u8]) -> Result<TableParts, TableError> {
                         burst,
                     })
                 })?;
+            }
+            section::BRIDGES => {
+                parts.bridges = b.list("bridges", MAX_GROUPS, |b| b.group())?;
             }
             _ => {
                 if parts.extensions.len() == MAX_EXTENSION_SECTIONS {

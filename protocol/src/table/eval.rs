@@ -170,6 +170,15 @@ impl Table {
         column
     }
 
+    /// The bridge groups: a caller in any of them may invoke on behalf of another identity.
+    pub fn bridges(&self) -> GroupSet {
+        let mut set = GroupSet::EMPTY;
+        for &g in &self.parts().bridges {
+            set.insert(g);
+        }
+        set
+    }
+
     /// The rate limit of a caller in `groups`: the smallest `per_second` and the smallest
     /// `burst` among its groups' limits; `None` when no group of the caller is limited.
     pub fn rate_limit_of(&self, groups: &GroupSet) -> Option<Limit> {

@@ -213,8 +213,10 @@ pub mod section {
     pub const WILDCARD_RULES: u64 = 0x08;
     /// Rate limits.
     pub const RATE_LIMITS: u64 = 0x09;
+    /// Bridge groups: members may invoke on behalf of another identity.
+    pub const BRIDGES: u64 = 0x0A;
     /// The highest section type this crate knows; higher types are extensions.
-    pub const LAST_KNOWN: u64 = RATE_LIMITS;
+    pub const LAST_KNOWN: u64 = BRIDGES;
 }
 
 /// The contents of a table, before validation. Every list is in canonical order (ascending,
@@ -240,6 +242,9 @@ pub struct TableParts {
     pub wildcard_rules: Vec<WildcardRule>,
     /// Rate limits, ordered by group; one per group.
     pub rate_limits: Vec<RateLimit>,
+    /// Bridge groups, ascending: their members may send requests on behalf of another
+    /// identity of the domain, which policy then evaluates instead of theirs.
+    pub bridges: Vec<GroupId>,
     /// Sections of unknown type, ordered by type, all above [`section::LAST_KNOWN`].
     pub extensions: Vec<ExtensionSection>,
 }
@@ -341,6 +346,7 @@ impl TableError {
             "exact_rules" => section::EXACT_RULES,
             "wildcard_rules" => section::WILDCARD_RULES,
             "rate_limits" => section::RATE_LIMITS,
+            "bridges" => section::BRIDGES,
             _ => return None,
         })
     }

@@ -626,6 +626,13 @@ fn arb_parts() -> impl Strategy<Value = TableParts> {
                     );
                 }
                 parts.rate_limits = rl.into_values().collect();
+                // Some groups are bridges too (drawn from the same inputs).
+                parts.bridges = parts
+                    .rate_limits
+                    .iter()
+                    .filter(|r| r.per_second % 2 == 1)
+                    .map(|r| r.group)
+                    .collect();
                 parts
             },
         )

@@ -139,6 +139,12 @@ pub fn validate(parts: &TableParts) -> Result<(), TableError> {
     }
     ascending("rate_limits", &parts.rate_limits, |a, b| a.group < b.group)?;
 
+    limit("bridges", parts.bridges.len(), MAX_GROUPS)?;
+    for (i, g) in parts.bridges.iter().enumerate() {
+        group_in_range("bridges", i, g.0, groups)?;
+    }
+    ascending("bridges", &parts.bridges, |a, b| a < b)?;
+
     limit("extensions", parts.extensions.len(), MAX_EXTENSION_SECTIONS)?;
     for (i, e) in parts.extensions.iter().enumerate() {
         if e.section_type <= super::section::LAST_KNOWN || e.section_type > crate::varint::MAX {

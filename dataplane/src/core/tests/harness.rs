@@ -174,6 +174,8 @@ pub(super) struct Invocation<'a> {
     pub(super) piece: usize,
     /// The request ends (FIN) after the payload; when false the caller is still sending.
     pub(super) fin: bool,
+    /// The request header's `on_behalf_of` (a bridge acting for this identity).
+    pub(super) on_behalf_of: &'a str,
 }
 
 impl<'a> Invocation<'a> {
@@ -187,6 +189,7 @@ impl<'a> Invocation<'a> {
             deadline_ms: 0,
             piece: usize::MAX,
             fin: true,
+            on_behalf_of: "",
         }
     }
 }
@@ -468,6 +471,7 @@ impl Harness {
         let mut bytes = Vec::new();
         RequestHeader {
             deadline_ms: request.deadline_ms,
+            on_behalf_of: request.on_behalf_of,
             ..RequestHeader::new(request.capability)
         }
         .encode(&mut bytes)

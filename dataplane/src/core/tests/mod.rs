@@ -762,3 +762,115 @@ fn packets_from_a_new_address_do_not_keep_a_connection_alive() {
     h.run();
     assert_eq!(h.agents[a].calls[call].status(), Some(Status::NoRoute));
 }
+
+/// A table with a bridge: `f` is in `bridges` (no rights of its own), `a` in `callers` (may
+/// invoke `echo`), `c` in `others` (nothing), `b` in `providers` (may advertise anything).
+fn bridge_table() -> std::sync::Arc<crate::routing::TableGeneration> {
+    use std::sync::Arc;
+
+    use dmsc_protocol::spiffe::PrincipalKind;
+    use dmsc_protocol::table::{
+        CapabilityId, Effect, ExactRule, GroupId, IdentityPattern, Membership, NameMatch,
+        PatternId, Relation, Table, TableParts, WildcardRule,
+    };
+
+    use crate::routing::{Generation, TableGeneration};
+
+    let member = |name: &str, group| Membership {
+        pattern: IdentityPattern {
+            kind: PrincipalKind::Agent,
+            name_match: NameMatch::Exact,
+            name: name.into(),
+        },
+        group: GroupId(group),
+    };
+    let parts = TableParts {
+        domain: "harness.test".into(),
+        groups: ["bridges", "callers", "others", "providers"]
+            .map(String::from)
+            .to_vec(),
+        members: vec![
+            member("a", 1),
+            member("b", 3),
+            member("c", 2),
+            member("f", 0),
+        ],
+        capabilities: vec!["echo".into()],
+        patterns: vec![String::new()],
+        exact_rules: vec![ExactRule {
+            relation: Relation::Invoke,
+            capability: CapabilityId(0),
+            group: GroupId(1),
+            effect: Effect::Allow,
+        }],
+        wildcard_rules: vec![WildcardRule {
+            relation: Relation::Advertise,
+            pattern: PatternId(0),
+            group: GroupId(3),
+            effect: Effect::Allow,
+        }],
+        bridges: vec![GroupId(0)],
+        ..TableParts::default()
+    };
+    TableGeneration::compiled(Generation(2), Arc::new(Table::new(parts).unwrap()))
+}
+
+/// A bridge invokes on behalf of another identity: policy judges that identity, the target
+/// sees it as the caller and the bridge as `via`. Anyone else asking is DENIED; an identity
+/// that is not an agent of the domain is BAD_REQUEST.
+#[test]
+fn a_bridge_invokes_on_behalf_of_another_identity() {
+    let mut h = Harness::new(2, config(Limits::default()));
+    let b = h.agent("b", &["echo"], 1);
+    let a = h.agent("a", &["other"], 0);
+    let c = h.agent("c", &["other"], 0);
+    let f = h.agent("f", &["other"], 1);
+    h.run();
+    install(&mut h, &bridge_table());
+    let as_id = |name: &str| format!("spiffe://harness.test/agent/{name}");
+    let (for_a, for_c) = (as_id("a"), as_id("c"));
+    let invoke_for = |h: &mut Harness, who: usize, identity: &str| {
+        let call = h.invoke_with(
+            who,
+            &harness::Invocation {
+                on_behalf_of: identity,
+                ..harness::Invocation::new("echo", b"hi")
+            },
+        );
+        h.run();
+        h.agents[who].calls[call].status()
+    };
+    assert_eq!(invoke_for(&mut h, f, &for_a), Some(Status::Ok));
+    let header = h.agents[b].incoming[0].header().expect("forwarded");
+    assert_eq!(header.caller, for_a);
+    assert_eq!(header.via, as_id("f"));
+    assert_eq!(header.on_behalf_of, "", "not forwarded");
+    // Policy judges the identity acted for, not the bridge.
+    assert_eq!(invoke_for(&mut h, f, &for_c), Some(Status::Denied));
+    assert_eq!(invoke_for(&mut h, f, ""), Some(Status::Denied));
+    // Only a bridge may ask.
+    assert_eq!(invoke_for(&mut h, a, &for_a), Some(Status::Denied));
+    assert_eq!(invoke_for(&mut h, c, &for_a), Some(Status::Denied));
+    // Not an agent identity of this domain.
+    for bad in [
+        "spiffe://elsewhere.test/agent/a",
+        "spiffe://harness.test/gateway/gw1",
+        "not a spiffe id",
+    ] {
+        assert_eq!(
+            invoke_for(&mut h, f, bad),
+            Some(Status::BadRequest),
+            "{bad}"
+        );
+    }
+    // A request on its own behalf still carries no `via`.
+    let call = h.invoke(a, "echo", b"x");
+    h.run();
+    assert_eq!(h.agents[a].calls[call].status(), Some(Status::Ok));
+    let last = h.agents[b]
+        .incoming
+        .last()
+        .and_then(|i| i.header())
+        .unwrap();
+    assert_eq!((last.caller, last.via), (for_a.as_str(), ""));
+}

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# The A2A path against calling the agent directly, side by side: the same load driver (the
+# a2a_load example, Rust, closed loop) sends A2A v1.0 JSON-RPC SendMessage requests either to
+# the agent itself or to the front door (client -> front door -> gateway -> adapter -> agent),
+# alternating direct and bridged runs, RUNS pairs at each concurrency in CONCURRENCY.
+#
+# AGENT=python (default): the stock a2a-sdk 1.3.0 test agent (a2a/tests/py/agent_server.py);
+# AGENT=rust: the a2a_echo_agent example, which costs next to nothing, so the ratio shows the
+# bridge's own cost. A control plane and one gateway (2 workers) run too, all on loopback.
+#
+# Usage: benches/scripts/a2a_compare.sh [RUNS] [DURATION_MS]        (defaults 3 and 5000)
+# Needs: cargo build --release --bins -p dmsc-a2a -p dmsc-dataplane -p dmsc-controlplane \
+#        && cargo build --release -p dmsc-a2a --examples
+set -euo pipefail
+RUNS=${1:-3}
+DURATION=${2:-5000}
+AGENT=${AGENT:-python}
+CONCURRENCY=${CONCURRENCY:-"1 64"}
+BIN=${BIN:-target/release}
+EX=${EX:-$BIN/examples}
+DOMAIN=bench.local
+dir=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+
+wait_line() { # $1 file, $2 prefix -> rest of the line
+  for _ in $(seq 1 300); do
+    if line=$(grep -m1 "^$2" "$1" 2>/dev/null); then
+      echo "${line#"$2"}" | xargs
+      return
+    fi
+    sleep 0.1
+  done
+  echo "timed out waiting for '$2' in $1" >&2
+  cat "$1" >&2
+  exit 1
+}
+
+"$BIN/dmsc-control" pki init --dir "$dir/pki" --domain "$DOMAIN" >/dev/null
+"$BIN/dmsc-control" pki issue --dir "$dir/pki" --control >/dev/null
+"$BIN/dmsc-control" pki issue --dir "$dir/pki" --gateway gw1 >/dev/null
+for a in a2a-front echo-adapter; do "$BIN/dmsc-control" pki issue --dir "$dir/pki" --agent "$a" >/dev/null; done
+cat >"$dir/domain.toml" <<TOML
+[domain]
+name = "$DOMAIN"
+trust_anchor = "$dir/pki/ca.pem"
+[[gateway]]
+id = "gw1"
+[groups.agents]
+members = ["spiffe://$DOMAIN/agent/*"]
+advertise = ["*"]
+discover = ["*"]
+[[invoke]]
+effect = "allow"
+groups = ["agents"]
+capabilities = ["*"]
+TOML
+
+DMSC_LOG=warn "$BIN/dmsc-control" serve --config "$dir/domain.toml" --listen 127.0.0.1:0 \
+  --admin-listen 127.0.0.1:0 --state-dir "$dir" >"$dir/cp.out" &
+pids+=($!)
+ctl=$(wait_line "$dir/cp.out" "dmsc-ctl/1 on")
+DMSC_LOG=warn "$BIN/dmsc-gateway" --listen 127.0.0.1:0 --workers 2 --no-pin --gateway-id gw1 \
+  --domain "$DOMAIN" --cert "$dir/pki/gateways/gw1.pem" --key "$dir/pki/gateways/gw1.key" \
+  --ca "$dir/pki/ca.pem" --state-dir "$dir/gw1" --admin-listen 127.0.0.1:0 --control "$ctl" \
+  >"$dir/gw.out" &
+pids+=($!)
+gw=$(wait_line "$dir/gw.out" "dmsc-gateway listening on" | awk '{print $1}')
+
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+if [ "$AGENT" = rust ]; then
+  "$EX/a2a_echo_agent" --port "$port" --skill echo >"$dir/agent.out" 2>&1 &
+else
+  python3 a2a/tests/py/agent_server.py --port "$port" --name a1 --skill echo >"$dir/agent.out" 2>&1 &
+fi
+pids+=($!)
+for _ in $(seq 1 100); do
+  curl -sf "http://127.0.0.1:$port/.well-known/agent-card.json" >/dev/null && break
+  sleep 0.1
+done
+
+id() { echo --cert "$dir/pki/agents/$1.pem" --key "$dir/pki/agents/$1.key" --ca "$dir/pki/ca.pem"; }
+# shellcheck disable=SC2046
+DMSC_LOG=warn "$BIN/dmsc-a2a" adapt --gateway "$gw" $(id echo-adapter) \
+  --agent-url "http://127.0.0.1:$port" >"$dir/adapt.out" &
+pids+=($!)
+wait_line "$dir/adapt.out" "dmsc-a2a adapt: attached:" >/dev/null
+# shellcheck disable=SC2046
+DMSC_LOG=warn "$BIN/dmsc-a2a" front --gateway "$gw" $(id a2a-front) --listen 127.0.0.1:0 \
+  >"$dir/front.out" &
+pids+=($!)
+front=$(wait_line "$dir/front.out" "dmsc-a2a front listening on" | awk '{print $1}')
+
+direct="http://127.0.0.1:$port/"
+bridged="$front/a2a/c/echo"
+: >"$dir/results"
+for c in $CONCURRENCY; do
+  for r in $(seq 1 "$RUNS"); do
+    for path in direct bridged; do
+      url=$direct
+      [ "$path" = bridged ] && url=$bridged
+      line=$("$EX/a2a_load" --url "$url" --concurrency "$c" --duration-ms "$DURATION" --warmup-ms 1000)
+      echo "$path $c $r $line" >>"$dir/results"
+      echo "$path c=$c run $r: $line" >&2
+    done
+  done
+done
+
+python3 - "$dir/results" "$AGENT" <<'PY'
+import json, sys
+rows = [l.split(" ", 3) for l in open(sys.argv[1])]
+by = {}
+for path, c, r, js in rows:
+    by.setdefault((int(c), int(r)), {})[path] = json.loads(js)
+print(f"agent: {sys.argv[2]}")
+print("conc run | direct rps  p50us  p99us | bridged rps  p50us  p99us | ratio  +p50us  +p99us | driver cpu us/req (d/b) | errors")
+for (c, r), d in sorted(by.items()):
+    a, b = d["direct"], d["bridged"]
+    print(f"{c:4} {r:3} | {a['rps']:10.0f} {a['p50_us']:6} {a['p99_us']:6} | {b['rps']:11.0f} {b['p50_us']:6} {b['p99_us']:6} |"
+          f" {b['rps']/a['rps']:5.3f} {b['p50_us']-a['p50_us']:7} {b['p99_us']-a['p99_us']:7} |"
+          f" {a['driver_cpu_us_per_request']:6.1f} / {b['driver_cpu_us_per_request']:6.1f} | {a['errors']}/{b['errors']}")
+PY
