@@ -20,6 +20,7 @@ use bytes::Bytes;
 use clap::Parser;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
@@ -66,9 +67,11 @@ fn cpu_seconds() -> f64 {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let uri: hyper::Uri = args.url.parse()?;
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(args.concurrency)
-        .build_http();
+        .build(connector);
     let text = "x".repeat(args.text_bytes);
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));

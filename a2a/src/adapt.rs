@@ -112,7 +112,10 @@ impl Upstream {
             None => None,
         };
         parse_uri(&config.agent_url)?;
-        let client = Client::builder(TokioExecutor::new()).build_http();
+        // Requests are small and latency-bound: no Nagle delay on the agent's connections.
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new()).build(connector);
         Ok(Self {
             client,
             config,

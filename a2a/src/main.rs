@@ -17,6 +17,10 @@ use dmsc_identity::{PrincipalKind, SpiffeId, SpiffeVerifier};
 #[derive(Debug, Parser)]
 #[command(name = "dmsc-a2a", version)]
 struct Cli {
+    /// Threads serving HTTP and dmsc/1 (1: a single-threaded runtime, the cheapest per
+    /// request; more for CPU-heavy JSON at high load on machines with cores to spare).
+    #[arg(long, global = true, default_value_t = 1)]
+    threads: usize,
     #[command(subcommand)]
     command: Command,
 }
@@ -137,10 +141,15 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let threads = cli.threads.max(1);
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("dmsc-a2a: error: starting the runtime: {e}");

@@ -249,7 +249,15 @@ fn stock_a2a_sdk_clients_and_agents_through_the_gateway() {
     assert_eq!(whoami(&url, &[]), format!("text {} via", id("a2a-front")));
     // Development mode: every client of the loopback listener is alice; the front door is a
     // bridge, so policy judges alice (who may invoke `secret`) and the agent sees both.
-    let (_dev, dev_url) = start_front("a2a-front-dev", &["--client-identity", &id("alice")]);
+    let (_dev, dev_url) = start_front(
+        "a2a-front-dev",
+        &[
+            "--client-identity",
+            &id("alice"),
+            "--request-timeout-ms",
+            "1000",
+        ],
+    );
     assert_eq!(
         whoami(&dev_url, &[]),
         format!("text {} via {}", id("alice"), id("a2a-front-dev"))
@@ -259,6 +267,16 @@ fn stock_a2a_sdk_clients_and_agents_through_the_gateway() {
         secret.trim(),
         "text native: hello",
         "alice may invoke secret"
+    );
+    // An agent that hangs: the caller gets DEADLINE_EXCEEDED after the front door's 1 s.
+    let started = Instant::now();
+    let hung = client(&[
+        "send", "--front", &dev_url, "--cap", "echo", "--text", "hang",
+    ]);
+    assert!(hung.contains("DEADLINE_EXCEEDED"), "{hung}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "answered at the deadline"
     );
     let (_mal, mal_url) = start_front("a2a-front-mallory", &["--client-identity", &id("mallory")]);
     let denied = whoami(&mal_url, &[]);

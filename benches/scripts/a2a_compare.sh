@@ -9,6 +9,7 @@
 # bridge's own cost. A control plane and one gateway (2 workers) run too, all on loopback.
 #
 # Usage: benches/scripts/a2a_compare.sh [RUNS] [DURATION_MS]        (defaults 3 and 5000)
+# PERF_OUT=/tmp/a2a.perf also records `perf record -a` for 2 s of each bridged run.
 # Needs: cargo build --release --bins -p dmsc-a2a -p dmsc-dataplane -p dmsc-controlplane \
 #        && cargo build --release -p dmsc-a2a --examples
 set -euo pipefail
@@ -70,6 +71,7 @@ DMSC_LOG=warn "$BIN/dmsc-gateway" --listen 127.0.0.1:0 --workers 2 --no-pin --ga
   --ca "$dir/pki/ca.pem" --state-dir "$dir/gw1" --admin-listen 127.0.0.1:0 --control "$ctl" \
   >"$dir/gw.out" &
 pids+=($!)
+gw_pid=$!
 gw=$(wait_line "$dir/gw.out" "dmsc-gateway listening on" | awk '{print $1}')
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -79,6 +81,7 @@ else
   python3 a2a/tests/py/agent_server.py --port "$port" --name a1 --skill echo >"$dir/agent.out" 2>&1 &
 fi
 pids+=($!)
+agent_pid=$!
 for _ in $(seq 1 100); do
   curl -sf "http://127.0.0.1:$port/.well-known/agent-card.json" >/dev/null && break
   sleep 0.1
@@ -89,12 +92,18 @@ id() { echo --cert "$dir/pki/agents/$1.pem" --key "$dir/pki/agents/$1.key" --ca 
 DMSC_LOG=warn "$BIN/dmsc-a2a" adapt --gateway "$gw" $(id echo-adapter) \
   --agent-url "http://127.0.0.1:$port" >"$dir/adapt.out" &
 pids+=($!)
+adapt_pid=$!
 wait_line "$dir/adapt.out" "dmsc-a2a adapt: attached:" >/dev/null
 # shellcheck disable=SC2046
 DMSC_LOG=warn "$BIN/dmsc-a2a" front --gateway "$gw" $(id a2a-front) --listen 127.0.0.1:0 \
   >"$dir/front.out" &
 pids+=($!)
+front_pid=$!
 front=$(wait_line "$dir/front.out" "dmsc-a2a front listening on" | awk '{print $1}')
+
+# CPU ticks (1/100 s) a process has used.
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+roles="gateway:$gw_pid agent:$agent_pid adapter:$adapt_pid front:$front_pid"
 
 direct="http://127.0.0.1:$port/"
 bridged="$front/a2a/c/echo"
@@ -104,9 +113,22 @@ for c in $CONCURRENCY; do
     for path in direct bridged; do
       url=$direct
       [ "$path" = bridged ] && url=$bridged
+      before=$(for rp in $roles; do ticks "${rp#*:}"; done | xargs)
+      if [ -n "${PERF_OUT:-}" ] && [ "$path" = bridged ]; then
+        # Profile every process during the bridged run (call graphs off: symbols only).
+        (sleep 1.5 && perf record -F 1999 -a -o "$PERF_OUT.c$c.r$r" -- sleep 2 >/dev/null 2>&1) &
+      fi
       line=$("$EX/a2a_load" --url "$url" --concurrency "$c" --duration-ms "$DURATION" --warmup-ms 1000)
+      after=$(for rp in $roles; do ticks "${rp#*:}"; done | xargs)
       echo "$path $c $r $line" >>"$dir/results"
       echo "$path c=$c run $r: $line" >&2
+      # CPU per request of each role over the run (warm-up included, so slightly high).
+      python3 -c '
+import json, sys
+roles, b, a, js = sys.argv[1].split(), sys.argv[2].split(), sys.argv[3].split(), json.loads(sys.argv[4])
+n = js["requests"] * (1 + 1000 / js.get("duration_ms", 5000))
+print("  cpu us/request:", ", ".join(f"{r.partition(chr(58))[0]} {(int(y) - int(x)) * 1e4 / max(n, 1):.1f}" for r, x, y in zip(roles, b, a)))
+' "$roles" "$before" "$after" "$line" >&2
     done
   done
 done

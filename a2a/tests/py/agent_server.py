@@ -7,7 +7,8 @@ at `/rest`, with the SDK's own card routes. What it does with the user's text:
   status, the artifact and the completed status);
 - "ask": the task stops in input-required ("<name>: what else?"); a follow-up message on that task completes it with
   "<name> got: <text>";
-- "die": the task starts working, then the process exits (an agent dying mid-stream).
+- "die": the task starts working, then the process exits (an agent dying mid-stream);
+- "hang": nothing for 30 s (an agent that hangs).
 
 Usage: python3 agent_server.py --port P --name NAME [--skill echo]
 """
@@ -45,6 +46,8 @@ class Executor(AgentExecutor):
 
     async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
         text = context.get_user_input()
+        if text == "hang":
+            await asyncio.sleep(30)
         task = context.current_task
         if task is None:
             task = new_task_from_user_message(context.message)

@@ -31,6 +31,7 @@ from a2a.types import (
     Part,
     Role,
     SendMessageRequest,
+    SubscribeToTaskRequest,
     TaskState,
 )
 
@@ -237,6 +238,12 @@ def status_text(events):
     return []
 
 
+async def first_event(client, task_id):
+    async for event in client.subscribe(SubscribeToTaskRequest(id=task_id)):
+        return event
+    fail(f"SubscribeToTask of {task_id}: no event")
+
+
 async def affinity(args):
     agents = args.agents.split(",")
     seen = set()
@@ -254,6 +261,12 @@ async def affinity(args):
                 task = await client.get_task(GetTaskRequest(id=task_id))
                 if task.status.state != TaskState.TASK_STATE_INPUT_REQUIRED:
                     fail(f"{binding}: GetTask of {task_id} reached the wrong agent")
+                # Resubscribing (a streaming client's) streams the task from the agent
+                # holding it; the first event is enough.
+                if streaming:
+                    first = await asyncio.wait_for(first_event(client, task_id), 10)
+                    if first.task.id != task_id:
+                        fail(f"{binding}: SubscribeToTask of {task_id} answered {first}")
                 events = await send(client, "more", task_id, context_id)
                 if f"{holder} got: more" not in texts(events):
                     fail(f"{binding}: follow-up to {holder}'s task answered {texts(events)}")
