@@ -73,6 +73,10 @@ pub enum ClientIdentity {
     Certificate,
 }
 
+/// The skill every front door's own card offers (a card needs one). It is left out of the
+/// catalog and has no card: it is not an A2A agent.
+pub const FRONT_DOOR_SKILL: &str = "dmsc.a2a.front";
+
 /// Time a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a request's head (request line and headers) may take to arrive.
@@ -271,13 +275,17 @@ pub fn capability_card(base: &str, entry: &DiscoveryEntry) -> Value {
     })
 }
 
+/// The capabilities the front door may discover, starting with `prefix`, front doors' own
+/// skill left out.
 async fn discover(shared: &Shared, prefix: &str) -> Result<Vec<DiscoveryEntry>, A2aError> {
-    shared.agent.discover(prefix, "").await.map_err(|e| {
+    let mut entries = shared.agent.discover(prefix, "").await.map_err(|e| {
         A2aError::new(
             ErrorKind::GatewayUnavailable,
             format!("the gateway did not answer discovery: {e}"),
         )
-    })
+    })?;
+    entries.retain(|e| e.capability != FRONT_DOOR_SKILL);
+    Ok(entries)
 }
 
 async fn card(

@@ -194,7 +194,7 @@ fn front_card() -> AgentCard {
         "The A2A front door: HTTP A2A clients invoke the domain's capabilities through it",
         env!("CARGO_PKG_VERSION"),
     )
-    .with_skill(Skill::new("dmsc.a2a.front", "A2A front door"))
+    .with_skill(Skill::new(front::FRONT_DOOR_SKILL, "A2A front door"))
 }
 
 fn front_handlers() -> Handlers {

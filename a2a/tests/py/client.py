@@ -173,6 +173,7 @@ async def errors(args):
             and f"{base}/{args.cap}/.well-known/agent-card.json" in hrefs,
             f"catalog lists {args.cap}",
         )
+        check(not any("dmsc.a2a.front" in h for h in hrefs), "catalog hides the front doors")
         r = await http.get(f"{base}/{args.cap}/.well-known/agent-card.json")
         etag = r.headers["etag"]
         r2 = await http.get(
