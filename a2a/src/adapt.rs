@@ -47,7 +47,7 @@ pub struct AdaptConfig {
     pub card_interval: Duration,
     /// Failed card reads in a row after which the capabilities are withdrawn.
     pub unhealthy_after: u32,
-    /// Time the agent has to begin its answer when the caller set no deadline.
+    /// Time the agent has to begin its answer (or the caller's deadline, if shorter).
     pub upstream_timeout: Duration,
     /// Largest answer or streamed event accepted from the agent (bytes).
     pub max_message_bytes: usize,
@@ -123,8 +123,18 @@ impl Upstream {
         })
     }
 
-    /// Reads the card (conditionally, if `etag` is given).
+    /// Reads the card (conditionally, if `etag` is given), all of it within 5 s.
     pub async fn fetch_card(&self, etag: Option<&str>) -> Result<CardFetch, CardProblem> {
+        tokio::time::timeout(CARD_TIMEOUT, self.read_card(etag))
+            .await
+            .unwrap_or_else(|_| {
+                Err(CardProblem::Unreachable(format!(
+                    "no whole card within {CARD_TIMEOUT:?}"
+                )))
+            })
+    }
+
+    async fn read_card(&self, etag: Option<&str>) -> Result<CardFetch, CardProblem> {
         let uri = parse_uri(&format!("{}{CARD_PATH}", self.config.agent_url))?;
         let mut request = hyper::Request::get(uri).header("a2a-version", "1.0");
         if let Some(etag) = etag {
@@ -134,9 +144,10 @@ impl Upstream {
             .body(Full::new(Bytes::new()))
             .map_err(|e| CardProblem::Invalid(e.to_string()))?;
         let unreachable = |e: String| CardProblem::Unreachable(e);
-        let response = tokio::time::timeout(CARD_TIMEOUT, self.client.request(request))
+        let response = self
+            .client
+            .request(request)
             .await
-            .map_err(|_| unreachable(format!("no answer in {CARD_TIMEOUT:?}")))?
             .map_err(|e| unreachable(e.to_string()))?;
         if response.status() == StatusCode::NOT_MODIFIED {
             return Ok(CardFetch::Unchanged);
@@ -218,7 +229,10 @@ impl Upstream {
         let http = http
             .body(Full::new(body))
             .map_err(|e| HandlerError::new(e.to_string()))?;
-        let wait = request.deadline.unwrap_or(self.config.upstream_timeout);
+        // The caller's deadline, if shorter.
+        let wait = request.deadline.map_or(self.config.upstream_timeout, |d| {
+            d.min(self.config.upstream_timeout)
+        });
         let response = match tokio::time::timeout(wait, self.client.request(http)).await {
             Err(_) => {
                 return Ok(Response::error(
@@ -397,7 +411,11 @@ pub async fn run(
     let mut failures = 0u32;
     tokio::pin!(shutdown);
     loop {
-        match upstream.fetch_card(etag.as_deref()).await {
+        let fetched = tokio::select! {
+            fetched = upstream.fetch_card(etag.as_deref()) => fetched,
+            () = &mut shutdown => break,
+        };
+        match fetched {
             Ok(CardFetch::Unchanged) => failures = 0,
             Ok(CardFetch::Changed { card, etag: new }) => {
                 failures = 0;

@@ -123,6 +123,8 @@ pub fn parse_answer(bytes: &[u8]) -> Result<Value, A2aError> {
 #[derive(Debug)]
 pub struct LineBuffer {
     pending: BytesMut,
+    /// How much of `pending` is known to hold no line feed.
+    scanned: usize,
     limit: usize,
 }
 
@@ -131,6 +133,7 @@ impl LineBuffer {
     pub fn new(limit: usize) -> Self {
         Self {
             pending: BytesMut::new(),
+            scanned: 0,
             limit,
         }
     }
@@ -139,20 +142,34 @@ impl LineBuffer {
     /// onto `out`.
     pub fn push(&mut self, chunk: &[u8], out: &mut Vec<Bytes>) -> Result<(), A2aError> {
         self.pending.extend_from_slice(chunk);
-        while let Some(end) = self.pending.iter().position(|&b| b == b'\n') {
-            let line = self.pending.split_to(end + 1);
-            let line = line.freeze().slice(..end);
+        // Only the bytes not scanned before are searched, so a long line arriving in small
+        // chunks costs its length once, not once per chunk.
+        while let Some(at) = self.pending[self.scanned..]
+            .iter()
+            .position(|&b| b == b'\n')
+        {
+            let end = self.scanned + at;
+            self.scanned = 0;
+            if end > self.limit {
+                return Err(self.too_long());
+            }
+            let line = self.pending.split_to(end + 1).freeze().slice(..end);
             if !line.is_empty() {
                 out.push(line);
             }
         }
+        self.scanned = self.pending.len();
         if self.pending.len() > self.limit {
-            return Err(A2aError::new(
-                ErrorKind::InvalidAgentResponse,
-                format!("an event is longer than the limit of {} bytes", self.limit),
-            ));
+            return Err(self.too_long());
         }
         Ok(())
+    }
+
+    fn too_long(&self) -> A2aError {
+        A2aError::new(
+            ErrorKind::InvalidAgentResponse,
+            format!("an event is longer than the limit of {} bytes", self.limit),
+        )
     }
 
     /// What is left after the last line feed, if anything (a final line without one).
@@ -220,5 +237,8 @@ mod tests {
         assert_eq!(lines.finish(), Some(Bytes::from("f")));
         let mut lines = LineBuffer::new(4);
         assert!(lines.push(b"12345", &mut out).is_err());
+        // A whole line over the limit, arriving with its line feed, too.
+        let mut lines = LineBuffer::new(4);
+        assert!(lines.push(b"123456\n", &mut out).is_err());
     }
 }

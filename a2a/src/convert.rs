@@ -13,6 +13,16 @@ use serde_json::{json, Map, Value};
 use crate::error::{A2aError, ErrorKind};
 use crate::method::Method;
 
+/// The members a message has in both versions, copied as they are.
+const MESSAGE_KEYS: &[&str] = &[
+    "messageId",
+    "contextId",
+    "taskId",
+    "referenceTaskIds",
+    "metadata",
+    "extensions",
+];
+
 fn invalid(message: impl Into<String>) -> A2aError {
     A2aError::new(ErrorKind::InvalidParams, message)
 }
@@ -92,18 +102,7 @@ fn configuration_v03_to_v1(config: &Value) -> Result<Value, A2aError> {
 pub fn message_v03_to_v1(message: &Value) -> Result<Value, A2aError> {
     let message = object(message, "message")?;
     let mut out = Map::new();
-    copy(
-        &message,
-        &mut out,
-        &[
-            "messageId",
-            "contextId",
-            "taskId",
-            "referenceTaskIds",
-            "metadata",
-            "extensions",
-        ],
-    );
+    copy(&message, &mut out, MESSAGE_KEYS);
     let role = match message.get("role").and_then(Value::as_str) {
         Some("user") => "ROLE_USER",
         Some("agent") => "ROLE_AGENT",
@@ -297,17 +296,7 @@ fn artifact_v1_to_v03(artifact: &Value) -> Value {
 
 /// A v1.0 message as v0.3.
 pub fn message_v1_to_v03(message: &Value) -> Value {
-    let mut out = keep(
-        message,
-        &[
-            "messageId",
-            "contextId",
-            "taskId",
-            "referenceTaskIds",
-            "metadata",
-            "extensions",
-        ],
-    );
+    let mut out = keep(message, MESSAGE_KEYS);
     out.insert("kind".into(), "message".into());
     let role = match message.get("role").and_then(Value::as_str) {
         Some("ROLE_USER") => "user",

@@ -77,6 +77,12 @@ pub enum ClientIdentity {
 /// catalog and has no card: it is not an A2A agent.
 pub const FRONT_DOOR_SKILL: &str = "dmsc.a2a.front";
 
+/// Events of one stream waiting for a slow client, at most.
+const STREAM_BUFFER_EVENTS: usize = 4;
+
+/// Time a request body may take to arrive, whole.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Time a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a request's head (request line and headers) may take to arrive.
@@ -144,6 +150,7 @@ pub async fn serve(
         ClientIdentity::Fixed(id) => Some(id.as_str().into()),
         _ => None,
     };
+    let need_identity = config.clients == ClientIdentity::Certificate;
     let app = router(agent, config);
     let slots = Arc::new(Semaphore::new(max_connections));
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
@@ -187,6 +194,10 @@ pub async fn serve(
                         .and_then(|certs| certs.first())
                         .and_then(|cert| dmsc_identity::spiffe_id_from_cert(cert).ok())
                         .map(|id| Arc::from(id.as_str()));
+                    if need_identity && identity.is_none() {
+                        // Never fall back to the front door's own rights.
+                        return tracing::debug!("a client certificate without a SPIFFE ID");
+                    }
                     serve_connection(TokioIo::new(stream), app, Caller(identity.or(fixed))).await
                 }
             }
@@ -514,7 +525,10 @@ fn rest_route(
         ["tasks"] if is_get => Ok((Method::ListTasks, query_params(query))),
         ["tasks", _, "pushNotificationConfigs", ..] => Ok((Method::CreatePushConfig, json!({}))),
         ["tasks", action] => {
-            if let Some((id, verb)) = action.rsplit_once(':') {
+            let custom = action
+                .rsplit_once(':')
+                .filter(|(_, verb)| matches!(*verb, "cancel" | "subscribe"));
+            if let Some((id, verb)) = custom {
                 let method = match verb {
                     "cancel" if is_post => Method::CancelTask,
                     "subscribe" if is_post || is_get => Method::SubscribeToTask,
@@ -535,12 +549,17 @@ fn rest_route(
     }
 }
 
-/// Query parameters as JSON params; integers become numbers.
+/// Query parameters as JSON params: the integer ones (`historyLength`, `pageSize`) as numbers,
+/// the rest as strings.
 fn query_params(query: &HashMap<String, String>) -> Value {
     let map = query
         .iter()
         .map(|(k, v)| {
-            let value = v.parse::<i64>().map_or_else(|_| json!(v), |n| json!(n));
+            let numeric = matches!(k.as_str(), "historyLength" | "pageSize");
+            let value = match v.parse::<i64>() {
+                Ok(n) if numeric => json!(n),
+                _ => json!(v),
+            };
             (k.clone(), value)
         })
         .collect();
@@ -556,11 +575,11 @@ async fn forward(
     call: Call,
     dialect: Dialect,
 ) -> Response {
-    let Ok(_permit) = shared.permits.clone().try_acquire_owned() else {
+    let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
         let e = A2aError::new(
             ErrorKind::Overloaded,
             format!(
-                "the front door is serving its limit of {} requests",
+                "OVERLOADED: the front door is serving its limit of {} requests",
                 shared.config.max_concurrent
             ),
         );
@@ -608,7 +627,7 @@ async fn forward(
     }
     let limit = shared.config.max_answer_bytes;
     if answer.content_type == STREAM_CONTENT_TYPE {
-        return stream_events(answer, call, dialect, limit);
+        return stream_events(answer, call, dialect, limit, permit);
     }
     if answer.content_type != CONTENT_TYPE {
         let e = A2aError::new(
@@ -622,6 +641,10 @@ async fn forward(
     }
     let body = match answer.body(limit).await {
         Ok(body) => body,
+        Err(e @ dmsc_agent::BodyError::TooLarge { .. }) => {
+            let e = A2aError::new(ErrorKind::InvalidAgentResponse, format!("the answer: {e}"));
+            return error_for(dialect, &e, &call.id);
+        }
         Err(e) => {
             let e = A2aError::new(ErrorKind::TargetFailed, format!("reading the answer: {e}"));
             return error_for(dialect, &e, &call.id);
@@ -674,14 +697,18 @@ fn render(dialect: Dialect, method: Method, response: &Value, id: &Value) -> Res
 
 /// A streamed answer as server-sent events, one JSON-RPC response (or, for HTTP+JSON, one
 /// stream response) per event. A failure mid-stream ends the stream with an error event.
+/// The stream holds `permit` (one of `--max-concurrent`) for as long as it lasts; at most
+/// [`STREAM_BUFFER_EVENTS`] events wait for a slow client.
 fn stream_events(
     mut answer: dmsc_agent::ReplyStream,
     call: Call,
     dialect: Dialect,
     limit: usize,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Response {
-    let (tx, rx) = mpsc::channel::<Event>(16);
+    let (tx, rx) = mpsc::channel::<Event>(STREAM_BUFFER_EVENTS);
     tokio::spawn(async move {
+        let _permit = permit;
         let mut lines = LineBuffer::new(limit);
         let mut ready = Vec::new();
         loop {
@@ -702,12 +729,13 @@ fn stream_events(
                 return;
             }
             for line in ready.drain(..) {
-                let event = match binding::parse_answer(&line) {
-                    Ok(response) => event(dialect, call.method, &response, &call.id),
-                    Err(e) => error_event(dialect, &e, &call.id),
+                let (event, last) = match binding::parse_answer(&line) {
+                    Ok(response) => (event(dialect, call.method, &response, &call.id), false),
+                    // Not an A2A event: say so and end the stream.
+                    Err(e) => (error_event(dialect, &e, &call.id), true),
                 };
-                if tx.send(event).await.is_err() {
-                    return; // the client went away: dropping the answer cancels it
+                if tx.send(event).await.is_err() || last {
+                    return; // the client went away (dropping the answer cancels it), or failed
                 }
             }
         }
@@ -758,7 +786,13 @@ fn error_event(dialect: Dialect, e: &A2aError, id: &Value) -> Event {
 // ---- responses ----
 
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, Response> {
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+    let Ok(read) = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, limit)).await
+    else {
+        let message = format!("the request body did not arrive within {BODY_TIMEOUT:?}");
+        let body = A2aError::new(ErrorKind::InvalidRequest, message).rest_body();
+        return Err(json_value(StatusCode::REQUEST_TIMEOUT, &body));
+    };
+    read.map_err(|e| {
         let message =
             format!("the request body is over the limit of {limit} bytes, or broken ({e})");
         let body = A2aError::new(ErrorKind::InvalidRequest, message).rest_body();
@@ -813,50 +847,69 @@ mod tests {
 
     #[test]
     fn rest_routes() {
-        assert_eq!(
-            route("message:send", HttpMethod::POST, b"{\"message\":{}}").unwrap(),
-            (Method::SendMessage, json!({"message": {}}))
-        );
-        assert_eq!(
-            route("echo/message:stream", HttpMethod::POST, b"")
-                .unwrap()
-                .0,
-            Method::SendStreamingMessage
-        );
-        assert_eq!(
-            route("tasks/t1", HttpMethod::GET, b"").unwrap(),
-            (Method::GetTask, json!({"id": "t1"}))
-        );
-        assert_eq!(
-            route("tasks/t1:cancel", HttpMethod::POST, b"").unwrap(),
-            (Method::CancelTask, json!({"id": "t1"}))
-        );
-        assert_eq!(
-            route("tasks/t1:subscribe", HttpMethod::POST, b"")
-                .unwrap()
-                .0,
-            Method::SubscribeToTask
-        );
-        assert_eq!(
-            route("other/message:send", HttpMethod::POST, b""),
-            Err(ErrorKind::InvalidParams)
-        );
-        assert_eq!(
-            route("message:send", HttpMethod::GET, b""),
-            Err(ErrorKind::MethodNotFound)
-        );
-        assert_eq!(
-            route("tasks/t1:explode", HttpMethod::POST, b""),
-            Err(ErrorKind::MethodNotFound)
-        );
-        assert_eq!(
-            route("message:send", HttpMethod::POST, b"[1]"),
-            Err(ErrorKind::InvalidParams)
-        );
-        assert_eq!(
-            route("message:send", HttpMethod::POST, b"{"),
-            Err(ErrorKind::Parse)
-        );
+        use HttpMethod as H;
+        let found = [
+            (
+                "message:send",
+                H::POST,
+                &b"{\"message\":{}}"[..],
+                Method::SendMessage,
+                json!({"message": {}}),
+            ),
+            (
+                "echo/message:stream",
+                H::POST,
+                b"",
+                Method::SendStreamingMessage,
+                json!({}),
+            ),
+            (
+                "tasks/t1",
+                H::GET,
+                b"",
+                Method::GetTask,
+                json!({"id": "t1"}),
+            ),
+            (
+                "tasks/t1:cancel",
+                H::POST,
+                b"",
+                Method::CancelTask,
+                json!({"id": "t1"}),
+            ),
+            (
+                "tasks/t1:subscribe",
+                H::POST,
+                b"",
+                Method::SubscribeToTask,
+                json!({"id": "t1"}),
+            ),
+            (
+                "tasks/a:b",
+                H::GET,
+                b"",
+                Method::GetTask,
+                json!({"id": "a:b"}),
+            ),
+        ];
+        for (path, method, body, expected, params) in found {
+            assert_eq!(route(path, method, body), Ok((expected, params)), "{path}");
+        }
+        let refused = [
+            (
+                "other/message:send",
+                H::POST,
+                &b""[..],
+                ErrorKind::InvalidParams,
+            ),
+            ("message:send", H::GET, b"", ErrorKind::MethodNotFound),
+            ("tasks/t1:explode", H::POST, b"", ErrorKind::MethodNotFound),
+            ("message:send", H::POST, b"[1]", ErrorKind::InvalidParams),
+            ("message:send", H::POST, b"{", ErrorKind::Parse),
+        ];
+        for (path, method, body, expected) in refused {
+            assert_eq!(route(path, method, body), Err(expected), "{path}");
+        }
     }
 
     #[test]

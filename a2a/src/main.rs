@@ -114,7 +114,7 @@ struct AdaptArgs {
     /// Failed card reads in a row after which the agent's capabilities are withdrawn.
     #[arg(long, default_value_t = 3)]
     unhealthy_after: u32,
-    /// Milliseconds the agent has to begin its answer when the caller set no deadline.
+    /// Milliseconds the agent has to begin its answer (or the caller's deadline, if shorter).
     #[arg(long, default_value_t = 60_000)]
     upstream_timeout_ms: u64,
     /// Largest answer or streamed event accepted from the agent, in bytes.

@@ -20,7 +20,11 @@ pub const SEPARATOR: char = '~';
 /// The session a qualified task id names, if it is one.
 pub fn session_of(task_id: &str) -> Option<SessionId> {
     let (session, rest) = task_id.split_once(SEPARATOR)?;
+    let lower_hex = |c: u8| c.is_ascii_digit() || (b'a'..=b'f').contains(&c);
     if rest.is_empty() || session.is_empty() || session.len() > 16 {
+        return None;
+    }
+    if !session.bytes().all(lower_hex) {
         return None;
     }
     u64::from_str_radix(session, 16)
@@ -155,6 +159,8 @@ mod tests {
             "0~abc",
             "1~",
             "11111111111111111~a",
+            "+a~x",
+            "A~x",
         ] {
             assert_eq!(session_of(plain), None, "{plain}");
         }

@@ -44,6 +44,10 @@ bridge = true
 [groups.mallory]
 members = ["spiffe://test.local/agent/mallory"]
 
+[groups.throttled]
+members = ["spiffe://test.local/agent/a2a-front-slow"]
+rate_limit = { per_second = 1, burst = 1 }
+
 [[invoke]]
 effect = "allow"
 groups = ["agents"]
@@ -144,6 +148,22 @@ fn stock_a2a_sdk_clients_and_agents_through_the_gateway() {
         (cert.display().to_string(), key.display().to_string())
     };
 
+    // `dmsc-a2a <command>` attached to the gateway as agent `name`.
+    let attach_args = |command: &str, name: &str| -> Vec<String> {
+        let (cert, key) = identity(name);
+        vec![
+            command.into(),
+            "--gateway".into(),
+            gateway.to_string(),
+            "--cert".into(),
+            cert,
+            "--key".into(),
+            key,
+            "--ca".into(),
+            ca_path.clone(),
+        ]
+    };
+
     // A stock a2a-sdk agent, and the adapter beside it.
     let start_agent = |name: &str| -> (Proc, Proc) {
         let port = free_port();
@@ -156,31 +176,26 @@ fn stock_a2a_sdk_clients_and_agents_through_the_gateway() {
                 port.to_string(),
                 "--name".into(),
                 name.into(),
+                "--extra-skills".into(),
+                domain
+                    .dir
+                    .0
+                    .join(format!("{name}.skills"))
+                    .display()
+                    .to_string(),
             ],
         );
         wait_http(SocketAddr::from(([127, 0, 0, 1], port)));
-        let (cert, key) = identity(&format!("{name}-adapter"));
-        let mut adapter = Proc::spawn(
-            &format!("adapter {name}"),
-            &binary("dmsc-a2a"),
-            &[
-                "adapt".into(),
-                "--gateway".into(),
-                gateway.to_string(),
-                "--cert".into(),
-                cert,
-                "--key".into(),
-                key,
-                "--ca".into(),
-                ca_path.clone(),
-                "--agent-url".into(),
-                format!("http://127.0.0.1:{port}"),
-                "--card-interval-ms".into(),
-                "200".into(),
-                "--unhealthy-after".into(),
-                "2".into(),
-            ],
-        );
+        let mut args = attach_args("adapt", &format!("{name}-adapter"));
+        args.extend([
+            "--agent-url".into(),
+            format!("http://127.0.0.1:{port}"),
+            "--card-interval-ms".into(),
+            "200".into(),
+            "--unhealthy-after".into(),
+            "2".into(),
+        ]);
+        let mut adapter = Proc::spawn(&format!("adapter {name}"), &binary("dmsc-a2a"), &args);
         let attached = adapter.expect_line("dmsc-a2a adapt: attached:");
         assert_eq!(attached, "echo", "the card's skills become capabilities");
         (upstream, adapter)
@@ -189,20 +204,8 @@ fn stock_a2a_sdk_clients_and_agents_through_the_gateway() {
 
     // The front door, and variants of it for the client-identity modes.
     let start_front = |name: &str, extra: &[&str]| -> (Proc, String) {
-        let (cert, key) = identity(name);
-        let mut args: Vec<String> = vec![
-            "front".into(),
-            "--gateway".into(),
-            gateway.to_string(),
-            "--cert".into(),
-            cert,
-            "--key".into(),
-            key,
-            "--ca".into(),
-            ca_path.clone(),
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-        ];
+        let mut args = attach_args("front", name);
+        args.extend(["--listen".into(), "127.0.0.1:0".into()]);
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut front = Proc::spawn(name, &binary("dmsc-a2a"), &args);
         let line = front.expect_line("dmsc-a2a front listening on");
@@ -328,6 +331,47 @@ fn stock_a2a_sdk_clients_and_agents_through_the_gateway() {
         anonymous.starts_with("error") && anonymous.contains("certificate required"),
         "no client certificate: {anonymous}"
     );
+
+    // Every error mapping the gateway originates: over a rate limit (the throttled front
+    // door's own), and over the front door's concurrency limit.
+    let (_slow, slow_url) = start_front("a2a-front-slow", &[]);
+    let burst = client(&[
+        "send",
+        "--front",
+        &slow_url,
+        "--cap",
+        "native",
+        "--count",
+        "6",
+        "--parallel",
+    ]);
+    assert!(burst.contains("RATE_LIMITED"), "{burst}");
+    assert!(burst.contains("text native: hello"), "{burst}");
+    let (_busy, busy_url) = start_front(
+        "a2a-front-busy",
+        &["--max-concurrent", "1", "--request-timeout-ms", "3000"],
+    );
+    let crowd = client(&[
+        "send",
+        "--front",
+        &busy_url,
+        "--cap",
+        "echo",
+        "--text",
+        "hang",
+        "--count",
+        "3",
+        "--parallel",
+    ]);
+    assert_eq!(crowd.matches("OVERLOADED").count(), 2, "{crowd}");
+    assert_eq!(crowd.matches("DEADLINE_EXCEEDED").count(), 1, "{crowd}");
+
+    // The agent's card changes: the adapter sees it (ETag) and updates the capabilities.
+    std::fs::write(domain.dir.0.join("a1.skills"), "extra\n").unwrap();
+    let updated = adapter1.expect_line("dmsc-a2a adapt: card updated:");
+    assert_eq!(updated, "echo extra");
+    let extra = client(&["send", "--front", &url, "--cap", "extra"]);
+    assert_eq!(extra.trim(), "text a1: hello");
 
     // A second instance of `echo`: tasks spread over both, and every follow-up (GetTask, a
     // message on the task) reaches the instance holding the task.

@@ -29,18 +29,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-wait_line() { # $1 file, $2 prefix -> rest of the line
-  for _ in $(seq 1 300); do
-    if line=$(grep -m1 "^$2" "$1" 2>/dev/null); then
-      echo "${line#"$2"}" | xargs
-      return
-    fi
-    sleep 0.1
-  done
-  echo "timed out waiting for '$2' in $1" >&2
-  cat "$1" >&2
-  exit 1
-}
+# shellcheck source=lib.sh
+source "$(dirname "$0")/lib.sh"
 
 "$BIN/dmsc-control" pki init --dir "$dir/pki" --domain "$DOMAIN" >/dev/null
 "$BIN/dmsc-control" pki issue --dir "$dir/pki" --control >/dev/null

@@ -40,18 +40,8 @@ write_config() { # $1: version
 }
 write_config 0
 
-wait_line() { # $1 file, $2 prefix -> rest of the line
-  for _ in $(seq 1 300); do
-    if line=$(grep -m1 "^$2" "$1" 2>/dev/null); then
-      echo "${line#"$2"}" | xargs
-      return
-    fi
-    sleep 0.1
-  done
-  echo "timed out waiting for '$2' in $1" >&2
-  cat "$1" >&2
-  exit 1
-}
+# shellcheck source=lib.sh
+source "$(dirname "$0")/lib.sh"
 
 DMSC_LOG=warn "$BIN/dmsc-control" serve --config "$dir/domain.toml" --listen 127.0.0.1:0 \
   --admin-listen 127.0.0.1:0 --state-dir "$dir" >"$dir/cp.out" &

@@ -482,6 +482,9 @@ class RequestHeader:
     trace_flags: int = 0
     content_type: str = ""
     caller: str = ""
+    target_session: int = 0
+    on_behalf_of: str = ""
+    via: str = ""
 
     def encode_block(self) -> bytes:
         if not self.capability:
@@ -499,7 +502,23 @@ class RequestHeader:
             + bytes([self.trace_flags])
             + encode_str(self.content_type, MAX_CONTENT_TYPE)
             + encode_str(self.caller, MAX_CALLER)
+            + self._optional_fields()
         )
+
+    def _optional_fields(self) -> bytes:
+        """target_session, on_behalf_of, via: the trailing ones at their defaults are left out."""
+        fields = [
+            encode_varint(self.target_session),
+            encode_str(self.on_behalf_of, MAX_CALLER),
+            encode_str(self.via, MAX_CALLER),
+        ]
+        if self.via:
+            return b"".join(fields)
+        if self.on_behalf_of:
+            return b"".join(fields[:2])
+        if self.target_session:
+            return fields[0]
+        return b""
 
     def encode(self) -> bytes:
         block = self.encode_block()
@@ -522,8 +541,13 @@ class RequestHeader:
             flags = r.u8()
             content_type = r.str_(MAX_CONTENT_TYPE)
             caller = r.str_(MAX_CALLER)
-            # bytes after `caller` are extensions: ignored (section 16)
-            return cls(capability, deadline, hops, trace_id, span_id, flags, content_type, caller)
+            # Optional trailing fields, each read while bytes remain (section 7.2); bytes after
+            # `via` are extensions: ignored (section 16).
+            target_session = r.varint() if r.remaining else 0
+            on_behalf_of = r.str_(MAX_CALLER) if r.remaining else ""
+            via = r.str_(MAX_CALLER) if r.remaining else ""
+            return cls(capability, deadline, hops, trace_id, span_id, flags, content_type, caller,
+                       target_session, on_behalf_of, via)
 
         return _complete(parse)
 
@@ -1850,7 +1874,11 @@ async def cmd_selftest(args) -> int:
     r = await agent.invoke("", b"x", raw_header=big_block)
     check("header block over max_header_bytes (4096 default) is BAD_REQUEST", r.status == Status.BAD_REQUEST,
           f"{len(big_block)} bytes: {r.status_name}")
-    ext = RequestHeader("py_echo", content_type="text/plain").encode_block() + b"\xaa\xbb\xcc"
+    # Extensions come after the last field of this revision, `via`: the optional fields before
+    # them are written at their defaults (target_session 0, on_behalf_of and via empty).
+    ext = (RequestHeader("py_echo", content_type="text/plain").encode_block()
+           + encode_varint(0) + encode_str("", MAX_CALLER) + encode_str("", MAX_CALLER)
+           + b"\xaa\xbb\xcc")
     r = await agent.invoke("", b"ext", raw_header=encode_varint(len(ext)) + ext)
     check("header extension bytes are ignored", r.ok and r.payload == b"ext", r.status_name)
 

@@ -128,6 +128,16 @@ def main() -> int:
     traced = d.RequestHeader("echo", 0, 0, bytes.fromhex("4bf92f3577b34da6a3ce929d0e0e4736"),
                              bytes.fromhex("00f067aa0ba902b7"), 1, "", "")
     check("request_traced (encode)", traced.encode() == ex["request_traced"])
+    alice, front = "spiffe://dmsc.local/agent/alice", "spiffe://dmsc.local/agent/a2a-front"
+    delegated = d.RequestHeader("echo", 1500, 0, content_type="text/plain", target_session=2,
+                                on_behalf_of=alice)
+    check("request_delegated (encode)", delegated.encode() == ex["request_delegated"])
+    block, _ = d.split_header(ex["request_delegated"])
+    check("request_delegated (decode)", d.RequestHeader.decode_block(block) == delegated)
+    via = d.RequestHeader("echo", 1500, 1, content_type="text/plain", caller=alice, via=front)
+    check("request_forwarded_via (encode)", via.encode() == ex["request_forwarded_via"])
+    block, _ = d.split_header(ex["request_forwarded_via"])
+    check("request_forwarded_via (decode)", d.RequestHeader.decode_block(block) == via)
     check("response_ok (encode)", d.ResponseHeader(0, "text/plain", "").encode() == ex["response_ok"])
     block, _ = d.split_header(ex["response_no_route"])
     nr = d.ResponseHeader.decode_block(block)

@@ -31,35 +31,23 @@ async fn a_target_session_reaches_that_agent_and_no_other() {
     let a = attach(&pki, gw.local_addr(), "a", &["whoami"]).await;
     let b = attach(&pki, gw.local_addr(), "b", &["whoami"]).await;
     let caller = attach(&pki, gw.local_addr(), "caller", &["echo"]).await;
+    let whoami_at = |session| {
+        let request = caller.request("whoami").target_session(session);
+        async move { request.send("").await.unwrap() }
+    };
     for (agent, name) in [(&a, "a"), (&b, "b")] {
         let session = agent.session().expect("attached");
         for _ in 0..20 {
-            let reply = caller
-                .request("whoami")
-                .target_session(session)
-                .send("")
-                .await
-                .unwrap();
+            let reply = whoami_at(session).await;
             assert_eq!(reply.into_result().unwrap(), name);
         }
     }
     // A session that does not offer the capability, or is gone: NO_ROUTE, never another agent.
-    let session = caller.session().unwrap();
-    let reply = caller
-        .request("whoami")
-        .target_session(session)
-        .send("")
-        .await
-        .unwrap();
+    let reply = whoami_at(caller.session().unwrap()).await;
     assert_eq!(reply.status, dmsc_protocol::Status::NoRoute);
     let gone = a.session().unwrap();
     a.detach().await.unwrap();
-    let reply = caller
-        .request("whoami")
-        .target_session(gone)
-        .send("")
-        .await
-        .unwrap();
+    let reply = whoami_at(gone).await;
     assert_eq!(
         reply.status,
         dmsc_protocol::Status::NoRoute,

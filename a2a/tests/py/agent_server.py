@@ -10,7 +10,10 @@ at `/rest`, with the SDK's own card routes. What it does with the user's text:
 - "die": the task starts working, then the process exits (an agent dying mid-stream);
 - "hang": nothing for 30 s (an agent that hangs).
 
-Usage: python3 agent_server.py --port P --name NAME [--skill echo]
+Its card's skills are --skill, plus one per line of --extra-skills FILE when that file exists
+(read at every card request, so a test can change the card under a running agent).
+
+Usage: python3 agent_server.py --port P --name NAME [--skill echo] [--extra-skills FILE]
 """
 
 import argparse
@@ -82,6 +85,7 @@ def main():
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--name", required=True)
     parser.add_argument("--skill", default="echo")
+    parser.add_argument("--extra-skills")
     args = parser.parse_args()
     base = f"http://127.0.0.1:{args.port}"
     card = AgentCard(
@@ -109,8 +113,19 @@ def main():
         task_store=InMemoryTaskStore(),
         agent_card=card,
     )
+    async def with_extra_skills(card):
+        if not args.extra_skills or not os.path.exists(args.extra_skills):
+            return card
+        changed = AgentCard()
+        changed.CopyFrom(card)
+        for line in open(args.extra_skills).read().split():
+            changed.skills.append(
+                AgentSkill(id=line, name=line, description="added later", tags=["test"])
+            )
+        return changed
+
     routes = (
-        create_agent_card_routes(card)
+        create_agent_card_routes(card, card_modifier=with_extra_skills)
         + create_jsonrpc_routes(handler, "/", enable_v0_3_compat=True)
         + create_rest_routes(handler, path_prefix="/rest")
     )

@@ -288,12 +288,22 @@ async def die(args):
 
 
 async def send_one(args):
-    try:
-        client = await client_for(args.front, args.cap, "jsonrpc-1.0", False)
-        events = await send(client, args.text)
-        print("text", " ".join(texts(events)), flush=True)
-    except Exception as e:
-        print("error", type(e).__name__, e, flush=True)
+    """Sends --count messages (at once with --parallel), printing one line per answer."""
+
+    async def one():
+        try:
+            client = await client_for(args.front, args.cap, "jsonrpc-1.0", False)
+            events = await send(client, args.text)
+            return "text " + " ".join(texts(events))
+        except Exception as e:
+            return f"error {type(e).__name__} {e}".replace("\n", " ")
+
+    if args.parallel:
+        answers = await asyncio.gather(*(one() for _ in range(args.count)))
+    else:
+        answers = [await one() for _ in range(args.count)]
+    for answer in answers:
+        print(answer, flush=True)
 
 
 def main():
@@ -305,6 +315,8 @@ def main():
     p.add_argument("--agents", default="")
     p.add_argument("--denied", default="")
     p.add_argument("--text", default="hello")
+    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--parallel", action="store_true")
     p.add_argument("--cert")
     p.add_argument("--key")
     p.add_argument("--ca")

@@ -1,0 +1,16 @@
+# Shared by the benchmark scripts (sourced, not run).
+
+# wait_line FILE PREFIX: waits up to 30 s for a line of FILE starting with PREFIX and prints
+# the rest of it, trimmed; on timeout prints FILE to stderr and exits 1.
+wait_line() {
+  for _ in $(seq 1 300); do
+    if line=$(grep -m1 "^$2" "$1" 2>/dev/null); then
+      echo "${line#"$2"}" | xargs
+      return
+    fi
+    sleep 0.1
+  done
+  echo "timed out waiting for '$2' in $1" >&2
+  cat "$1" >&2
+  exit 1
+}
