@@ -28,7 +28,9 @@ use axum::routing::{get, post};
 use axum::Extension;
 use axum::Router;
 use bytes::Bytes;
-use dmsc_agent::{Agent, DiscoveryEntry, InvokeError, Status};
+use dmsc_agent::{
+    Agent, AgentCard, DiscoveryEntry, HandlerError, Handlers, InvokeError, Skill, Status,
+};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{json, Value};
@@ -82,6 +84,27 @@ const STREAM_BUFFER_EVENTS: usize = 4;
 
 /// Time a request body may take to arrive, whole.
 const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The front door's own card: it invokes, and serves nothing (its one skill,
+/// [`FRONT_DOOR_SKILL`], is there because a card needs one).
+pub fn own_card() -> AgentCard {
+    AgentCard::new(
+        "dmsc-a2a-front",
+        "The A2A front door: HTTP A2A clients invoke the domain's capabilities through it",
+        env!("CARGO_PKG_VERSION"),
+    )
+    .with_skill(Skill::new(FRONT_DOOR_SKILL, "A2A front door"))
+}
+
+/// The front door's handlers: a request for its own skill is answered `NO_ROUTE`.
+pub fn own_handlers() -> Handlers {
+    Handlers::new().fallback(|_request| async {
+        Ok::<_, HandlerError>(dmsc_agent::Response::error(
+            Status::NoRoute,
+            "the A2A front door invokes capabilities for HTTP clients; it serves none",
+        ))
+    })
+}
 
 /// Time a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -657,7 +680,8 @@ async fn forward(
 }
 
 fn invoke_error(e: &InvokeError) -> A2aError {
-    A2aError::new(ErrorKind::for_status(e.status()), e.to_string())
+    let status = e.status();
+    A2aError::new(ErrorKind::for_status(status), format!("{status}: {e}"))
 }
 
 fn status_error(status: Status, message: &str) -> A2aError {

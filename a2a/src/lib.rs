@@ -18,6 +18,7 @@
 pub mod adapt;
 pub mod binding;
 pub mod convert;
+pub mod echo;
 pub mod error;
 pub mod front;
 pub mod method;

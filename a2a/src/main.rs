@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use dmsc_a2a::adapt::{self, AdaptConfig};
 use dmsc_a2a::front::{self, ClientIdentity, FrontConfig};
-use dmsc_agent::{Agent, AgentCard, AgentConfig, Handlers, Response, Skill, Status};
+use dmsc_agent::{Agent, AgentCard, AgentConfig};
 use dmsc_identity::{PrincipalKind, SpiffeId, SpiffeVerifier};
 
 /// Unmodified A2A clients and agents, through a DMSC gateway, by capability.
@@ -186,26 +186,6 @@ async fn shutdown_signal() {
     }
 }
 
-/// The front door's own card: it invokes, and serves nothing (its one skill is there because a
-/// card needs one; requests for it are answered NO_ROUTE by [`front_handlers`]).
-fn front_card() -> AgentCard {
-    AgentCard::new(
-        "dmsc-a2a-front",
-        "The A2A front door: HTTP A2A clients invoke the domain's capabilities through it",
-        env!("CARGO_PKG_VERSION"),
-    )
-    .with_skill(Skill::new(front::FRONT_DOOR_SKILL, "A2A front door"))
-}
-
-fn front_handlers() -> Handlers {
-    Handlers::new().fallback(|_request| async {
-        Ok::<_, dmsc_agent::HandlerError>(Response::error(
-            Status::NoRoute,
-            "the A2A front door invokes capabilities for HTTP clients; it serves none",
-        ))
-    })
-}
-
 async fn run_front(args: FrontArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -220,11 +200,11 @@ async fn run_front(args: FrontArgs) -> anyhow::Result<()> {
     config.max_answer_bytes = args.max_answer_bytes;
     config.max_concurrent = args.max_concurrent.max(1);
     config.request_timeout = Duration::from_millis(args.request_timeout_ms);
-    let mut agent_config = args.gateway.config(front_card())?;
+    let mut agent_config = args.gateway.config(front::own_card())?;
     // Streams of events may pause for long; the request timeout bounds the start of answers.
     agent_config.request_timeout = config.request_timeout.max(Duration::from_secs(300));
     agent_config.max_response_bytes = config.max_answer_bytes;
-    let agent = Agent::attach(agent_config, front_handlers())
+    let agent = Agent::attach(agent_config, front::own_handlers())
         .await
         .with_context(|| format!("attaching to the gateway at {}", args.gateway.gateway))?;
     let domain = agent.identity().trust_domain().to_owned();

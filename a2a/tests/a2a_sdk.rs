@@ -276,7 +276,8 @@ fn stock_a2a_sdk_clients_and_agents_through_the_gateway() {
     let hung = client(&[
         "send", "--front", &dev_url, "--cap", "echo", "--text", "hang",
     ]);
-    assert!(hung.contains("DEADLINE_EXCEEDED"), "{hung}");
+    // (Whether the gateway's timer or the front door's own fires first, it is -32065.)
+    assert!(hung.contains("-32065"), "{hung}");
     assert!(
         started.elapsed() < Duration::from_secs(20),
         "answered at the deadline"
@@ -363,8 +364,8 @@ fn stock_a2a_sdk_clients_and_agents_through_the_gateway() {
         "3",
         "--parallel",
     ]);
-    assert_eq!(crowd.matches("OVERLOADED").count(), 2, "{crowd}");
-    assert_eq!(crowd.matches("DEADLINE_EXCEEDED").count(), 1, "{crowd}");
+    assert_eq!(crowd.matches("-32063").count(), 2, "{crowd}");
+    assert_eq!(crowd.matches("-32065").count(), 1, "{crowd}");
 
     // The agent's card changes: the adapter sees it (ETag) and updates the capabilities.
     std::fs::write(domain.dir.0.join("a1.skills"), "extra\n").unwrap();

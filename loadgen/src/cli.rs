@@ -62,6 +62,27 @@ pub enum Command {
     /// `generation G`; exits when stdin closes.
     #[command(hide = true)]
     ServeControl(ServeControlArgs),
+    /// (internal) Run a trivial A2A agent, its adapter and an A2A front door; prints
+    /// `dmsc-a2a adapt: attached: ...` and `front URL`; exits when stdin closes.
+    #[command(hide = true)]
+    ServeA2a(ServeA2aArgs),
+}
+
+/// `serve-a2a` flags.
+#[derive(Debug, Args)]
+pub struct ServeA2aArgs {
+    /// The gateway.
+    #[arg(long)]
+    pub gateway: SocketAddr,
+    /// The domain CA.
+    #[arg(long)]
+    pub ca: PathBuf,
+    /// The adapter's certificate and key.
+    #[arg(long, num_args = 2, value_names = ["CERT", "KEY"])]
+    pub adapter: Vec<PathBuf>,
+    /// The front door's certificate and key.
+    #[arg(long, num_args = 2, value_names = ["CERT", "KEY"])]
+    pub front: Vec<PathBuf>,
 }
 
 /// Where the load goes.
@@ -182,6 +203,12 @@ pub struct LoadArgs {
     /// callers and agents share the cores with it).
     #[arg(long)]
     pub pin_gateway: bool,
+    /// After the measured run, drive the A2A path for this long: an A2A v1.0 client (HTTP,
+    /// JSON-RPC `SendMessage`, 16 in flight) through the A2A front door, the gateway and the
+    /// adapter to a trivial A2A agent (one more process). 0s: skip. Self-contained runs through
+    /// the gateway only (not `compare`).
+    #[arg(long, default_value = "2s", value_parser = parse_duration, value_name = "DURATION")]
+    pub a2a: Duration,
     /// Also write the summary as JSON to FILE (schema in docs/LOADGEN.md).
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -426,6 +453,8 @@ pub struct Plan {
     pub bare_direct: bool,
     /// The gateway's busy polling, µs.
     pub gateway_busy_poll_us: u64,
+    /// How long to drive the A2A path after the run (`None`: not at all).
+    pub a2a: Option<Duration>,
 }
 
 impl Plan {
@@ -546,6 +575,10 @@ impl Plan {
         if a.swap_tables_ms > 0 && matches!(deployment, Deployment::External { .. }) {
             bail!("--swap-tables-ms needs the loadgen's own control plane; it cannot be combined with --gateway");
         }
+        let a2a = (!a.a2a.is_zero()
+            && matches!(deployment, Deployment::SelfContained { .. })
+            && runs == Runs::Single(Route::Gateway))
+        .then_some(a.a2a);
         Ok(Plan {
             deployment,
             runs,
@@ -563,6 +596,7 @@ impl Plan {
             swap_tables: (a.swap_tables_ms > 0).then(|| Duration::from_millis(a.swap_tables_ms)),
             bare_direct: a.bare_direct,
             gateway_busy_poll_us: a.gateway_busy_poll_us,
+            a2a,
         })
     }
 }

@@ -21,6 +21,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod a2a;
 pub mod attach;
 pub mod caller;
 pub mod children;
@@ -52,6 +53,7 @@ pub fn main_with(cli: Cli) -> anyhow::Result<i32> {
         Some(Command::ServeGateway(args)) => return serve::gateway(args).map(|()| 0),
         Some(Command::ServeAgents(args)) => return serve::agents(args).map(|()| 0),
         Some(Command::ServeControl(args)) => return serve::control(args).map(|()| 0),
+        Some(Command::ServeA2a(args)) => return serve::a2a(args).map(|()| 0),
         Some(Command::Attach(args)) => {
             return match AttachPlan::new(args) {
                 Ok(plan) => run_attach(&plan),

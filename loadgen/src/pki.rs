@@ -33,6 +33,10 @@ pub struct TempPki {
     pub caller: IdentityFiles,
     /// `spiffe://dmsc.local/control`.
     pub control: IdentityFiles,
+    /// `spiffe://dmsc.local/agent/a2a-front`: the A2A front door.
+    pub a2a_front: IdentityFiles,
+    /// `spiffe://dmsc.local/agent/a2a-echo`: the adapter of the trivial A2A agent.
+    pub a2a_agent: IdentityFiles,
     /// The domain configuration the control plane serves ([`TempPki::write_domain`]).
     pub domain_toml: PathBuf,
 }
@@ -55,6 +59,8 @@ impl TempPki {
             agent: IdentityFiles::empty(),
             caller: IdentityFiles::empty(),
             control: IdentityFiles::empty(),
+            a2a_front: IdentityFiles::empty(),
+            a2a_agent: IdentityFiles::empty(),
             domain_toml: dir.join("domain.toml"),
         };
         let store = DevPki::new(dir.join("pki"));
@@ -63,6 +69,8 @@ impl TempPki {
         pki.gateway = store.ensure_gateway(&ca, "loadgen")?.into();
         pki.agent = store.ensure_agent(&ca, "echo")?.into();
         pki.caller = store.ensure_agent(&ca, "loadgen")?.into();
+        pki.a2a_front = store.ensure_agent(&ca, "a2a-front")?.into();
+        pki.a2a_agent = store.ensure_agent(&ca, "a2a-echo")?.into();
         let control = SpiffeId::control(DOMAIN).map_err(IdentityError::from)?;
         pki.control = store.ensure(&ca, &control)?.into();
         pki.write_domain(0)?;
@@ -101,6 +109,8 @@ impl TempPki {
             &self.agent.key,
             &self.caller.key,
             &self.control.key,
+            &self.a2a_front.key,
+            &self.a2a_agent.key,
         ] {
             let _ = std::fs::remove_file(key);
         }

@@ -44,6 +44,8 @@ pub struct Verdict {
     pub died: Vec<&'static str>,
     /// Table swaps (`--swap-tables-ms`) that were not acknowledged.
     pub failed_swaps: u64,
+    /// The A2A phase (`--a2a`): (answered, failed), if it ran.
+    pub a2a: Option<(u64, u64)>,
 }
 
 impl Verdict {
@@ -53,6 +55,9 @@ impl Verdict {
             && self.completed.iter().all(|&(_, n)| n > 0)
             && self.died.is_empty()
             && self.failed_swaps == 0
+            && self
+                .a2a
+                .is_none_or(|(answered, failed)| answered > 0 && failed == 0)
     }
 }
 
@@ -136,6 +141,17 @@ pub fn run(plan: &Plan) -> anyhow::Result<Verdict> {
     }
     let swaps = swapper.map(Swapper::finish);
     pool.shutdown();
+    let a2a = match (plan.a2a, &env.a2a_url) {
+        (Some(duration), Some(url)) => {
+            eprintln!(
+                "dmsc-loadgen: A2A path for {} ({} in flight)",
+                format_duration(duration),
+                crate::a2a::CONCURRENCY
+            );
+            Some(crate::a2a::drive(url, duration, plan.timeout)?)
+        }
+        _ => None,
+    };
     let died = env.exited();
     let table_generation = env.control.as_ref().map(|c| {
         c.acknowledged()
@@ -179,7 +195,10 @@ pub fn run(plan: &Plan) -> anyhow::Result<Verdict> {
             errors_text(&warmup_errors)
         );
     }
-    let json = match (plan.runs, summaries.as_slice()) {
+    if let Some(a2a) = &a2a {
+        println!("{}\n", a2a.text());
+    }
+    let mut json = match (plan.runs, summaries.as_slice()) {
         (Runs::Compare { rounds }, [(Route::Gateway, g), (Route::Direct, d)]) => {
             let comparison = Comparison::of(g, d);
             println!("{}", comparison.text(g, d, rounds));
@@ -188,6 +207,9 @@ pub fn run(plan: &Plan) -> anyhow::Result<Verdict> {
         (_, [(_, s)]) => s.to_json(&info),
         _ => bail!("internal error: unexpected set of summaries"),
     };
+    if let (Some(a2a), Some(object)) = (&a2a, json.as_object_mut()) {
+        object.insert("a2a".into(), a2a.to_json());
+    }
     let files = write_files(&plan.out, plan.runs, &stats)?;
     if let Some(path) = &plan.json {
         let text = serde_json::to_string_pretty(&json)? + "\n";
@@ -205,6 +227,7 @@ pub fn run(plan: &Plan) -> anyhow::Result<Verdict> {
         completed: stats.values().map(|s| (s.route, s.requests)).collect(),
         died,
         failed_swaps: swaps.map_or(0, |(_, failed)| failed),
+        a2a: a2a.map(|r| (r.requests, r.errors)),
     })
 }
 
@@ -356,6 +379,9 @@ fn write_files(
 /// The gateway and agents the callers talk to, and the callers' identity.
 struct Environment {
     // Children first: fields drop in order, and the processes should go before their PKI.
+    a2a: Option<ChildProcess>,
+    /// The front door's URL for the A2A phase's capability.
+    a2a_url: Option<String>,
     agents: Option<ChildProcess>,
     gateway: Option<ChildProcess>,
     control: Option<ControlChild>,
@@ -376,6 +402,8 @@ impl Environment {
                 key,
                 ca,
             } => Ok(Environment {
+                a2a: None,
+                a2a_url: None,
                 agents: None,
                 gateway: None,
                 control: None,
@@ -395,6 +423,8 @@ impl Environment {
                 let pki = TempPki::create()?;
                 let deadline = Instant::now() + STARTUP_TIMEOUT;
                 let mut env = Environment {
+                    a2a: None,
+                    a2a_url: None,
                     agents: None,
                     gateway: None,
                     control: None,
@@ -454,6 +484,11 @@ impl Environment {
                     }
                 }
                 env.agents = Some(child);
+                if let (Some(_), Some(gateway)) = (plan.a2a, env.gateway_addr) {
+                    let (child, url) = start_a2a(&pki, gateway, deadline)?;
+                    env.a2a = Some(child);
+                    env.a2a_url = Some(url);
+                }
                 eprintln!(
                     "dmsc-loadgen: {}{agents} echo agents (pid {}), direct listeners {}",
                     match (
@@ -518,12 +553,46 @@ impl Environment {
             self.gateway.as_mut(),
             self.agents.as_mut(),
             self.control.as_mut().map(|c| &mut c.process),
+            self.a2a.as_mut(),
         ]
         .into_iter()
         .flatten()
         .filter_map(|child| (!child.is_running()).then(|| child.role()))
         .collect()
     }
+}
+
+/// Starts `serve-a2a` against `gateway`; returns it with the front door's URL for the trivial
+/// agent's capability, once the adapter has attached and the front door listens.
+fn start_a2a(
+    pki: &TempPki,
+    gateway: SocketAddr,
+    deadline: Instant,
+) -> anyhow::Result<(ChildProcess, String)> {
+    let mut args = os_args(&["serve-a2a", "--gateway", &gateway.to_string(), "--ca"]);
+    args.push(pki.ca.clone().into());
+    args.push("--adapter".into());
+    args.push(pki.a2a_agent.cert.clone().into());
+    args.push(pki.a2a_agent.key.clone().into());
+    args.push("--front".into());
+    args.push(pki.a2a_front.cert.clone().into());
+    args.push(pki.a2a_front.key.clone().into());
+    let mut child = ChildProcess::spawn("a2a", &args)?;
+    let (mut attached, mut front) = (false, None);
+    while !attached || front.is_none() {
+        let line = child.next_line("the A2A front door and adapter", deadline)?;
+        if line.starts_with("dmsc-a2a adapt: attached:") {
+            attached = true;
+        } else if let Some(url) = line.strip_prefix("front ") {
+            front = Some(url.trim().to_owned());
+        }
+    }
+    let url = format!("{}/a2a/c/a2a-echo", front.unwrap_or_default());
+    eprintln!(
+        "dmsc-loadgen: A2A front door, adapter and agent (pid {}): {url}",
+        child.pid()
+    );
+    Ok((child, url))
 }
 
 /// A gateway process started with the loadgen's PKI (`serve-gateway`).

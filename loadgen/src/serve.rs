@@ -22,7 +22,9 @@ use dmsc_protocol::limits::MAX_HEADER_BYTES;
 use dmsc_protocol::{Status, StreamCode};
 
 use crate::children::wait_for_parent;
-use crate::cli::{ServeAgentsArgs, ServeControlArgs, ServeGatewayArgs, MAX_PAYLOAD_BYTES};
+use crate::cli::{
+    ServeA2aArgs, ServeAgentsArgs, ServeControlArgs, ServeGatewayArgs, MAX_PAYLOAD_BYTES,
+};
 use crate::tls::{direct_server_config, Credentials};
 
 /// Requests an echo agent serves at once per connection, through the gateway (`ATTACH`'s
@@ -372,4 +374,56 @@ fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// `serve-a2a`: a trivial A2A agent on loopback, its adapter attached to the gateway, and an
+/// A2A front door; prints the adapter's `dmsc-a2a adapt: attached: ...` line and `front URL`,
+/// then serves until stdin closes.
+pub fn a2a(args: &ServeA2aArgs) -> anyhow::Result<()> {
+    let [adapter_cert, adapter_key] = args.adapter.as_slice() else {
+        bail!("--adapter takes CERT KEY");
+    };
+    let [front_cert, front_key] = args.front.as_slice() else {
+        bail!("--front takes CERT KEY");
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let _ = tokio::task::spawn_blocking(wait_for_parent).await;
+            let _ = stop_tx.send(true);
+        });
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let agent_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let agent_url = format!("http://{}", agent_listener.local_addr()?);
+        tokio::spawn(dmsc_a2a::echo::serve(agent_listener, "a2a-echo"));
+        let (gateway, ca) = (args.gateway, args.ca.clone());
+        let (cert, key) = (adapter_cert.clone(), adapter_key.clone());
+        tokio::spawn(dmsc_a2a::adapt::run(
+            dmsc_a2a::adapt::AdaptConfig::new(agent_url),
+            move |card| Ok(AgentConfig::from_files(gateway, &cert, &key, &ca, card)?),
+            stopped(stop_rx.clone()),
+        ));
+        let front_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let front_url = format!("http://{}", front_listener.local_addr()?);
+        let config = AgentConfig::from_files(
+            gateway,
+            front_cert,
+            front_key,
+            &args.ca,
+            dmsc_a2a::front::own_card(),
+        )?;
+        let agent = Agent::attach(config, dmsc_a2a::front::own_handlers()).await?;
+        println!("front {front_url}");
+        std::io::stdout().flush()?;
+        let front = dmsc_a2a::front::FrontConfig::new(front_url);
+        dmsc_a2a::front::serve(front_listener, None, agent.clone(), front, stopped(stop_rx))
+            .await?;
+        agent.detach().await?;
+        Ok(())
+    })
 }

@@ -70,6 +70,10 @@ fn a_short_self_contained_run_succeeds_and_writes_its_files() {
     assert_clean(&summary, "gateway");
     assert_eq!(summary["concurrency"], 64);
     assert!(summary["rate"].is_null());
+    // The A2A path ran too (default 2 s): answered, and without errors.
+    let a2a = &summary["a2a"];
+    assert!(a2a["requests"].as_u64().unwrap_or(0) > 0, "{a2a}");
+    assert_eq!(a2a["errors"], 0, "{a2a}");
     for file in ["latency.hgrm", "latency.hlog", "latency.svg"] {
         assert_written(dir.join("loadgen-out").join(file));
     }
