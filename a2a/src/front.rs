@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -41,6 +41,7 @@ use crate::binding::{self, Call, LineBuffer, CONTENT_TYPE, STREAM_CONTENT_TYPE};
 use crate::convert;
 use crate::error::{rest_from_jsonrpc, A2aError, ErrorKind};
 use crate::method::{self, Dialect, Method};
+use crate::metrics::FrontMetrics;
 use crate::task_id;
 
 /// Front-door settings.
@@ -60,6 +61,8 @@ pub struct FrontConfig {
     pub max_connections: usize,
     /// Who the HTTP clients are, for the domain's policy.
     pub clients: ClientIdentity,
+    /// Where requests are counted (serve them with [`admin_router`]).
+    pub metrics: Arc<FrontMetrics>,
 }
 
 /// Who the front door's HTTP clients are for the domain's policy (`docs/A2A.md` §1.5).
@@ -115,6 +118,19 @@ const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// How long, at shutdown, connections may take to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Runs `f` when dropped.
+fn scopeguard(f: impl FnOnce() + Send) -> impl Drop + Send {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}
+
 /// The identity a connection's requests are sent on behalf of (a request extension).
 #[derive(Debug, Clone)]
 struct Caller(Option<Arc<str>>);
@@ -130,6 +146,7 @@ impl FrontConfig {
             request_timeout: Duration::from_secs(60),
             max_connections: 1024,
             clients: ClientIdentity::FrontDoor,
+            metrics: Arc::new(FrontMetrics::new()),
         }
     }
 }
@@ -174,7 +191,10 @@ pub async fn serve(
         _ => None,
     };
     let need_identity = config.clients == ClientIdentity::Certificate;
+    let metrics = config.metrics.clone();
     let app = router(agent, config);
+    // Flipped at shutdown: each connection then finishes its request in flight and closes.
+    let (closing_tx, closing) = tokio::sync::watch::channel(false);
     let slots = Arc::new(Semaphore::new(max_connections));
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     tokio::pin!(shutdown);
@@ -193,16 +213,23 @@ pub async fn serve(
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::debug!("at the connection limit ({max_connections}): closing a new one");
+            metrics.connections_refused.inc();
             continue;
         };
         let _ = tcp.set_nodelay(true);
         let app = app.clone();
         let acceptor = acceptor.clone();
         let fixed = fixed.clone();
+        let closing = closing.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let _slot = slot;
+            metrics.connections_open.inc();
+            let _open = scopeguard(move || {
+                metrics.connections_open.dec();
+            });
             match acceptor {
-                None => serve_connection(TokioIo::new(tcp), app, Caller(fixed)).await,
+                None => serve_connection(TokioIo::new(tcp), app, Caller(fixed), closing).await,
                 Some(acceptor) => {
                     let stream =
                         match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -221,20 +248,27 @@ pub async fn serve(
                         // Never fall back to the front door's own rights.
                         return tracing::debug!("a client certificate without a SPIFFE ID");
                     }
-                    serve_connection(TokioIo::new(stream), app, Caller(identity.or(fixed))).await
+                    let caller = Caller(identity.or(fixed));
+                    serve_connection(TokioIo::new(stream), app, caller, closing).await
                 }
             }
         });
     }
     // Stop accepting; let the connections in flight finish, for a while.
+    let _ = closing_tx.send(true);
     let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, slots.acquire_many(all)).await;
     Ok(())
 }
 
-/// Serves one HTTP/1.1 connection, every request tagged with `caller`.
-async fn serve_connection<I>(io: TokioIo<I>, app: Router, caller: Caller)
-where
+/// Serves one HTTP/1.1 connection, every request tagged with `caller`, until the client
+/// closes it or, once `closing` turns true, its request in flight is answered.
+async fn serve_connection<I>(
+    io: TokioIo<I>,
+    app: Router,
+    caller: Caller,
+    mut closing: tokio::sync::watch::Receiver<bool>,
+) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
@@ -245,9 +279,50 @@ where
     http.timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
         .max_buf_size(MAX_HEAD_BYTES);
-    if let Err(e) = http.serve_connection(io, service).await {
+    let connection = http.serve_connection(io, service);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = async { drop(closing.wait_for(|closing| *closing).await) } => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = result {
         tracing::debug!("HTTP connection: {e}");
     }
+}
+
+/// The front door's admin routes: `GET /metrics` (OpenMetrics text of `metrics`) and
+/// `GET /healthz` (200 while `agent` is attached to a gateway, 503 otherwise).
+pub fn admin_router(metrics: Arc<FrontMetrics>, agent: Agent) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    let kind = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+                    ([(header::CONTENT_TYPE, kind)], metrics.encode())
+                }
+            }),
+        )
+        .route(
+            "/healthz",
+            get(move || {
+                let attached = agent.is_attached();
+                async move {
+                    if attached {
+                        (StatusCode::OK, "attached\n")
+                    } else {
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "not attached to a gateway\n",
+                        )
+                    }
+                }
+            }),
+        )
 }
 
 // ---- cards and the catalog ----
@@ -409,33 +484,73 @@ async fn jsonrpc(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let started = Instant::now();
     let body = match read_body(body, shared.config.max_body_bytes).await {
         Ok(body) => body,
-        Err(response) => return response,
-    };
-    let value: Value = match serde_json::from_slice(&body) {
-        Ok(value) => value,
-        Err(e) => {
-            return rpc_error(
-                &A2aError::new(ErrorKind::Parse, format!("the body is not JSON: {e}")),
-                &Value::Null,
-            )
+        Err(response) => {
+            let reason = ErrorKind::InvalidRequest.reason();
+            shared
+                .config
+                .metrics
+                .answered(None, "unknown", reason, started.elapsed());
+            return response;
         }
     };
-    let (name, params, id) = match binding::envelope(&value) {
-        Ok(parts) => parts,
-        Err((e, id)) => return rpc_error(&e, &id),
-    };
-    let (method, dialect) = match method::jsonrpc_dialect(name, version_header(&headers)) {
-        Ok(found) => found,
-        Err(e) => return rpc_error(&e, &id),
-    };
-    let params = match prepare(method, dialect, &cap, params) {
-        Ok(params) => params,
-        Err(e) => return rpc_error(&e, &id),
-    };
-    let call = Call { method, params, id };
-    forward(&shared, &cap, &caller, call, dialect).await
+    match jsonrpc_call(&cap, &headers, &body) {
+        Ok((call, dialect)) => forward(&shared, &cap, &caller, call, dialect, started).await,
+        Err(Refusal {
+            error,
+            id,
+            dialect,
+            method,
+        }) => {
+            let method = method.map_or("unknown", Method::name);
+            let elapsed = started.elapsed();
+            shared
+                .config
+                .metrics
+                .answered(dialect, method, error.kind.reason(), elapsed);
+            rpc_error(&error, &id)
+        }
+    }
+}
+
+/// A request the front door answers itself, with what is known of it.
+struct Refusal {
+    error: A2aError,
+    id: Value,
+    dialect: Option<Dialect>,
+    method: Option<Method>,
+}
+
+impl Refusal {
+    fn new(error: A2aError, id: Value) -> Self {
+        Self {
+            error,
+            id,
+            dialect: None,
+            method: None,
+        }
+    }
+}
+
+/// A JSON-RPC request body as a v1.0 call, and the caller's dialect.
+fn jsonrpc_call(cap: &str, headers: &HeaderMap, body: &[u8]) -> Result<(Call, Dialect), Refusal> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        let error = A2aError::new(ErrorKind::Parse, format!("the body is not JSON: {e}"));
+        Refusal::new(error, Value::Null)
+    })?;
+    let (name, params, id) =
+        binding::envelope(&value).map_err(|(error, id)| Refusal::new(error, id))?;
+    let (method, dialect) = method::jsonrpc_dialect(name, version_header(headers))
+        .map_err(|error| Refusal::new(error, id.clone()))?;
+    let params = prepare(method, dialect, cap, params).map_err(|error| Refusal {
+        error,
+        id: id.clone(),
+        dialect: Some(dialect),
+        method: Some(method),
+    })?;
+    Ok((Call { method, params, id }, dialect))
 }
 
 /// Checks the tenant, refuses what the front door does not forward, and converts v0.3 params.
@@ -469,31 +584,59 @@ async fn rest(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let started = Instant::now();
+    let rest = Some(Dialect::Rest1);
     let body = match read_body(body, shared.config.max_body_bytes).await {
         Ok(body) => body,
-        Err(response) => return response,
+        Err(response) => {
+            let reason = ErrorKind::InvalidRequest.reason();
+            shared
+                .config
+                .metrics
+                .answered(rest, "unknown", reason, started.elapsed());
+            return response;
+        }
     };
-    let major = match method::header_major(version_header(&headers)) {
-        Ok(major) => major,
-        Err(e) => return rest_error(&e),
-    };
-    if major != 1 {
-        return rest_error(&method::unsupported_version(version_header(&headers)));
+    match rest_call(&cap, &path, &http_method, &query, &headers, &body) {
+        Ok(call) => forward(&shared, &cap, &caller, call, Dialect::Rest1, started).await,
+        Err(Refusal { error, method, .. }) => {
+            let method = method.map_or("unknown", Method::name);
+            shared
+                .config
+                .metrics
+                .answered(rest, method, error.kind.reason(), started.elapsed());
+            rest_error(&error)
+        }
     }
-    let (method, params) = match rest_route(&cap, &path, &http_method, &query, &body) {
-        Ok(route) => route,
-        Err(e) => return rest_error(&e),
+}
+
+/// An HTTP+JSON request as a v1.0 call.
+fn rest_call(
+    cap: &str,
+    path: &str,
+    http_method: &HttpMethod,
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Call, Refusal> {
+    let version = version_header(headers);
+    let refuse = |error| Refusal {
+        dialect: Some(Dialect::Rest1),
+        ..Refusal::new(error, Value::Null)
     };
-    let params = match prepare(method, Dialect::Rest1, &cap, params) {
-        Ok(params) => params,
-        Err(e) => return rest_error(&e),
-    };
-    let call = Call {
+    if method::header_major(version).map_err(refuse)? != 1 {
+        return Err(refuse(method::unsupported_version(version)));
+    }
+    let (method, params) = rest_route(cap, path, http_method, query, body).map_err(refuse)?;
+    let params = prepare(method, Dialect::Rest1, cap, params).map_err(|error| Refusal {
+        method: Some(method),
+        ..refuse(error)
+    })?;
+    Ok(Call {
         method,
         params,
         id: json!(1),
-    };
-    forward(&shared, &cap, &caller, call, Dialect::Rest1).await
+    })
 }
 
 /// The method and params of an HTTP+JSON request to `/rest/{path}`.
@@ -591,13 +734,50 @@ fn query_params(query: &HashMap<String, String>) -> Value {
 
 // ---- forwarding ----
 
+/// Forwards `call` and answers the caller in its dialect; counts the request.
 async fn forward(
     shared: &Shared,
     cap: &str,
     caller: &Caller,
     call: Call,
     dialect: Dialect,
+    started: Instant,
 ) -> Response {
+    let (method, id) = (call.method, call.id.clone());
+    let (response, outcome) = match exchange(shared, cap, caller, call, dialect).await {
+        Ok(Answered::Whole(answer)) => {
+            let outcome = if answer.get("error").is_some() {
+                "AGENT_ERROR"
+            } else {
+                "OK"
+            };
+            (render(dialect, method, &answer, &id), outcome)
+        }
+        Ok(Answered::Stream(response)) => (response, "STREAM"),
+        Err(e) => (error_for(dialect, &e, &id), e.kind.reason()),
+    };
+    let elapsed = started.elapsed();
+    shared
+        .config
+        .metrics
+        .answered(Some(dialect), method.name(), outcome, elapsed);
+    response
+}
+
+/// What an agent answered: one JSON-RPC response, or a stream being relayed.
+enum Answered {
+    Whole(Value),
+    Stream(Response),
+}
+
+/// One `dmsc/1` exchange for `call`.
+async fn exchange(
+    shared: &Shared,
+    cap: &str,
+    caller: &Caller,
+    call: Call,
+    dialect: Dialect,
+) -> Result<Answered, A2aError> {
     let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
         let e = A2aError::new(
             ErrorKind::Overloaded,
@@ -606,7 +786,7 @@ async fn forward(
                 shared.config.max_concurrent
             ),
         );
-        return error_for(dialect, &e, &call.id);
+        return Err(e);
     };
     let mut request = shared
         .agent
@@ -632,7 +812,7 @@ async fn forward(
     let (written, answer) = tokio::join!(write, answer);
     let mut answer = match answer {
         Ok(answer) => answer,
-        Err(e) => return error_for(dialect, &invoke_error(&e), &call.id),
+        Err(e) => return Err(invoke_error(&e)),
     };
     if answer.status != Status::Ok {
         let e = match &task {
@@ -642,15 +822,17 @@ async fn forward(
             ),
             _ => status_error(answer.status, &answer.message),
         };
-        return error_for(dialect, &e, &call.id);
+        return Err(e);
     }
     if let Err(e) = written {
         let e = A2aError::new(ErrorKind::TargetFailed, format!("sending the request: {e}"));
-        return error_for(dialect, &e, &call.id);
+        return Err(e);
     }
     let limit = shared.config.max_answer_bytes;
     if answer.content_type == STREAM_CONTENT_TYPE {
-        return stream_events(answer, call, dialect, limit, permit);
+        let metrics = shared.config.metrics.clone();
+        let stream = stream_events(answer, call, dialect, limit, permit, metrics);
+        return Ok(Answered::Stream(stream));
     }
     if answer.content_type != CONTENT_TYPE {
         let e = A2aError::new(
@@ -660,23 +842,20 @@ async fn forward(
                 answer.content_type
             ),
         );
-        return error_for(dialect, &e, &call.id);
+        return Err(e);
     }
     let body = match answer.body(limit).await {
         Ok(body) => body,
         Err(e @ dmsc_agent::BodyError::TooLarge { .. }) => {
             let e = A2aError::new(ErrorKind::InvalidAgentResponse, format!("the answer: {e}"));
-            return error_for(dialect, &e, &call.id);
+            return Err(e);
         }
         Err(e) => {
             let e = A2aError::new(ErrorKind::TargetFailed, format!("reading the answer: {e}"));
-            return error_for(dialect, &e, &call.id);
+            return Err(e);
         }
     };
-    match binding::parse_answer(&body) {
-        Ok(response) => render(dialect, call.method, &response, &call.id),
-        Err(e) => error_for(dialect, &e, &call.id),
-    }
+    binding::parse_answer(&body).map(Answered::Whole)
 }
 
 fn invoke_error(e: &InvokeError) -> A2aError {
@@ -729,10 +908,15 @@ fn stream_events(
     dialect: Dialect,
     limit: usize,
     permit: tokio::sync::OwnedSemaphorePermit,
+    metrics: Arc<FrontMetrics>,
 ) -> Response {
     let (tx, rx) = mpsc::channel::<Event>(STREAM_BUFFER_EVENTS);
     tokio::spawn(async move {
         let _permit = permit;
+        metrics.streams_open.inc();
+        let _open = scopeguard(move || {
+            metrics.streams_open.dec();
+        });
         let mut lines = LineBuffer::new(limit);
         let mut ready = Vec::new();
         loop {

@@ -22,5 +22,6 @@ pub mod echo;
 pub mod error;
 pub mod front;
 pub mod method;
+pub mod metrics;
 pub mod sse;
 pub mod task_id;

@@ -96,6 +96,9 @@ struct FrontArgs {
     /// CA (PEM) that client certificates must chain to; default: --ca.
     #[arg(long, requires = "tls_cert")]
     client_ca: Option<PathBuf>,
+    /// Serve /metrics (Prometheus) and /healthz on this address; none by default.
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -244,6 +247,21 @@ async fn run_front(args: FrontArgs) -> anyhow::Result<()> {
         "dmsc-a2a front listening on {} (catalog: {}/.well-known/api-catalog)",
         config.public_url, config.public_url
     );
+    if let Some(addr) = args.admin_listen {
+        let admin = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("--admin-listen {addr}"))?;
+        println!(
+            "dmsc-a2a front: admin endpoint http://{}/metrics",
+            admin.local_addr()?
+        );
+        let routes = front::admin_router(config.metrics.clone(), agent.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(admin, routes).await {
+                tracing::warn!("the admin endpoint stopped: {e}");
+            }
+        });
+    }
     front::serve(listener, tls, agent.clone(), config, shutdown_signal()).await?;
     agent.detach().await?;
     Ok(())

@@ -99,6 +99,10 @@ async fn the_front_door_routes_every_dialect_and_answers_bad_input_itself() {
     .unwrap();
     let mut config = FrontConfig::new(base.clone());
     config.max_body_bytes = 4096;
+    let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = format!("http://{}", admin_listener.local_addr().unwrap());
+    let admin_routes = front::admin_router(config.metrics.clone(), front_agent.clone());
+    tokio::spawn(async move { axum::serve(admin_listener, admin_routes).await });
     tokio::spawn(front::serve(
         listener,
         None,
@@ -243,6 +247,28 @@ async fn the_front_door_routes_every_dialect_and_answers_bad_input_itself() {
         .filter_map(|i| i["title"].as_str())
         .collect();
     assert_eq!(items, ["a2a-echo"], "front doors' own skill is hidden");
+
+    // What the admin endpoint counted.
+    let admin = Http {
+        client: http.client.clone(),
+        base: admin,
+    };
+    let (status, _, body) = admin.send("GET", "/metrics", &[], "").await;
+    assert_eq!(status, 200);
+    let text = String::from_utf8_lossy(&body);
+    for line in [
+        r#"dmsc_a2a_front_requests_total{dialect="jsonrpc-1.0",method="SendMessage",outcome="OK"} 1"#,
+        r#"dmsc_a2a_front_requests_total{dialect="jsonrpc-0.3",method="SendMessage",outcome="OK"} 1"#,
+        r#"dmsc_a2a_front_requests_total{dialect="http+json-1.0",method="SendMessage",outcome="OK"} 1"#,
+        r#"dmsc_a2a_front_requests_total{dialect="jsonrpc-1.0",method="SendStreamingMessage",outcome="AGENT_ERROR"} 1"#,
+        r#"dmsc_a2a_front_requests_total{dialect="jsonrpc-1.0",method="SendMessage",outcome="CAPABILITY_NOT_FOUND"} 1"#,
+        r#"dmsc_a2a_front_requests_total{dialect="unknown",method="unknown",outcome="VERSION_NOT_SUPPORTED"} 1"#,
+        r#"dmsc_a2a_front_requests_total{dialect="unknown",method="unknown",outcome="INVALID_REQUEST"} 1"#,
+    ] {
+        assert!(text.contains(line), "{line} missing from:\n{text}");
+    }
+    let (status, _, _) = admin.send("GET", "/healthz", &[], "").await;
+    assert_eq!(status, 200);
 
     let _ = stop.send(());
     adapter.await.unwrap().unwrap();
