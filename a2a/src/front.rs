@@ -485,16 +485,9 @@ async fn jsonrpc(
     body: Body,
 ) -> Response {
     let started = Instant::now();
-    let body = match read_body(body, shared.config.max_body_bytes).await {
+    let body = match read_counted(&shared, body, None, started).await {
         Ok(body) => body,
-        Err(response) => {
-            let reason = ErrorKind::InvalidRequest.reason();
-            shared
-                .config
-                .metrics
-                .answered(None, "unknown", reason, started.elapsed());
-            return response;
-        }
+        Err(response) => return response,
     };
     match jsonrpc_call(&cap, &headers, &body) {
         Ok((call, dialect)) => forward(&shared, &cap, &caller, call, dialect, started).await,
@@ -586,16 +579,9 @@ async fn rest(
 ) -> Response {
     let started = Instant::now();
     let rest = Some(Dialect::Rest1);
-    let body = match read_body(body, shared.config.max_body_bytes).await {
+    let body = match read_counted(&shared, body, rest, started).await {
         Ok(body) => body,
-        Err(response) => {
-            let reason = ErrorKind::InvalidRequest.reason();
-            shared
-                .config
-                .metrics
-                .answered(rest, "unknown", reason, started.elapsed());
-            return response;
-        }
+        Err(response) => return response,
     };
     match rest_call(&cap, &path, &http_method, &query, &headers, &body) {
         Ok(call) => forward(&shared, &cap, &caller, call, Dialect::Rest1, started).await,
@@ -992,6 +978,22 @@ fn error_event(dialect: Dialect, e: &A2aError, id: &Value) -> Event {
 }
 
 // ---- responses ----
+
+/// [`read_body`] with the front door's limit; a refusal is counted.
+async fn read_counted(
+    shared: &Shared,
+    body: Body,
+    dialect: Option<Dialect>,
+    started: Instant,
+) -> Result<Bytes, Response> {
+    read_body(body, shared.config.max_body_bytes)
+        .await
+        .inspect_err(|_| {
+            let reason = ErrorKind::InvalidRequest.reason();
+            let metrics = &shared.config.metrics;
+            metrics.answered(dialect, "unknown", reason, started.elapsed());
+        })
+}
 
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, Response> {
     let Ok(read) = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, limit)).await

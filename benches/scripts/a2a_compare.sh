@@ -20,14 +20,6 @@ CONCURRENCY=${CONCURRENCY:-"1 64"}
 BIN=${BIN:-target/release}
 EX=${EX:-$BIN/examples}
 DOMAIN=bench.local
-dir=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$dir"
-}
-trap cleanup EXIT
 
 # shellcheck source=lib.sh
 source "$(dirname "$0")/lib.sh"

@@ -13,14 +13,8 @@ GATEWAYS=${2:-3}
 PAUSE=${PAUSE:-0.15}
 BIN=${BIN:-target/release}
 DOMAIN=bench.local
-dir=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$dir"
-}
-trap cleanup EXIT
+# shellcheck source=lib.sh
+source "$(dirname "$0")/lib.sh"
 
 "$BIN/dmsc-control" pki init --dir "$dir/pki" --domain "$DOMAIN" >/dev/null
 "$BIN/dmsc-control" pki issue --dir "$dir/pki" --control >/dev/null
@@ -39,9 +33,6 @@ write_config() { # $1: version
   mv "$dir/domain.toml.tmp" "$dir/domain.toml"
 }
 write_config 0
-
-# shellcheck source=lib.sh
-source "$(dirname "$0")/lib.sh"
 
 DMSC_LOG=warn "$BIN/dmsc-control" serve --config "$dir/domain.toml" --listen 127.0.0.1:0 \
   --admin-listen 127.0.0.1:0 --state-dir "$dir" >"$dir/cp.out" &
