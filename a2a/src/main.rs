@@ -123,6 +123,10 @@ struct AdaptArgs {
     /// Largest answer or streamed event accepted from the agent, in bytes.
     #[arg(long, default_value_t = dmsc_a2a::binding::DEFAULT_MAX_MESSAGE_BYTES)]
     max_message_bytes: usize,
+    /// Requests each gateway worker may have in flight to the agent at once (the agent's
+    /// `dmsc/1` stream limit per connection; the adapter has one connection per worker).
+    #[arg(long, default_value_t = 64)]
+    max_concurrent: u32,
 }
 
 fn main() -> ExitCode {
@@ -313,11 +317,13 @@ async fn run_adapt(args: AdaptArgs) -> anyhow::Result<()> {
     config.max_message_bytes = args.max_message_bytes;
     let gateway = args.gateway;
     let max = config.max_message_bytes;
+    let max_concurrent = args.max_concurrent.max(1);
     adapt::run(
         config,
         |card| {
             let mut c = gateway.config(card)?;
             c.max_request_bytes = max;
+            c.max_concurrent = max_concurrent;
             Ok(c)
         },
         shutdown_signal(),
