@@ -254,7 +254,9 @@ pub async fn serve(
             }
         });
     }
-    // Stop accepting; let the connections in flight finish, for a while.
+    // Stop accepting (new clients are refused at once); let the connections in flight finish,
+    // for a while.
+    drop(listener);
     let _ = closing_tx.send(true);
     let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, slots.acquire_many(all)).await;
@@ -535,8 +537,11 @@ fn jsonrpc_call(cap: &str, headers: &HeaderMap, body: &[u8]) -> Result<(Call, Di
     })?;
     let (name, params, id) =
         binding::envelope(&value).map_err(|(error, id)| Refusal::new(error, id))?;
-    let (method, dialect) = method::jsonrpc_dialect(name, version_header(headers))
-        .map_err(|error| Refusal::new(error, id.clone()))?;
+    let (method, dialect) =
+        method::jsonrpc_dialect(name, version_header(headers)).map_err(|error| Refusal {
+            method: Method::from_v1(name),
+            ..Refusal::new(error, id.clone())
+        })?;
     let params = prepare(method, dialect, cap, params).map_err(|error| Refusal {
         error,
         id: id.clone(),

@@ -64,7 +64,7 @@ impl FrontMetrics {
         );
         registry.register(
             "request_seconds",
-            "Time from a request's arrival to its answer (or, for a stream, to its first event)",
+            "Time from a request's arrival to its answer (for a stream, to the agent's answer head)",
             seconds.clone(),
         );
         registry.register(

@@ -262,7 +262,7 @@ async fn the_front_door_routes_every_dialect_and_answers_bad_input_itself() {
         r#"dmsc_a2a_front_requests_total{dialect="http+json-1.0",method="SendMessage",outcome="OK"} 1"#,
         r#"dmsc_a2a_front_requests_total{dialect="jsonrpc-1.0",method="SendStreamingMessage",outcome="AGENT_ERROR"} 1"#,
         r#"dmsc_a2a_front_requests_total{dialect="jsonrpc-1.0",method="SendMessage",outcome="CAPABILITY_NOT_FOUND"} 1"#,
-        r#"dmsc_a2a_front_requests_total{dialect="unknown",method="unknown",outcome="VERSION_NOT_SUPPORTED"} 1"#,
+        r#"dmsc_a2a_front_requests_total{dialect="unknown",method="SendMessage",outcome="VERSION_NOT_SUPPORTED"} 1"#,
         r#"dmsc_a2a_front_requests_total{dialect="unknown",method="unknown",outcome="INVALID_REQUEST"} 1"#,
     ] {
         assert!(text.contains(line), "{line} missing from:\n{text}");

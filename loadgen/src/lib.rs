@@ -91,6 +91,14 @@ pub fn main_with(cli: Cli) -> anyhow::Result<i32> {
             verdict.failed_swaps
         );
     }
+    if let Some((answered, failed)) = verdict.a2a {
+        if failed > 0 || answered == 0 {
+            eprintln!(
+                "dmsc-loadgen: FAILED: the A2A path answered {answered} request(s) and failed {failed} \
+                 (see the a2a path line)"
+            );
+        }
+    }
     for role in &verdict.died {
         eprintln!("dmsc-loadgen: FAILED: the {role} process exited during the run");
     }

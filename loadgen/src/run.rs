@@ -585,6 +585,8 @@ fn start_a2a(
             attached = true;
         } else if let Some(url) = line.strip_prefix("front ") {
             front = Some(url.trim().to_owned());
+        } else {
+            println!("a2a: {line}");
         }
     }
     let url = format!("{}/a2a/c/a2a-echo", front.unwrap_or_default());

@@ -386,28 +386,41 @@ pub fn a2a(args: &ServeA2aArgs) -> anyhow::Result<()> {
     let [front_cert, front_key] = args.front.as_slice() else {
         bail!("--front takes CERT KEY");
     };
+    // The adapter's identity, loaded once: the loadgen deletes the key files after start-up,
+    // and the adapter attaches again (with a fresh copy) if its agent was ever withdrawn.
+    let chain = dmsc_identity::load_cert_chain(adapter_cert)?;
+    let key = dmsc_identity::load_private_key(adapter_key)?;
+    let anchors = dmsc_identity::load_trust_anchors(&args.ca)?;
+    // Stdin is watched on a plain thread, so that a failed start-up can end the runtime.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    std::thread::spawn(move || {
+        wait_for_parent();
+        let _ = stop_tx.send(true);
+    });
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move {
-            let _ = tokio::task::spawn_blocking(wait_for_parent).await;
-            let _ = stop_tx.send(true);
-        });
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
         let agent_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let agent_url = format!("http://{}", agent_listener.local_addr()?);
         tokio::spawn(dmsc_a2a::echo::serve(agent_listener, "a2a-echo"));
-        let (gateway, ca) = (args.gateway, args.ca.clone());
-        let (cert, key) = (adapter_cert.clone(), adapter_key.clone());
-        tokio::spawn(dmsc_a2a::adapt::run(
+        let gateway = args.gateway;
+        let adapter = dmsc_a2a::adapt::run(
             dmsc_a2a::adapt::AdaptConfig::new(agent_url),
-            move |card| Ok(AgentConfig::from_files(gateway, &cert, &key, &ca, card)?),
+            move |card| {
+                let (chain, key, anchors) = (chain.clone(), key.clone_key(), anchors.clone());
+                Ok(AgentConfig::new(gateway, chain, key, anchors, card))
+            },
             stopped(stop_rx.clone()),
-        ));
+        );
+        tokio::spawn(async move {
+            if let Err(e) = adapter.await {
+                eprintln!("serve-a2a: the adapter stopped: {e:#}");
+            }
+        });
         let front_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let front_url = format!("http://{}", front_listener.local_addr()?);
         let config = AgentConfig::from_files(
