@@ -1,10 +1,12 @@
-//! The adapter: attaches an unmodified A2A agent (HTTP, JSON-RPC v1.0) to a gateway.
+//! The adapter: attaches an unmodified A2A agent (HTTP, JSON-RPC of A2A 1.x or 0.3) to a
+//! gateway.
 //!
 //! It reads the agent's card from `/.well-known/agent-card.json`, attaches with it (each skill
 //! a capability, tags and modes kept), and turns each invocation on the A2A binding into a
 //! JSON-RPC call on the agent: `SendMessage` and friends are POSTed as they are,
 //! `SendStreamingMessage` and `SubscribeToTask` are read back as server-sent events and relayed
-//! one event per line. It re-reads the card every `card_interval` (with `If-None-Match`) and
+//! one event per line. An agent that speaks only A2A 0.3 gets v0.3 calls and its answers are
+//! turned back into v1.0 ([`convert`]). It re-reads the card every `card_interval` (with `If-None-Match`) and
 //! updates the capabilities when it changed; after `unhealthy_after` failed reads in a row it
 //! detaches, so the gateway stops routing to a dead agent, and attaches again once the card
 //! can be read.
@@ -26,7 +28,9 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
 use crate::binding::{self, Call, CONTENT_TYPE, STREAM_CONTENT_TYPE};
+use crate::convert;
 use crate::error::{A2aError, ErrorKind};
+use crate::method::Method;
 use crate::sse::SseParser;
 use crate::task_id::{self, ForeignTask};
 
@@ -92,12 +96,21 @@ pub enum CardFetch {
     Unchanged,
 }
 
+/// The A2A protocol version the agent's JSON-RPC interface speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RpcVersion {
+    /// A2A 1.x: calls are passed on as they are.
+    V1,
+    /// A2A 0.3: calls are converted to v0.3 and answers back to v1.0.
+    V03,
+}
+
 /// The A2A agent seen over HTTP.
 #[derive(Debug)]
 pub struct Upstream {
     client: Client<HttpConnector, Full<Bytes>>,
     config: AdaptConfig,
-    rpc: Mutex<Option<Uri>>,
+    rpc: Mutex<Option<(Uri, RpcVersion)>>,
 }
 
 const CARD_PATH: &str = "/.well-known/agent-card.json";
@@ -108,7 +121,7 @@ impl Upstream {
     /// An HTTP client for the agent in `config`.
     pub fn new(config: AdaptConfig) -> Result<Self, CardProblem> {
         let rpc = match &config.rpc_url {
-            Some(url) => Some(parse_uri(url)?),
+            Some(url) => Some((parse_uri(url)?, RpcVersion::V1)),
             None => None,
         };
         parse_uri(&config.agent_url)?;
@@ -165,8 +178,8 @@ impl Upstream {
             .map_err(unreachable)?;
         let card = AgentCard::from_json(&body).map_err(|e| CardProblem::Invalid(e.to_string()))?;
         if self.config.rpc_url.is_none() {
-            let url = jsonrpc_url(&card)?;
-            *self.rpc.lock().unwrap_or_else(|p| p.into_inner()) = Some(parse_uri(&url)?);
+            let (url, version) = jsonrpc_url(&card)?;
+            *self.rpc.lock().unwrap_or_else(|p| p.into_inner()) = Some((parse_uri(&url)?, version));
         }
         Ok(CardFetch::Changed {
             card: Box::new(card),
@@ -174,7 +187,7 @@ impl Upstream {
         })
     }
 
-    fn rpc_uri(&self) -> Option<Uri> {
+    fn rpc_uri(&self) -> Option<(Uri, RpcVersion)> {
         self.rpc.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -205,16 +218,27 @@ impl Upstream {
                 return Ok(whole(&e.jsonrpc_response(&call.id)));
             }
         }
-        let body = Bytes::from(call.encode());
-        let Some(uri) = self.rpc_uri() else {
+        let Some((uri, version)) = self.rpc_uri() else {
             return Ok(Response::error(
                 Status::Unavailable,
                 "the A2A agent's card has not been read yet",
             ));
         };
+        let body = match version {
+            RpcVersion::V1 => Bytes::from(call.encode()),
+            RpcVersion::V03 => match v03_request(&call) {
+                Ok(body) => body,
+                Err(e) => return Ok(whole(&e.jsonrpc_response(&call.id))),
+            },
+        };
+        let header = if version == RpcVersion::V1 {
+            "1.0"
+        } else {
+            "0.3"
+        };
         let mut http = hyper::Request::post(uri.clone())
             .header(HTTP_CONTENT_TYPE, "application/json")
-            .header("a2a-version", "1.0");
+            .header("a2a-version", header);
         if let Ok(caller) = HeaderValue::from_str(&request.caller) {
             http = http.header(CALLER_HEADER, caller);
         }
@@ -256,7 +280,13 @@ impl Upstream {
             .is_some_and(|v| v.starts_with("text/event-stream"));
         let limit = self.config.max_message_bytes;
         if is_events && status.is_success() {
-            return Ok(relay_events(response.into_body(), call, session, limit));
+            return Ok(relay_events(
+                response.into_body(),
+                call,
+                session,
+                version,
+                limit,
+            ));
         }
         let body = match read_limited(response.into_body(), limit).await {
             Ok(body) => body,
@@ -267,7 +297,7 @@ impl Upstream {
                 ))
             }
         };
-        match binding::parse_answer(&body) {
+        match binding::parse_answer(&body).and_then(|a| answer_v1(a, call.method, version)) {
             Ok(mut answer) => {
                 if let Some(session) = session {
                     task_id::qualify_answer(call.method, &mut answer, session);
@@ -294,22 +324,75 @@ fn parse_uri(url: &str) -> Result<Uri, CardProblem> {
     Ok(uri)
 }
 
-/// The URL of the card's first JSON-RPC interface of protocol version 1.x.
-pub fn jsonrpc_url(card: &AgentCard) -> Result<String, CardProblem> {
-    let v1 = |version: Option<&str>| version.is_some_and(|v| v == "1" || v.starts_with("1."));
-    card.interfaces
-        .iter()
-        .find(|i| {
-            i.protocol_binding.eq_ignore_ascii_case("JSONRPC") && v1(i.protocol_version.as_deref())
-        })
-        .map(|i| i.url.clone())
-        .ok_or_else(|| {
-            CardProblem::Invalid(
-                "the agent offers no JSON-RPC interface of A2A version 1.x (this adapter calls \
-                 agents over JSON-RPC 1.0; give --rpc-url to name one)"
-                    .into(),
-            )
-        })
+/// The JSON-RPC interface to call: the card's first of protocol version 1.x; else its first of
+/// version 0.x; else, for a v0.3 card, its `url` (preferred transport JSON-RPC, the default).
+pub fn jsonrpc_url(card: &AgentCard) -> Result<(String, RpcVersion), CardProblem> {
+    let major = |version: Option<&str>, m: &str| {
+        version.is_some_and(|v| v == m || v.starts_with(&format!("{m}.")))
+    };
+    let jsonrpc = |i: &&dmsc_protocol::card::AgentInterface| {
+        i.protocol_binding.eq_ignore_ascii_case("JSONRPC")
+    };
+    let find = |m: &str| {
+        card.interfaces
+            .iter()
+            .filter(jsonrpc)
+            .find(|i| major(i.protocol_version.as_deref(), m))
+            .map(|i| i.url.clone())
+    };
+    if let Some(url) = find("1") {
+        return Ok((url, RpcVersion::V1));
+    }
+    if let Some(url) = find("0") {
+        return Ok((url, RpcVersion::V03));
+    }
+    let legacy_jsonrpc = card
+        .preferred_transport
+        .as_deref()
+        .is_none_or(|t| t.eq_ignore_ascii_case("JSONRPC"));
+    let legacy_v03 = card
+        .protocol_version
+        .as_deref()
+        .is_none_or(|v| major(Some(v), "0"));
+    match &card.url {
+        Some(url) if legacy_jsonrpc && legacy_v03 => Ok((url.clone(), RpcVersion::V03)),
+        _ => Err(CardProblem::Invalid(
+            "the agent offers no JSON-RPC interface (1.x or 0.3); give --rpc-url to name one"
+                .into(),
+        )),
+    }
+}
+
+/// The v0.3 JSON-RPC request for `call`.
+fn v03_request(call: &Call) -> Result<Bytes, A2aError> {
+    let method = call.method.v03_name().ok_or_else(|| {
+        A2aError::new(
+            ErrorKind::UnsupportedOperation,
+            format!(
+                "the agent speaks A2A 0.3, which has no {}",
+                call.method.name()
+            ),
+        )
+    })?;
+    let params = convert::params_v1_to_v03(call.method, &call.params)?;
+    let request = serde_json::json!({
+        "jsonrpc": "2.0", "id": call.id, "method": method, "params": params,
+    });
+    Ok(Bytes::from(
+        serde_json::to_vec(&request).unwrap_or_default(),
+    ))
+}
+
+/// An answer of the agent in v1.0 form: a v0.3 `result` is converted; errors are the same in
+/// both versions.
+fn answer_v1(mut answer: Value, method: Method, version: RpcVersion) -> Result<Value, A2aError> {
+    if version == RpcVersion::V03 {
+        if let Some(result) = answer.get("result") {
+            let converted = convert::result_v03_to_v1(method, result)?;
+            answer["result"] = converted;
+        }
+    }
+    Ok(answer)
 }
 
 async fn read_limited(body: Incoming, limit: usize) -> Result<Bytes, String> {
@@ -330,6 +413,7 @@ fn relay_events(
     mut body: Incoming,
     call: Call,
     session: Option<SessionId>,
+    version: RpcVersion,
     limit: usize,
 ) -> Response {
     let (response, mut writer) = Response::streaming(STREAM_CONTENT_TYPE);
@@ -355,7 +439,8 @@ fn relay_events(
             }
             let mut bad = None;
             for event in events.drain(..) {
-                match binding::parse_answer(&event) {
+                match binding::parse_answer(&event).and_then(|a| answer_v1(a, call.method, version))
+                {
                     Ok(mut value) => {
                         if let Some(session) = session {
                             task_id::qualify_answer(call.method, &mut value, session);
@@ -471,4 +556,49 @@ pub async fn run(
         agent.detach().await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn card(json: &str) -> AgentCard {
+        AgentCard::from_json(json.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn the_interface_called_is_the_newest_json_rpc_one() {
+        let skills = r#""skills":[{"id":"s","name":"s","description":"","tags":[]}]"#;
+        let dual = card(&format!(
+            r#"{{"name":"a","description":"","version":"1","supportedInterfaces":[
+              {{"url":"http://h/rest","protocolBinding":"HTTP+JSON","protocolVersion":"1.0"}},
+              {{"url":"http://h/old","protocolBinding":"JSONRPC","protocolVersion":"0.3"}},
+              {{"url":"http://h/","protocolBinding":"JSONRPC","protocolVersion":"1.0"}}],{skills}}}"#
+        ));
+        assert_eq!(
+            jsonrpc_url(&dual).unwrap(),
+            ("http://h/".to_owned(), RpcVersion::V1)
+        );
+        let v03 = card(&format!(
+            r#"{{"name":"a","description":"","version":"1","supportedInterfaces":[
+              {{"url":"http://h/","protocolBinding":"JSONRPC","protocolVersion":"0.3"}}],{skills}}}"#
+        ));
+        assert_eq!(
+            jsonrpc_url(&v03).unwrap(),
+            ("http://h/".to_owned(), RpcVersion::V03)
+        );
+        // A card of v0.3 itself: `url` and (by default) JSON-RPC.
+        let legacy = card(&format!(
+            r#"{{"name":"a","description":"","version":"1","url":"http://h/","protocolVersion":"0.3.0",{skills}}}"#
+        ));
+        assert_eq!(
+            jsonrpc_url(&legacy).unwrap(),
+            ("http://h/".to_owned(), RpcVersion::V03)
+        );
+        let rest_only = card(&format!(
+            r#"{{"name":"a","description":"","version":"1","supportedInterfaces":[
+              {{"url":"http://h/rest","protocolBinding":"HTTP+JSON","protocolVersion":"1.0"}}],{skills}}}"#
+        ));
+        assert!(jsonrpc_url(&rest_only).is_err());
+    }
 }

@@ -352,6 +352,154 @@ fn part_v1_to_v03(part: &Value) -> Value {
     Value::Object(out)
 }
 
+// ---- towards agents that speak only v0.3 (the adapter) ----
+
+/// v1.0 params of `method` as v0.3 params, for an agent that speaks only v0.3.
+pub fn params_v1_to_v03(method: Method, params: &Value) -> Result<Value, A2aError> {
+    let params = object(params, "params")?;
+    let mut out = Map::new();
+    match method {
+        Method::SendMessage | Method::SendStreamingMessage => {
+            let message = params
+                .get("message")
+                .ok_or_else(|| invalid("params.message is required"))?;
+            out.insert("message".into(), message_v1_to_v03(message));
+            if let Some(config) = params.get("configuration").and_then(Value::as_object) {
+                let mut c = Map::new();
+                copy(config, &mut c, &["acceptedOutputModes", "historyLength"]);
+                let immediately = config
+                    .get("returnImmediately")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                c.insert("blocking".into(), (!immediately).into());
+                out.insert("configuration".into(), Value::Object(c));
+            }
+            copy(&params, &mut out, &["metadata"]);
+        }
+        Method::GetTask => copy(&params, &mut out, &["id", "historyLength", "metadata"]),
+        Method::CancelTask | Method::SubscribeToTask => {
+            copy(&params, &mut out, &["id", "metadata"])
+        }
+        _ => {
+            return Err(A2aError::new(
+                ErrorKind::UnsupportedOperation,
+                format!("{} has no v0.3 form", method.name()),
+            ))
+        }
+    }
+    Ok(Value::Object(out))
+}
+
+/// A v0.3 agent's `result` of `method` in v1.0 form: send results and stream events get their
+/// one-member wrapper, tasks their v1.0 shape.
+pub fn result_v03_to_v1(method: Method, result: &Value) -> Result<Value, A2aError> {
+    let bad = |e: A2aError| {
+        A2aError::new(
+            ErrorKind::InvalidAgentResponse,
+            format!("the agent's v0.3 answer: {}", e.message),
+        )
+    };
+    if matches!(method, Method::GetTask | Method::CancelTask) {
+        return task_v03_to_v1(result).map_err(bad);
+    }
+    let wrapped = match result.get("kind").and_then(Value::as_str) {
+        Some("task") => json!({"task": task_v03_to_v1(result).map_err(bad)?}),
+        Some("message") => json!({"message": message_v03_to_v1(result).map_err(bad)?}),
+        Some("status-update") => {
+            let mut update = keep(result, &["taskId", "contextId", "metadata"]);
+            if let Some(status) = result.get("status") {
+                update.insert("status".into(), status_v03_to_v1(status).map_err(bad)?);
+            }
+            json!({"statusUpdate": update})
+        }
+        Some("artifact-update") => {
+            let mut update = keep(
+                result,
+                &["taskId", "contextId", "append", "lastChunk", "metadata"],
+            );
+            if let Some(artifact) = result.get("artifact") {
+                update.insert(
+                    "artifact".into(),
+                    artifact_v03_to_v1(artifact).map_err(bad)?,
+                );
+            }
+            json!({"artifactUpdate": update})
+        }
+        other => {
+            return Err(A2aError::new(
+                ErrorKind::InvalidAgentResponse,
+                format!("the agent's v0.3 answer has kind {other:?}"),
+            ))
+        }
+    };
+    Ok(wrapped)
+}
+
+fn task_v03_to_v1(task: &Value) -> Result<Value, A2aError> {
+    let mut out = keep(task, &["id", "contextId", "metadata"]);
+    if let Some(status) = task.get("status") {
+        out.insert("status".into(), status_v03_to_v1(status)?);
+    }
+    if let Some(history) = task.get("history").and_then(Value::as_array) {
+        let history: Result<Vec<Value>, A2aError> = history.iter().map(message_v03_to_v1).collect();
+        out.insert("history".into(), Value::Array(history?));
+    }
+    if let Some(artifacts) = task.get("artifacts").and_then(Value::as_array) {
+        let artifacts: Result<Vec<Value>, A2aError> =
+            artifacts.iter().map(artifact_v03_to_v1).collect();
+        out.insert("artifacts".into(), Value::Array(artifacts?));
+    }
+    Ok(Value::Object(out))
+}
+
+fn status_v03_to_v1(status: &Value) -> Result<Value, A2aError> {
+    let mut out = keep(status, &["timestamp"]);
+    let state = status
+        .get("state")
+        .and_then(Value::as_str)
+        .unwrap_or("unknown");
+    out.insert("state".into(), state_v03_to_v1(state).into());
+    if let Some(message) = status.get("message").filter(|m| !m.is_null()) {
+        out.insert("message".into(), message_v03_to_v1(message)?);
+    }
+    Ok(Value::Object(out))
+}
+
+/// A v0.3 task state name as v1.0.
+pub fn state_v03_to_v1(state: &str) -> &'static str {
+    match state {
+        "submitted" => "TASK_STATE_SUBMITTED",
+        "working" => "TASK_STATE_WORKING",
+        "input-required" => "TASK_STATE_INPUT_REQUIRED",
+        "completed" => "TASK_STATE_COMPLETED",
+        "canceled" => "TASK_STATE_CANCELED",
+        "failed" => "TASK_STATE_FAILED",
+        "rejected" => "TASK_STATE_REJECTED",
+        "auth-required" => "TASK_STATE_AUTH_REQUIRED",
+        _ => "TASK_STATE_UNSPECIFIED",
+    }
+}
+
+fn artifact_v03_to_v1(artifact: &Value) -> Result<Value, A2aError> {
+    let mut out = keep(
+        artifact,
+        &[
+            "artifactId",
+            "name",
+            "description",
+            "metadata",
+            "extensions",
+        ],
+    );
+    let parts = artifact
+        .get("parts")
+        .and_then(Value::as_array)
+        .map_or(&[][..], Vec::as_slice);
+    let parts: Result<Vec<Value>, A2aError> = parts.iter().map(part_v03_to_v1).collect();
+    out.insert("parts".into(), Value::Array(parts?));
+    Ok(Value::Object(out))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -386,6 +534,47 @@ mod tests {
                 "configuration": {"acceptedOutputModes": ["text/plain"], "returnImmediately": true},
             })
         );
+    }
+
+    #[test]
+    fn v1_calls_reach_a_v03_agent_and_its_answers_come_back() {
+        let v1 = json!({
+            "message": {"messageId": "m", "role": "ROLE_USER", "taskId": "t", "parts": [{"text": "hi"}]},
+            "configuration": {"returnImmediately": true, "acceptedOutputModes": ["text/plain"]},
+        });
+        let v03 = params_v1_to_v03(Method::SendMessage, &v1).unwrap();
+        assert_eq!(v03["message"]["kind"], "message");
+        assert_eq!(v03["message"]["role"], "user");
+        assert_eq!(
+            v03["message"]["parts"][0],
+            json!({"kind": "text", "text": "hi"})
+        );
+        assert_eq!(v03["configuration"]["blocking"], false);
+        // ... and back: the request round-trips.
+        assert_eq!(params_v03_to_v1(Method::SendMessage, &v03).unwrap(), v1);
+        assert!(params_v1_to_v03(Method::ListTasks, &json!({})).is_err());
+
+        let task = json!({"kind": "task", "id": "t", "contextId": "c",
+            "status": {"state": "input-required", "message": {"kind": "message", "messageId": "x",
+                       "role": "agent", "parts": [{"kind": "text", "text": "more?"}]}},
+            "artifacts": [{"artifactId": "a", "parts": [{"kind": "text", "text": "r"}]}]});
+        let v1 = result_v03_to_v1(Method::SendMessage, &task).unwrap();
+        assert_eq!(v1["task"]["status"]["state"], "TASK_STATE_INPUT_REQUIRED");
+        assert_eq!(v1["task"]["status"]["message"]["role"], "ROLE_AGENT");
+        assert_eq!(v1["task"]["artifacts"][0]["parts"][0], json!({"text": "r"}));
+        // A task round-trips through both directions.
+        assert_eq!(result_v1_to_v03(Method::SendMessage, &v1), task);
+        let got = result_v03_to_v1(Method::GetTask, &task).unwrap();
+        assert_eq!(got["id"], "t");
+        let update = json!({"kind": "status-update", "taskId": "t", "final": true,
+                            "status": {"state": "completed"}});
+        let v1 = result_v03_to_v1(Method::SendStreamingMessage, &update).unwrap();
+        assert_eq!(
+            v1["statusUpdate"]["status"]["state"],
+            "TASK_STATE_COMPLETED"
+        );
+        let bad = result_v03_to_v1(Method::SendMessage, &json!({"kind": "nonsense"}));
+        assert_eq!(bad.unwrap_err().kind, ErrorKind::InvalidAgentResponse);
     }
 
     #[test]

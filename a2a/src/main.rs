@@ -29,7 +29,7 @@ struct Cli {
 enum Command {
     /// Serve every capability of the domain as a virtual A2A agent over HTTP.
     Front(FrontArgs),
-    /// Attach an A2A agent (HTTP, JSON-RPC 1.0) to a gateway with its own card.
+    /// Attach an A2A agent (HTTP, JSON-RPC of A2A 1.x or 0.3) to a gateway with its own card.
     Adapt(AdaptArgs),
 }
 
@@ -108,7 +108,8 @@ struct AdaptArgs {
     /// The A2A agent's base URL (its card is at <URL>/.well-known/agent-card.json).
     #[arg(long)]
     agent_url: String,
-    /// Where to send JSON-RPC calls; default: the card's first JSON-RPC 1.x interface.
+    /// Where to send JSON-RPC calls (A2A 1.x); default: the card's first JSON-RPC 1.x
+    /// interface, else its first JSON-RPC 0.x one (spoken in v0.3).
     #[arg(long)]
     rpc_url: Option<String>,
     /// Milliseconds between card reads (each one is also a health check).

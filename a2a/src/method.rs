@@ -81,6 +81,11 @@ impl Method {
             .map_or("", |row| row.1)
     }
 
+    /// The v0.3 JSON-RPC method name, if v0.3 has the operation.
+    pub fn v03_name(self) -> Option<&'static str> {
+        NAMES.iter().find(|row| row.0 == self).and_then(|row| row.2)
+    }
+
     /// The method with v1.0 name `name`.
     pub fn from_v1(name: &str) -> Option<Self> {
         NAMES.iter().find(|row| row.1 == name).map(|row| row.0)

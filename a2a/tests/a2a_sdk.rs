@@ -165,7 +165,7 @@ fn stock_a2a_sdk_clients_and_agents_through_the_gateway() {
     };
 
     // A stock a2a-sdk agent, and the adapter beside it.
-    let start_agent = |name: &str| -> (Proc, Proc) {
+    let start_agent = |name: &str, skill: &str, extra: &[&str]| -> (Proc, Proc) {
         let port = free_port();
         let upstream = Proc::spawn(
             &format!("a2a-sdk agent {name}"),
@@ -176,6 +176,8 @@ fn stock_a2a_sdk_clients_and_agents_through_the_gateway() {
                 port.to_string(),
                 "--name".into(),
                 name.into(),
+                "--skill".into(),
+                skill.into(),
                 "--extra-skills".into(),
                 domain
                     .dir
@@ -183,7 +185,10 @@ fn stock_a2a_sdk_clients_and_agents_through_the_gateway() {
                     .join(format!("{name}.skills"))
                     .display()
                     .to_string(),
-            ],
+            ]
+            .into_iter()
+            .chain(extra.iter().map(|s| s.to_string()))
+            .collect::<Vec<_>>(),
         );
         wait_http(SocketAddr::from(([127, 0, 0, 1], port)));
         let mut args = attach_args("adapt", &format!("{name}-adapter"));
@@ -197,10 +202,10 @@ fn stock_a2a_sdk_clients_and_agents_through_the_gateway() {
         ]);
         let mut adapter = Proc::spawn(&format!("adapter {name}"), &binary("dmsc-a2a"), &args);
         let attached = adapter.expect_line("dmsc-a2a adapt: attached:");
-        assert_eq!(attached, "echo", "the card's skills become capabilities");
+        assert_eq!(attached, skill, "the card's skills become capabilities");
         (upstream, adapter)
     };
-    let (_a1, mut adapter1) = start_agent("a1");
+    let (_a1, mut adapter1) = start_agent("a1", "echo", &[]);
 
     // The front door, and variants of it for the client-identity modes.
     let start_front = |name: &str, extra: &[&str]| -> (Proc, String) {
@@ -376,7 +381,7 @@ fn stock_a2a_sdk_clients_and_agents_through_the_gateway() {
 
     // A second instance of `echo`: tasks spread over both, and every follow-up (GetTask, a
     // message on the task) reaches the instance holding the task.
-    let (_a2, mut adapter2) = start_agent("a2");
+    let (_a2, mut adapter2) = start_agent("a2", "echo", &[]);
     let spread = client(&[
         "affinity", "--front", &url, "--cap", "echo", "--agents", "a1,a2",
     ]);

@@ -18,10 +18,13 @@ Usage: python3 agent_server.py --port P --name NAME [--skill echo] [--extra-skil
 
 import argparse
 import asyncio
+import json
 import os
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.responses import JSONResponse
 
 from a2a.helpers import new_task_from_user_message, new_text_message, new_text_part
 from a2a.server.agent_execution import AgentExecutor, RequestContext
@@ -86,6 +89,8 @@ def main():
     parser.add_argument("--name", required=True)
     parser.add_argument("--skill", default="echo")
     parser.add_argument("--extra-skills")
+    parser.add_argument("--v03-only", action="store_true",
+                        help="the card offers only a JSON-RPC interface of A2A 0.3")
     args = parser.parse_args()
     base = f"http://127.0.0.1:{args.port}"
     card = AgentCard(
@@ -93,6 +98,10 @@ def main():
         description="a stock a2a-sdk test agent",
         version="1.0.0",
         supported_interfaces=[
+            AgentInterface(url=f"{base}/", protocol_binding="JSONRPC", protocol_version="0.3")
+        ]
+        if args.v03_only
+        else [
             AgentInterface(url=f"{base}/", protocol_binding="JSONRPC", protocol_version="1.0"),
             AgentInterface(url=f"{base}/rest", protocol_binding="HTTP+JSON", protocol_version="1.0"),
         ],
@@ -129,7 +138,25 @@ def main():
         + create_jsonrpc_routes(handler, "/", enable_v0_3_compat=True)
         + create_rest_routes(handler, path_prefix="/rest")
     )
-    uvicorn.run(Starlette(routes=routes), host="127.0.0.1", port=args.port, log_level="warning")
+    app = Starlette(routes=routes)
+    if args.v03_only:
+        app.add_middleware(OnlyV03)
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+
+
+class OnlyV03(BaseHTTPMiddleware):
+    """Refuses every JSON-RPC method but v0.3's, as an agent of that version would."""
+
+    async def dispatch(self, request, call_next):
+        if request.method == "POST":
+            try:
+                method = json.loads(await request.body()).get("method", "")
+            except (ValueError, AttributeError):
+                method = ""
+            if "/" not in method:
+                return JSONResponse({"jsonrpc": "2.0", "id": None, "error": {
+                    "code": -32601, "message": f"v0.3 agent: no method {method!r}"}})
+        return await call_next(request)
 
 
 if __name__ == "__main__":
