@@ -1,12 +1,13 @@
-//! The adapter: attaches an unmodified A2A agent (HTTP, JSON-RPC of A2A 1.x or 0.3) to a
-//! gateway.
+//! The adapter: attaches an unmodified A2A agent (JSON-RPC of A2A 1.x or 0.3, or HTTP+JSON of
+//! 1.x) to a gateway.
 //!
 //! It reads the agent's card from `/.well-known/agent-card.json`, attaches with it (each skill
 //! a capability, tags and modes kept), and turns each invocation on the A2A binding into a
 //! JSON-RPC call on the agent: `SendMessage` and friends are POSTed as they are,
 //! `SendStreamingMessage` and `SubscribeToTask` are read back as server-sent events and relayed
 //! one event per line. An agent that speaks only A2A 0.3 gets v0.3 calls and its answers are
-//! turned back into v1.0 ([`convert`]). It re-reads the card every `card_interval` (with `If-None-Match`) and
+//! turned back into v1.0 ([`convert`]); one that offers only HTTP+JSON gets each call on its
+//! route, and its answers wrapped into JSON-RPC responses. It re-reads the card every `card_interval` (with `If-None-Match`) and
 //! updates the capabilities when it changed; after `unhealthy_after` failed reads in a row it
 //! detaches, so the gateway stops routing to a dead agent, and attaches again once the card
 //! can be read.
@@ -25,7 +26,7 @@ use hyper::{StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::binding::{self, Call, CONTENT_TYPE, STREAM_CONTENT_TYPE};
 use crate::convert;
@@ -96,13 +97,15 @@ pub enum CardFetch {
     Unchanged,
 }
 
-/// The A2A protocol version the agent's JSON-RPC interface speaks.
+/// How the agent is called: the binding and A2A version of the interface chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RpcVersion {
-    /// A2A 1.x: calls are passed on as they are.
+pub enum Upstreamed {
+    /// JSON-RPC, A2A 1.x: calls are passed on as they are.
     V1,
-    /// A2A 0.3: calls are converted to v0.3 and answers back to v1.0.
+    /// JSON-RPC, A2A 0.3: calls are converted to v0.3 and answers back to v1.0.
     V03,
+    /// HTTP+JSON, A2A 1.x: each call becomes its route, each answer a JSON-RPC response.
+    Rest,
 }
 
 /// The A2A agent seen over HTTP.
@@ -110,7 +113,7 @@ pub enum RpcVersion {
 pub struct Upstream {
     client: Client<HttpConnector, Full<Bytes>>,
     config: AdaptConfig,
-    rpc: Mutex<Option<(Uri, RpcVersion)>>,
+    rpc: Mutex<Option<(Uri, Upstreamed)>>,
 }
 
 const CARD_PATH: &str = "/.well-known/agent-card.json";
@@ -121,7 +124,7 @@ impl Upstream {
     /// An HTTP client for the agent in `config`.
     pub fn new(config: AdaptConfig) -> Result<Self, CardProblem> {
         let rpc = match &config.rpc_url {
-            Some(url) => Some((parse_uri(url)?, RpcVersion::V1)),
+            Some(url) => Some((parse_uri(url)?, Upstreamed::V1)),
             None => None,
         };
         parse_uri(&config.agent_url)?;
@@ -178,7 +181,7 @@ impl Upstream {
             .map_err(unreachable)?;
         let card = AgentCard::from_json(&body).map_err(|e| CardProblem::Invalid(e.to_string()))?;
         if self.config.rpc_url.is_none() {
-            let (url, version) = jsonrpc_url(&card)?;
+            let (url, version) = agent_interface(&card)?;
             *self.rpc.lock().unwrap_or_else(|p| p.into_inner()) = Some((parse_uri(&url)?, version));
         }
         Ok(CardFetch::Changed {
@@ -187,7 +190,7 @@ impl Upstream {
         })
     }
 
-    fn rpc_uri(&self) -> Option<(Uri, RpcVersion)> {
+    fn rpc_uri(&self) -> Option<(Uri, Upstreamed)> {
         self.rpc.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -224,19 +227,25 @@ impl Upstream {
                 "the A2A agent's card has not been read yet",
             ));
         };
-        let body = match version {
-            RpcVersion::V1 => Bytes::from(call.encode()),
-            RpcVersion::V03 => match v03_request(&call) {
-                Ok(body) => body,
-                Err(e) => return Ok(whole(&e.jsonrpc_response(&call.id))),
-            },
+        let built = match version {
+            Upstreamed::V1 => Ok((hyper::Method::POST, uri.clone(), Bytes::from(call.encode()))),
+            Upstreamed::V03 => {
+                v03_request(&call).map(|body| (hyper::Method::POST, uri.clone(), body))
+            }
+            Upstreamed::Rest => rest_request(&call, &uri),
         };
-        let header = if version == RpcVersion::V1 {
-            "1.0"
-        } else {
+        let (http_method, target, body) = match built {
+            Ok(built) => built,
+            Err(e) => return Ok(whole(&e.jsonrpc_response(&call.id))),
+        };
+        let header = if version == Upstreamed::V03 {
             "0.3"
+        } else {
+            "1.0"
         };
-        let mut http = hyper::Request::post(uri.clone())
+        let mut http = hyper::Request::builder()
+            .method(http_method)
+            .uri(target)
             .header(HTTP_CONTENT_TYPE, "application/json")
             .header("a2a-version", header);
         if let Ok(caller) = HeaderValue::from_str(&request.caller) {
@@ -297,7 +306,7 @@ impl Upstream {
                 ))
             }
         };
-        match binding::parse_answer(&body).and_then(|a| answer_v1(a, call.method, version)) {
+        match answer_v1(&body, status, &call, version) {
             Ok(mut answer) => {
                 if let Some(session) = session {
                     task_id::qualify_answer(call.method, &mut answer, session);
@@ -324,9 +333,10 @@ fn parse_uri(url: &str) -> Result<Uri, CardProblem> {
     Ok(uri)
 }
 
-/// The JSON-RPC interface to call: the card's first of protocol version 1.x; else its first of
-/// version 0.x; else, for a v0.3 card, its `url` (preferred transport JSON-RPC, the default).
-pub fn jsonrpc_url(card: &AgentCard) -> Result<(String, RpcVersion), CardProblem> {
+/// The interface to call: the card's first JSON-RPC one of protocol version 1.x; else its first
+/// HTTP+JSON one of version 1.x; else its first JSON-RPC one of version 0.x; else, for a v0.3
+/// card, its `url` (preferred transport JSON-RPC, the default).
+pub fn agent_interface(card: &AgentCard) -> Result<(String, Upstreamed), CardProblem> {
     let major = |version: Option<&str>, m: &str| {
         version.is_some_and(|v| v == m || v.starts_with(&format!("{m}.")))
     };
@@ -341,10 +351,17 @@ pub fn jsonrpc_url(card: &AgentCard) -> Result<(String, RpcVersion), CardProblem
             .map(|i| i.url.clone())
     };
     if let Some(url) = find("1") {
-        return Ok((url, RpcVersion::V1));
+        return Ok((url, Upstreamed::V1));
+    }
+    let rest = card.interfaces.iter().find(|i| {
+        i.protocol_binding.eq_ignore_ascii_case("HTTP+JSON")
+            && major(i.protocol_version.as_deref(), "1")
+    });
+    if let Some(interface) = rest {
+        return Ok((interface.url.clone(), Upstreamed::Rest));
     }
     if let Some(url) = find("0") {
-        return Ok((url, RpcVersion::V03));
+        return Ok((url, Upstreamed::V03));
     }
     let legacy_jsonrpc = card
         .preferred_transport
@@ -355,9 +372,10 @@ pub fn jsonrpc_url(card: &AgentCard) -> Result<(String, RpcVersion), CardProblem
         .as_deref()
         .is_none_or(|v| major(Some(v), "0"));
     match &card.url {
-        Some(url) if legacy_jsonrpc && legacy_v03 => Ok((url.clone(), RpcVersion::V03)),
+        Some(url) if legacy_jsonrpc && legacy_v03 => Ok((url.clone(), Upstreamed::V03)),
         _ => Err(CardProblem::Invalid(
-            "the agent offers no JSON-RPC interface (1.x or 0.3); give --rpc-url to name one"
+            "the agent offers no JSON-RPC (1.x or 0.3) or HTTP+JSON (1.x) interface; give \
+             --rpc-url to name a JSON-RPC 1.x one"
                 .into(),
         )),
     }
@@ -383,16 +401,122 @@ fn v03_request(call: &Call) -> Result<Bytes, A2aError> {
     ))
 }
 
-/// An answer of the agent in v1.0 form: a v0.3 `result` is converted; errors are the same in
-/// both versions.
-fn answer_v1(mut answer: Value, method: Method, version: RpcVersion) -> Result<Value, A2aError> {
-    if version == RpcVersion::V03 {
-        if let Some(result) = answer.get("result") {
-            let converted = convert::result_v03_to_v1(method, result)?;
-            answer["result"] = converted;
+/// The agent's answer (a whole body with its HTTP status, or one event) as a v1.0 JSON-RPC
+/// response: JSON-RPC answers are checked (and a v0.3 `result` converted; errors are the same
+/// in both versions); an HTTP+JSON answer is wrapped, its error body mapped back to a JSON-RPC
+/// error by its `ErrorInfo` reason (else by its HTTP status).
+fn answer_v1(
+    bytes: &[u8],
+    status: StatusCode,
+    call: &Call,
+    version: Upstreamed,
+) -> Result<Value, A2aError> {
+    if version != Upstreamed::Rest {
+        let mut answer = binding::parse_answer(bytes)?;
+        if version == Upstreamed::V03 {
+            if let Some(result) = answer.get("result") {
+                let converted = convert::result_v03_to_v1(call.method, result)?;
+                answer["result"] = converted;
+            }
         }
+        return Ok(answer);
     }
-    Ok(answer)
+    let body: Value = serde_json::from_slice(bytes).map_err(|e| {
+        A2aError::new(
+            ErrorKind::InvalidAgentResponse,
+            format!("the agent answered HTTP {status}, not JSON: {e}"),
+        )
+    })?;
+    let error = body.get("error").filter(|e| e.is_object());
+    if status.is_success() && error.is_none() {
+        return Ok(json!({"jsonrpc": "2.0", "id": call.id, "result": body}));
+    }
+    let error = error.cloned().unwrap_or_default();
+    let reason = error["details"]
+        .as_array()
+        .and_then(|details| details.iter().find_map(|d| d["reason"].as_str()));
+    let kind = reason
+        .and_then(ErrorKind::from_reason)
+        .unwrap_or(match status.as_u16() {
+            404 => ErrorKind::TaskNotFound,
+            400 => ErrorKind::InvalidParams,
+            _ => ErrorKind::Internal,
+        });
+    let message = error["message"].as_str().map_or_else(
+        || format!("the agent answered HTTP {status}"),
+        str::to_owned,
+    );
+    Ok(A2aError::new(kind, message).jsonrpc_response(&call.id))
+}
+
+/// The HTTP+JSON request for `call` on the interface at `base`: method, URL and body.
+fn rest_request(call: &Call, base: &Uri) -> Result<(hyper::Method, Uri, Bytes), A2aError> {
+    use hyper::Method as M;
+    let base = base.to_string();
+    let base = base.trim_end_matches('/');
+    let id = || {
+        call.params["id"]
+            .as_str()
+            .map(crate::front::encode_segment)
+            .ok_or_else(|| A2aError::new(ErrorKind::InvalidParams, "params.id is required"))
+    };
+    let params_json = || Bytes::from(serde_json::to_vec(&call.params).unwrap_or_default());
+    let query = |keys: &[&str]| {
+        let pairs: Vec<String> = keys
+            .iter()
+            .filter_map(|k| {
+                let v = &call.params[*k];
+                let text = v
+                    .as_str()
+                    .map(str::to_owned)
+                    .or_else(|| v.as_i64().map(|n| n.to_string()))?;
+                Some(format!("{k}={}", crate::front::encode_segment(&text)))
+            })
+            .collect();
+        if pairs.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", pairs.join("&"))
+        }
+    };
+    let (method, path, body) = match call.method {
+        Method::SendMessage => (M::POST, "/message:send".to_owned(), params_json()),
+        Method::SendStreamingMessage => (M::POST, "/message:stream".to_owned(), params_json()),
+        Method::GetTask => (
+            M::GET,
+            format!("/tasks/{}{}", id()?, query(&["historyLength"])),
+            Bytes::new(),
+        ),
+        Method::CancelTask => (M::POST, format!("/tasks/{}:cancel", id()?), params_json()),
+        Method::SubscribeToTask => (M::POST, format!("/tasks/{}:subscribe", id()?), Bytes::new()),
+        Method::ListTasks => (
+            M::GET,
+            format!(
+                "/tasks{}",
+                query(&[
+                    "contextId",
+                    "status",
+                    "pageSize",
+                    "pageToken",
+                    "historyLength"
+                ])
+            ),
+            Bytes::new(),
+        ),
+        other => {
+            return Err(A2aError::new(
+                ErrorKind::UnsupportedOperation,
+                format!("{} is not forwarded to HTTP+JSON agents", other.name()),
+            ))
+        }
+    };
+    let uri = format!("{base}{path}").parse().map_err(|e| {
+        A2aError::new(
+            ErrorKind::InvalidParams,
+            format!("a URL for the agent: {e}"),
+        )
+    })?;
+    Ok((method, uri, body))
 }
 
 async fn read_limited(body: Incoming, limit: usize) -> Result<Bytes, String> {
@@ -413,7 +537,7 @@ fn relay_events(
     mut body: Incoming,
     call: Call,
     session: Option<SessionId>,
-    version: RpcVersion,
+    version: Upstreamed,
     limit: usize,
 ) -> Response {
     let (response, mut writer) = Response::streaming(STREAM_CONTENT_TYPE);
@@ -439,8 +563,7 @@ fn relay_events(
             }
             let mut bad = None;
             for event in events.drain(..) {
-                match binding::parse_answer(&event).and_then(|a| answer_v1(a, call.method, version))
-                {
+                match answer_v1(&event, StatusCode::OK, &call, version) {
                     Ok(mut value) => {
                         if let Some(session) = session {
                             task_id::qualify_answer(call.method, &mut value, session);
@@ -576,29 +699,37 @@ mod tests {
               {{"url":"http://h/","protocolBinding":"JSONRPC","protocolVersion":"1.0"}}],{skills}}}"#
         ));
         assert_eq!(
-            jsonrpc_url(&dual).unwrap(),
-            ("http://h/".to_owned(), RpcVersion::V1)
+            agent_interface(&dual).unwrap(),
+            ("http://h/".to_owned(), Upstreamed::V1)
         );
         let v03 = card(&format!(
             r#"{{"name":"a","description":"","version":"1","supportedInterfaces":[
               {{"url":"http://h/","protocolBinding":"JSONRPC","protocolVersion":"0.3"}}],{skills}}}"#
         ));
         assert_eq!(
-            jsonrpc_url(&v03).unwrap(),
-            ("http://h/".to_owned(), RpcVersion::V03)
+            agent_interface(&v03).unwrap(),
+            ("http://h/".to_owned(), Upstreamed::V03)
         );
         // A card of v0.3 itself: `url` and (by default) JSON-RPC.
         let legacy = card(&format!(
             r#"{{"name":"a","description":"","version":"1","url":"http://h/","protocolVersion":"0.3.0",{skills}}}"#
         ));
         assert_eq!(
-            jsonrpc_url(&legacy).unwrap(),
-            ("http://h/".to_owned(), RpcVersion::V03)
+            agent_interface(&legacy).unwrap(),
+            ("http://h/".to_owned(), Upstreamed::V03)
         );
         let rest_only = card(&format!(
             r#"{{"name":"a","description":"","version":"1","supportedInterfaces":[
               {{"url":"http://h/rest","protocolBinding":"HTTP+JSON","protocolVersion":"1.0"}}],{skills}}}"#
         ));
-        assert!(jsonrpc_url(&rest_only).is_err());
+        assert_eq!(
+            agent_interface(&rest_only).unwrap(),
+            ("http://h/rest".to_owned(), Upstreamed::Rest)
+        );
+        let grpc_only = card(&format!(
+            r#"{{"name":"a","description":"","version":"1","supportedInterfaces":[
+              {{"url":"h:1","protocolBinding":"GRPC","protocolVersion":"1.0"}}],{skills}}}"#
+        ));
+        assert!(agent_interface(&grpc_only).is_err());
     }
 }

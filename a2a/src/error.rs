@@ -134,6 +134,11 @@ impl ErrorKind {
         self.row().reason
     }
 
+    /// The kind with `ErrorInfo` reason `reason`, if it is one of ours.
+    pub fn from_reason(reason: &str) -> Option<Self> {
+        ALL.iter().copied().find(|k| k.reason() == reason)
+    }
+
     /// The kind with JSON-RPC code `code`, if it is one of ours.
     pub fn from_code(code: i64) -> Option<Self> {
         ALL.iter().copied().find(|k| k.code() == code)

@@ -29,7 +29,8 @@ struct Cli {
 enum Command {
     /// Serve every capability of the domain as a virtual A2A agent over HTTP.
     Front(FrontArgs),
-    /// Attach an A2A agent (HTTP, JSON-RPC of A2A 1.x or 0.3) to a gateway with its own card.
+    /// Attach an A2A agent (JSON-RPC of A2A 1.x or 0.3, or HTTP+JSON 1.x) to a gateway with its
+    /// own card.
     Adapt(AdaptArgs),
 }
 

@@ -235,12 +235,20 @@ fn stock_a2a_sdk_clients_and_agents_through_the_gateway() {
             .expect("native agent")
     });
 
-    let matrix = client(&["matrix", "--front", &url, "--cap", "echo", "--agent", "a1"]);
     // Seven checks per case, and one more (events streamed) in the three streaming cases.
-    assert_eq!(
-        matrix.lines().filter(|l| l.starts_with("ok ")).count(),
-        6 * 7 + 3
-    );
+    let full_matrix = |cap: &str, agent: &str| {
+        let matrix = client(&["matrix", "--front", &url, "--cap", cap, "--agent", agent]);
+        let ok = matrix.lines().filter(|l| l.starts_with("ok ")).count();
+        assert_eq!(ok, 6 * 7 + 3, "{cap}: {matrix}");
+    };
+    full_matrix("echo", "a1");
+    // The same matrix against an agent that speaks only A2A 0.3 (it refuses v1.0 methods): the
+    // adapter converts each call and answer.
+    let (_old, _old_adapter) = start_agent("a0", "old-echo", &["--v03-only"]);
+    full_matrix("old-echo", "a0");
+    // ... and against one that offers only HTTP+JSON: the adapter calls its routes.
+    let (_rest, _rest_adapter) = start_agent("ar", "rest-echo", &["--rest-only"]);
+    full_matrix("rest-echo", "ar");
     client(&[
         "errors", "--front", &url, "--cap", "echo", "--denied", "secret",
     ]);

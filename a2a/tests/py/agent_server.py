@@ -91,6 +91,8 @@ def main():
     parser.add_argument("--extra-skills")
     parser.add_argument("--v03-only", action="store_true",
                         help="the card offers only a JSON-RPC interface of A2A 0.3")
+    parser.add_argument("--rest-only", action="store_true",
+                        help="the card offers only the HTTP+JSON interface; JSON-RPC is refused")
     args = parser.parse_args()
     base = f"http://127.0.0.1:{args.port}"
     card = AgentCard(
@@ -101,6 +103,10 @@ def main():
             AgentInterface(url=f"{base}/", protocol_binding="JSONRPC", protocol_version="0.3")
         ]
         if args.v03_only
+        else [
+            AgentInterface(url=f"{base}/rest", protocol_binding="HTTP+JSON", protocol_version="1.0")
+        ]
+        if args.rest_only
         else [
             AgentInterface(url=f"{base}/", protocol_binding="JSONRPC", protocol_version="1.0"),
             AgentInterface(url=f"{base}/rest", protocol_binding="HTTP+JSON", protocol_version="1.0"),
@@ -141,7 +147,18 @@ def main():
     app = Starlette(routes=routes)
     if args.v03_only:
         app.add_middleware(OnlyV03)
+    if args.rest_only:
+        app.add_middleware(OnlyRest)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+
+
+class OnlyRest(BaseHTTPMiddleware):
+    """Refuses the JSON-RPC endpoint, as an agent offering only HTTP+JSON would."""
+
+    async def dispatch(self, request, call_next):
+        if request.method == "POST" and request.url.path == "/":
+            return JSONResponse({"detail": "no JSON-RPC here"}, status_code=404)
+        return await call_next(request)
 
 
 class OnlyV03(BaseHTTPMiddleware):

@@ -202,7 +202,7 @@ async def errors(args):
         await rpc_error(rpc("GetExtendedAgentCard"), -32007, "extended card")
         r = await http.post(f"{base}/{args.cap}", content=b"{not json", headers=V1)
         check(r.json()["error"]["code"] == -32700, "malformed JSON: -32700")
-        r = await http.post(f"{base}/{args.cap}", content=b"x" * (2 << 20), headers=V1)
+        r = await http.post(f"{base}/{args.cap}", content=b"x" * ((1 << 20) + 1024), headers=V1)
         check(r.status_code == 413, "body over the limit: 413")
         r = await http.post(f"{base}/nobody/rest/message:send", json=msg, headers=V1)
         body = r.json()["error"]
