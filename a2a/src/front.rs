@@ -386,10 +386,16 @@ pub fn capability_card(base: &str, entry: &DiscoveryEntry) -> Value {
     })
 }
 
-/// The capabilities the front door may discover, starting with `prefix`, front doors' own
-/// skill left out.
-async fn discover(shared: &Shared, prefix: &str) -> Result<Vec<DiscoveryEntry>, A2aError> {
-    let mut entries = shared.agent.discover(prefix, "").await.map_err(|e| {
+/// The capabilities the client (`caller`, or the front door itself) may discover, starting
+/// with `prefix`, front doors' own skill left out.
+async fn discover(
+    shared: &Shared,
+    caller: &Caller,
+    prefix: &str,
+) -> Result<Vec<DiscoveryEntry>, A2aError> {
+    let identity = caller.0.as_deref().unwrap_or_default();
+    let found = shared.agent.discovery_for(identity, prefix, "").await;
+    let mut entries = found.map(|d| d.entries).map_err(|e| {
         A2aError::new(
             ErrorKind::GatewayUnavailable,
             format!("the gateway did not answer discovery: {e}"),
@@ -402,16 +408,17 @@ async fn discover(shared: &Shared, prefix: &str) -> Result<Vec<DiscoveryEntry>, 
 async fn card(
     State(shared): State<Arc<Shared>>,
     Path(cap): Path<String>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
 ) -> Response {
-    let entries = match discover(&shared, &cap).await {
+    let entries = match discover(&shared, &caller, &cap).await {
         Ok(entries) => entries,
         Err(e) => return rest_error(&e),
     };
     let Some(entry) = entries.iter().find(|e| e.capability == cap) else {
         let e = A2aError::new(
             ErrorKind::CapabilityNotFound,
-            format!("no agent of the domain offers {cap:?} to this front door"),
+            format!("no agent of the domain offers {cap:?} that this client may discover"),
         );
         return rest_error(&e);
     };
@@ -442,8 +449,11 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-async fn catalog(State(shared): State<Arc<Shared>>) -> Response {
-    let entries = match discover(&shared, "").await {
+async fn catalog(
+    State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<Caller>,
+) -> Response {
+    let entries = match discover(&shared, &caller, "").await {
         Ok(entries) => entries,
         Err(e) => return rest_error(&e),
     };

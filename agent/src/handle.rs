@@ -349,6 +349,7 @@ pub(crate) enum Command {
     Discover {
         prefix: String,
         tag: String,
+        on_behalf_of: String,
         reply: oneshot::Sender<Result<Discovery, AgentError>>,
     },
     UpdateCard {

@@ -136,11 +136,25 @@ impl Agent {
     /// Like [`Agent::discover`], and also says whether the gateway truncated the answer to its
     /// size limit.
     pub async fn discovery(&self, prefix: &str, tag: &str) -> Result<Discovery, AgentError> {
+        self.discovery_for("", prefix, tag).await
+    }
+
+    /// Like [`Agent::discovery`], for a bridge: answers what agent `identity` (a SPIFFE ID of
+    /// the domain) may invoke, not what this agent may. The gateway answers so only to a caller
+    /// in a group the domain marks `bridge = true`; to anyone else, and for an identity that is
+    /// not an agent of the domain, the answer is empty. An empty `identity` asks for this agent.
+    pub async fn discovery_for(
+        &self,
+        identity: &str,
+        prefix: &str,
+        tag: &str,
+    ) -> Result<Discovery, AgentError> {
         let (reply, answer) = oneshot::channel();
         self.command(
             Command::Discover {
                 prefix: prefix.to_owned(),
                 tag: tag.to_owned(),
+                on_behalf_of: identity.to_owned(),
                 reply,
             },
             answer,
@@ -442,7 +456,12 @@ async fn drive(
                     break End::Closed;
                 };
                 let frame = match command {
-                    Command::Discover { prefix, tag, reply } => {
+                    Command::Discover {
+                        prefix,
+                        tag,
+                        on_behalf_of,
+                        reply,
+                    } => {
                         discoveries.retain(|_, waiter| !waiter.is_closed());
                         if discoveries.len() >= MAX_PENDING_QUERIES {
                             let _ = reply.send(Err(AgentError::Timeout(
@@ -452,7 +471,12 @@ async fn drive(
                         }
                         next_query += 1;
                         discoveries.insert(next_query, reply);
-                        ControlFrame::Discover { query_id: next_query, prefix, tag }
+                        ControlFrame::Discover {
+                            query_id: next_query,
+                            prefix,
+                            tag,
+                            on_behalf_of,
+                        }
                     }
                     Command::UpdateCard { card, reply } => {
                         if updates.len() >= MAX_PENDING_QUERIES {

@@ -395,6 +395,7 @@ async fn serve_connection(
                 query_id,
                 prefix,
                 tag,
+                ..
             } => {
                 let mut entries = discover(&state, &prefix, &tag);
                 let limit = state.options.max_discovery_entries.unwrap_or(usize::MAX);

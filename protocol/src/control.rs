@@ -15,8 +15,8 @@ use crate::card::MAX_SKILLS;
 use crate::codec::{block_prefix, put_bytes, Reader};
 use crate::limits::{
     MAX_ADDRESS_BYTES, MAX_CAPABILITY_BYTES, MAX_CARD_BYTES, MAX_CONTROL_FRAME_BYTES,
-    MAX_DISCOVERY_ENTRIES, MAX_DISCOVERY_STRING_BYTES, MAX_LANES, MAX_LIST_ITEMS,
-    MAX_MESSAGE_BYTES, MAX_QUERY_BYTES,
+    MAX_DISCOVERY_ENTRIES, MAX_DISCOVERY_STRING_BYTES, MAX_IDENTITY_BYTES, MAX_LANES,
+    MAX_LIST_ITEMS, MAX_MESSAGE_BYTES, MAX_QUERY_BYTES,
 };
 use crate::{varint, DecodeError};
 
@@ -200,6 +200,9 @@ pub enum ControlFrame {
         prefix: String,
         /// Only capabilities with this tag (empty: any).
         tag: String,
+        /// Sent by a bridge only: answer for this agent identity instead (what it may
+        /// discover); empty: for the sender. Left out of the frame when empty.
+        on_behalf_of: String,
     },
     /// Answer to `DISCOVER`.
     DiscoverResult {
@@ -310,12 +313,17 @@ impl ControlFrame {
                 query_id,
                 prefix,
                 tag,
+                on_behalf_of,
             } => {
                 check("prefix", prefix.len(), MAX_QUERY_BYTES)?;
                 check("tag", tag.len(), MAX_QUERY_BYTES)?;
+                check("on_behalf_of", on_behalf_of.len(), MAX_IDENTITY_BYTES)?;
                 varint::encode(*query_id, &mut p);
                 put_bytes(&mut p, prefix.as_bytes());
                 put_bytes(&mut p, tag.as_bytes());
+                if !on_behalf_of.is_empty() {
+                    put_bytes(&mut p, on_behalf_of.as_bytes());
+                }
                 frame_type::DISCOVER
             }
             Self::DiscoverResult {
@@ -461,6 +469,11 @@ impl ControlFrame {
                 query_id: r.varint("query_id")?,
                 prefix: r.str("prefix", MAX_QUERY_BYTES)?.to_owned(),
                 tag: r.str("tag", MAX_QUERY_BYTES)?.to_owned(),
+                on_behalf_of: if r.is_empty() {
+                    String::new()
+                } else {
+                    r.str("on_behalf_of", MAX_IDENTITY_BYTES)?.to_owned()
+                },
             },
             frame_type::DISCOVER_RESULT => {
                 let query_id = r.varint("query_id")?;
@@ -635,6 +648,13 @@ mod tests {
                 query_id: 5,
                 prefix: "cur".into(),
                 tag: String::new(),
+                on_behalf_of: String::new(),
+            },
+            ControlFrame::Discover {
+                query_id: 6,
+                prefix: String::new(),
+                tag: "t".into(),
+                on_behalf_of: "spiffe://d/agent/alice".into(),
             },
             ControlFrame::DiscoverResult {
                 query_id: 5,
@@ -760,8 +780,13 @@ mod tests {
         }
 
         #[test]
-        fn discover_round_trip(query_id in 0..=varint::MAX, prefix in "[a-z]{0,20}", tag in "[a-z ]{0,20}") {
-            let f = ControlFrame::Discover { query_id, prefix, tag };
+        fn discover_round_trip(
+            query_id in 0..=varint::MAX,
+            prefix in "[a-z]{0,20}",
+            tag in "[a-z ]{0,20}",
+            on_behalf_of in "[a-z:/]{0,30}",
+        ) {
+            let f = ControlFrame::Discover { query_id, prefix, tag, on_behalf_of };
             let bytes = f.to_bytes().unwrap();
             prop_assert_eq!(ControlFrame::decode(&bytes, 1024).unwrap(), Some((f, bytes.len())));
         }

@@ -1066,7 +1066,7 @@ fn split_header(x: &mut Exchange, chunk: Bytes, limit: usize) -> bool {
 /// The policy groups of `identity`, for a request a bridge sent on its behalf: from the
 /// worker's cache, else computed (and cached, the cache emptied when full). `None` if it is
 /// not an agent SPIFFE ID of `domain`.
-fn delegated_groups(
+pub(super) fn delegated_groups(
     cache: &mut HashMap<Box<str>, GroupSet>,
     router: &Router<ConnIdx>,
     domain: &str,

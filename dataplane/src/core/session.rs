@@ -335,9 +335,26 @@ impl Core {
                     query_id,
                     prefix,
                     tag,
+                    on_behalf_of,
                 },
             ) => {
-                let groups = self.conns.get(ci).map_or(GroupSet::EMPTY, |c| c.groups);
+                let (own, bridge) = self
+                    .conns
+                    .get(ci)
+                    .map_or((GroupSet::EMPTY, false), |c| (c.groups, c.bridge));
+                // A bridge may ask for another identity; anyone else asking so sees nothing,
+                // and so does an identity that is not an agent of the domain.
+                let groups = match (on_behalf_of.is_empty(), bridge) {
+                    (true, _) => own,
+                    (false, true) => super::exchange::delegated_groups(
+                        &mut self.delegated,
+                        &self.router,
+                        &self.shared.config.domain,
+                        &on_behalf_of,
+                    )
+                    .unwrap_or(GroupSet::EMPTY),
+                    (false, false) => GroupSet::EMPTY,
+                };
                 let frame = self.discover(&groups, query_id, &prefix, &tag);
                 self.write_control(ci, &frame);
             }

@@ -519,6 +519,7 @@ impl Harness {
                 query_id,
                 prefix: String::new(),
                 tag: String::new(),
+                on_behalf_of: String::new(),
             };
             self.send_control(a, &frame);
         }

@@ -434,6 +434,7 @@ fn discovery_filters_by_prefix_and_tag_and_withdraws_detaching_agents() {
             query_id: q,
             prefix: prefix.into(),
             tag: tag.into(),
+            on_behalf_of: String::new(),
         };
         h.send_control(a, &frame);
         h.run();
@@ -612,6 +613,7 @@ fn an_installed_policy_denies_and_hides_what_it_does_not_allow() {
             query_id: 7,
             prefix: String::new(),
             tag: String::new(),
+            on_behalf_of: String::new(),
         };
         h.send_control(who, &frame);
         h.run();
@@ -797,12 +799,14 @@ fn bridge_table() -> std::sync::Arc<crate::routing::TableGeneration> {
         ],
         capabilities: vec!["echo".into()],
         patterns: vec![String::new()],
-        exact_rules: vec![ExactRule {
-            relation: Relation::Invoke,
-            capability: CapabilityId(0),
-            group: GroupId(1),
-            effect: Effect::Allow,
-        }],
+        exact_rules: [Relation::Invoke, Relation::Discover]
+            .map(|relation| ExactRule {
+                relation,
+                capability: CapabilityId(0),
+                group: GroupId(1),
+                effect: Effect::Allow,
+            })
+            .to_vec(),
         wildcard_rules: vec![WildcardRule {
             relation: Relation::Advertise,
             pattern: PatternId(0),
@@ -873,4 +877,56 @@ fn a_bridge_invokes_on_behalf_of_another_identity() {
         .and_then(|i| i.header())
         .unwrap();
     assert_eq!((last.caller, last.via), (for_a.as_str(), ""));
+}
+
+/// A bridge discovers what another identity may see; anyone else asking so sees nothing.
+#[test]
+fn a_bridge_discovers_on_behalf_of_another_identity() {
+    let mut h = Harness::new(1, config(Limits::default()));
+    h.agent("b", &["echo"], 0);
+    let a = h.agent("a", &["other"], 0);
+    let f = h.agent("f", &["other"], 0);
+    h.run();
+    install(&mut h, &bridge_table());
+    let mut next = 100;
+    let mut discover = |h: &mut Harness, who: usize, on_behalf_of: &str| {
+        next += 1;
+        let query_id = next;
+        let frame = ControlFrame::Discover {
+            query_id,
+            prefix: String::new(),
+            tag: String::new(),
+            on_behalf_of: on_behalf_of.into(),
+        };
+        h.send_control(who, &frame);
+        h.run();
+        h.agents[who]
+            .frames
+            .iter()
+            .find_map(|frame| match frame {
+                ControlFrame::DiscoverResult {
+                    query_id: q,
+                    entries,
+                    ..
+                } if *q == query_id => Some(
+                    entries
+                        .iter()
+                        .map(|e| e.capability.clone())
+                        .collect::<Vec<_>>(),
+                ),
+                _ => None,
+            })
+            .expect("an answer")
+    };
+    let id = |name: &str| format!("spiffe://harness.test/agent/{name}");
+    let echo = vec!["echo".to_owned()];
+    assert_eq!(discover(&mut h, f, &id("a")), echo, "the bridge, for a");
+    assert!(
+        discover(&mut h, f, &id("c")).is_empty(),
+        "the bridge, for c"
+    );
+    assert!(discover(&mut h, f, "").is_empty(), "the bridge itself");
+    assert!(discover(&mut h, f, "not an id").is_empty());
+    assert_eq!(discover(&mut h, a, ""), echo, "a itself");
+    assert!(discover(&mut h, a, &id("a")).is_empty(), "a is no bridge");
 }
