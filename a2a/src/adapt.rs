@@ -212,13 +212,17 @@ impl Upstream {
         };
         // Task ids arrive qualified with this agent's session; the agent knows its own.
         let session = request.agent().and_then(Agent::session);
+        let mut stripped = false;
         if let Some(session) = session {
-            if let Err(ForeignTask(id)) = task_id::strip(call.method, &mut call.params, session) {
-                let e = A2aError::new(
-                    ErrorKind::TaskNotFound,
-                    format!("task {id:?} is held by another agent"),
-                );
-                return Ok(whole(&e.jsonrpc_response(&call.id)));
+            match task_id::strip(call.method, &mut call.params, session) {
+                Ok(changed) => stripped = changed,
+                Err(ForeignTask(id)) => {
+                    let e = A2aError::new(
+                        ErrorKind::TaskNotFound,
+                        format!("task {id:?} is held by another agent"),
+                    );
+                    return Ok(whole(&e.jsonrpc_response(&call.id)));
+                }
             }
         }
         let Some((uri, version)) = self.rpc_uri() else {
@@ -228,6 +232,8 @@ impl Upstream {
             ));
         };
         let built = match version {
+            // The request as it came, unless a task id in it was rewritten.
+            Upstreamed::V1 if !stripped => Ok((hyper::Method::POST, uri.clone(), body)),
             Upstreamed::V1 => Ok((hyper::Method::POST, uri.clone(), Bytes::from(call.encode()))),
             Upstreamed::V03 => {
                 v03_request(&call).map(|body| (hyper::Method::POST, uri.clone(), body))
@@ -308,10 +314,14 @@ impl Upstream {
         };
         match answer_v1(&body, status, &call, version) {
             Ok(mut answer) => {
-                if let Some(session) = session {
-                    task_id::qualify_answer(call.method, &mut answer, session);
+                let qualified =
+                    session.is_some_and(|s| task_id::qualify_answer(call.method, &mut answer, s));
+                if version == Upstreamed::V1 && !qualified {
+                    // The agent's bytes as they came: checked, nothing to rewrite.
+                    Ok(Response::ok(body).with_content_type(CONTENT_TYPE))
+                } else {
+                    Ok(whole(&answer))
                 }
-                Ok(whole(&answer))
             }
             Err(e) => Ok(Response::error(
                 Status::TargetFailed,
@@ -393,12 +403,9 @@ fn v03_request(call: &Call) -> Result<Bytes, A2aError> {
         )
     })?;
     let params = convert::params_v1_to_v03(call.method, &call.params)?;
-    let request = serde_json::json!({
-        "jsonrpc": "2.0", "id": call.id, "method": method, "params": params,
-    });
-    Ok(Bytes::from(
-        serde_json::to_vec(&request).unwrap_or_default(),
-    ))
+    Ok(Bytes::from(binding::request_bytes(
+        &call.id, method, &params,
+    )))
 }
 
 /// The agent's answer (a whole body with its HTTP status, or one event) as a v1.0 JSON-RPC
@@ -689,47 +696,40 @@ mod tests {
         AgentCard::from_json(json.as_bytes()).unwrap()
     }
 
+    /// A card with these extra members (interfaces, `url`, ...) and one skill.
+    fn card_with(members: &str) -> AgentCard {
+        card(&format!(
+            r#"{{"name":"a","description":"","version":"1",{members},
+               "skills":[{{"id":"s","name":"s","description":"","tags":[]}}]}}"#
+        ))
+    }
+
+    fn interface(binding: &str, version: &str, url: &str) -> String {
+        format!(r#"{{"url":"{url}","protocolBinding":"{binding}","protocolVersion":"{version}"}}"#)
+    }
+
     #[test]
     fn the_interface_called_is_the_newest_json_rpc_one() {
-        let skills = r#""skills":[{"id":"s","name":"s","description":"","tags":[]}]"#;
-        let dual = card(&format!(
-            r#"{{"name":"a","description":"","version":"1","supportedInterfaces":[
-              {{"url":"http://h/rest","protocolBinding":"HTTP+JSON","protocolVersion":"1.0"}},
-              {{"url":"http://h/old","protocolBinding":"JSONRPC","protocolVersion":"0.3"}},
-              {{"url":"http://h/","protocolBinding":"JSONRPC","protocolVersion":"1.0"}}],{skills}}}"#
-        ));
-        assert_eq!(
-            agent_interface(&dual).unwrap(),
-            ("http://h/".to_owned(), Upstreamed::V1)
-        );
-        let v03 = card(&format!(
-            r#"{{"name":"a","description":"","version":"1","supportedInterfaces":[
-              {{"url":"http://h/","protocolBinding":"JSONRPC","protocolVersion":"0.3"}}],{skills}}}"#
-        ));
-        assert_eq!(
-            agent_interface(&v03).unwrap(),
-            ("http://h/".to_owned(), Upstreamed::V03)
-        );
+        let interfaces = |list: &[String]| format!(r#""supportedInterfaces":[{}]"#, list.join(","));
+        let rest = interface("HTTP+JSON", "1.0", "http://h/rest");
+        let dual = card_with(&interfaces(&[
+            rest.clone(),
+            interface("JSONRPC", "0.3", "http://h/old"),
+            interface("JSONRPC", "1.0", "http://h/"),
+        ]));
+        let chosen = |card: &AgentCard| agent_interface(card).unwrap();
+        assert_eq!(chosen(&dual), ("http://h/".to_owned(), Upstreamed::V1));
+        let v03 = card_with(&interfaces(&[interface("JSONRPC", "0.3", "http://h/")]));
+        assert_eq!(chosen(&v03), ("http://h/".to_owned(), Upstreamed::V03));
         // A card of v0.3 itself: `url` and (by default) JSON-RPC.
-        let legacy = card(&format!(
-            r#"{{"name":"a","description":"","version":"1","url":"http://h/","protocolVersion":"0.3.0",{skills}}}"#
-        ));
+        let legacy = card_with(r#""url":"http://h/","protocolVersion":"0.3.0""#);
+        assert_eq!(chosen(&legacy), ("http://h/".to_owned(), Upstreamed::V03));
+        let rest_only = card_with(&interfaces(&[rest]));
         assert_eq!(
-            agent_interface(&legacy).unwrap(),
-            ("http://h/".to_owned(), Upstreamed::V03)
-        );
-        let rest_only = card(&format!(
-            r#"{{"name":"a","description":"","version":"1","supportedInterfaces":[
-              {{"url":"http://h/rest","protocolBinding":"HTTP+JSON","protocolVersion":"1.0"}}],{skills}}}"#
-        ));
-        assert_eq!(
-            agent_interface(&rest_only).unwrap(),
+            chosen(&rest_only),
             ("http://h/rest".to_owned(), Upstreamed::Rest)
         );
-        let grpc_only = card(&format!(
-            r#"{{"name":"a","description":"","version":"1","supportedInterfaces":[
-              {{"url":"h:1","protocolBinding":"GRPC","protocolVersion":"1.0"}}],{skills}}}"#
-        ));
+        let grpc_only = card_with(&interfaces(&[interface("GRPC", "1.0", "h:1")]));
         assert!(agent_interface(&grpc_only).is_err());
     }
 }

@@ -36,13 +36,7 @@ pub struct Call {
 impl Call {
     /// The request body on the binding.
     pub fn encode(&self) -> Vec<u8> {
-        let request = json!({
-            "jsonrpc": "2.0",
-            "id": self.id,
-            "method": self.method.name(),
-            "params": self.params,
-        });
-        serde_json::to_vec(&request).unwrap_or_default()
+        request_bytes(&self.id, self.method.name(), &self.params)
     }
 
     /// Parses a request body of the binding (or of the A2A v1.0 JSON-RPC binding: they are
@@ -62,6 +56,24 @@ impl Call {
         })?;
         Ok(Self { method, params, id })
     }
+}
+
+/// A JSON-RPC 2.0 request object, serialized from borrowed parts (nothing is copied first).
+pub fn request_bytes(id: &Value, method: &str, params: &Value) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    struct Request<'a> {
+        jsonrpc: &'static str,
+        id: &'a Value,
+        method: &'a str,
+        params: &'a Value,
+    }
+    let request = Request {
+        jsonrpc: "2.0",
+        id,
+        method,
+        params,
+    };
+    serde_json::to_vec(&request).unwrap_or_default()
 }
 
 /// The method name, params and id of a JSON-RPC 2.0 request object; an invalid envelope is

@@ -752,7 +752,7 @@ async fn forward(
             } else {
                 "OK"
             };
-            (render(dialect, method, &answer, &id), outcome)
+            (render(dialect, method, answer, &id), outcome)
         }
         Ok(Answered::Stream(response)) => (response, "STREAM"),
         Err(e) => (error_for(dialect, &e, &id), e.kind.reason()),
@@ -873,30 +873,41 @@ fn status_error(status: Status, message: &str) -> A2aError {
     A2aError::new(ErrorKind::for_status(status), message)
 }
 
-/// A whole JSON-RPC response from the agent, in the caller's dialect.
-fn render(dialect: Dialect, method: Method, response: &Value, id: &Value) -> Response {
-    match (dialect, response.get("error")) {
-        (Dialect::Rest1, Some(error)) => {
-            let (status, body) = rest_from_jsonrpc(error);
-            json_value(status_code(status), &body)
+/// An agent's JSON-RPC response in the caller's dialect: the JSON to send, and for an
+/// HTTP+JSON error its HTTP status. The result is moved, not copied.
+fn in_dialect(
+    dialect: Dialect,
+    method: Method,
+    mut answer: Value,
+    id: &Value,
+) -> (Value, Option<u16>) {
+    if let Some(error) = answer.get_mut("error").map(Value::take) {
+        if dialect == Dialect::Rest1 {
+            let (status, body) = rest_from_jsonrpc(&error);
+            return (body, Some(status));
         }
-        (_, Some(error)) => json_value(
-            StatusCode::OK,
-            &json!({"jsonrpc": "2.0", "id": id, "error": error}),
-        ),
-        (Dialect::Rest1, None) => json_value(StatusCode::OK, &response["result"]),
-        (Dialect::JsonRpc1, None) => json_value(
-            StatusCode::OK,
-            &json!({"jsonrpc": "2.0", "id": id, "result": response["result"]}),
-        ),
-        (Dialect::JsonRpc03, None) => {
-            let result = convert::result_v1_to_v03(method, &response["result"]);
-            json_value(
-                StatusCode::OK,
-                &json!({"jsonrpc": "2.0", "id": id, "result": result}),
-            )
-        }
+        return (json!({"jsonrpc": "2.0", "id": id, "error": error}), None);
     }
+    let result = answer
+        .get_mut("result")
+        .map(Value::take)
+        .unwrap_or_default();
+    let result = match dialect {
+        Dialect::Rest1 => return (result, None),
+        Dialect::JsonRpc1 => result,
+        Dialect::JsonRpc03 => convert::result_v1_to_v03(method, &result),
+    };
+    let mut out = serde_json::Map::with_capacity(3);
+    out.insert("jsonrpc".into(), "2.0".into());
+    out.insert("id".into(), id.clone());
+    out.insert("result".into(), result);
+    (Value::Object(out), None)
+}
+
+/// A whole JSON-RPC response from the agent, in the caller's dialect.
+fn render(dialect: Dialect, method: Method, answer: Value, id: &Value) -> Response {
+    let (body, status) = in_dialect(dialect, method, answer, id);
+    json_value(status_code(status.unwrap_or(200)), &body)
 }
 
 /// A streamed answer as server-sent events, one JSON-RPC response (or, for HTTP+JSON, one
@@ -939,7 +950,7 @@ fn stream_events(
             }
             for line in ready.drain(..) {
                 let (event, last) = match binding::parse_answer(&line) {
-                    Ok(response) => (event(dialect, call.method, &response, &call.id), false),
+                    Ok(response) => (event(dialect, call.method, response, &call.id), false),
                     // Not an A2A event: say so and end the stream.
                     Err(e) => (error_event(dialect, &e, &call.id), true),
                 };
@@ -950,7 +961,7 @@ fn stream_events(
         }
         if let Some(rest) = lines.finish() {
             let event = match binding::parse_answer(&rest) {
-                Ok(response) => event(dialect, call.method, &response, &call.id),
+                Ok(response) => event(dialect, call.method, response, &call.id),
                 Err(e) => error_event(dialect, &e, &call.id),
             };
             let _ = tx.send(event).await;
@@ -964,22 +975,11 @@ fn stream_events(
         .into_response()
 }
 
-fn event(dialect: Dialect, method: Method, response: &Value, id: &Value) -> Event {
-    match (dialect, response.get("error")) {
-        (Dialect::Rest1, Some(error)) => {
-            let (_, body) = rest_from_jsonrpc(error);
-            Event::default().event("error").data(body.to_string())
-        }
-        (_, Some(error)) => {
-            Event::default().data(json!({"jsonrpc": "2.0", "id": id, "error": error}).to_string())
-        }
-        (Dialect::Rest1, None) => Event::default().data(response["result"].to_string()),
-        (Dialect::JsonRpc1, None) => Event::default()
-            .data(json!({"jsonrpc": "2.0", "id": id, "result": response["result"]}).to_string()),
-        (Dialect::JsonRpc03, None) => {
-            let result = convert::result_v1_to_v03(method, &response["result"]);
-            Event::default().data(json!({"jsonrpc": "2.0", "id": id, "result": result}).to_string())
-        }
+/// One event of a stream, in the caller's dialect (an HTTP+JSON error is an `error` event).
+fn event(dialect: Dialect, method: Method, response: Value, id: &Value) -> Event {
+    match in_dialect(dialect, method, response, id) {
+        (body, Some(_)) => Event::default().event("error").data(body.to_string()),
+        (body, None) => Event::default().data(body.to_string()),
     }
 }
 

@@ -175,10 +175,19 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("dmsc-a2a: error: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<Usage>().is_some() {
+                ExitCode::from(64)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
+
+/// A flag value that cannot work as given: exit status 64, as for a command-line error.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Usage(String);
 
 /// Completes on SIGTERM or SIGINT.
 async fn shutdown_signal() {
@@ -221,10 +230,12 @@ async fn run_front(args: FrontArgs) -> anyhow::Result<()> {
     let mut tls = None;
     if let Some(identity) = &args.client_identity {
         if !local.ip().is_loopback() {
-            anyhow::bail!(
+            return Err(Usage(
                 "--client-identity maps every client to one identity: only on a loopback \
                  listener (use --tls-cert for clients with their own identities)"
-            );
+                    .into(),
+            )
+            .into());
         }
         check_client_identity(identity, &domain)?;
         config.clients = ClientIdentity::Fixed(identity.clone());
@@ -274,14 +285,14 @@ async fn run_front(args: FrontArgs) -> anyhow::Result<()> {
 }
 
 /// A `--client-identity` must be an agent identity of the front door's domain.
-fn check_client_identity(identity: &str, domain: &str) -> anyhow::Result<()> {
-    let id = SpiffeId::parse(identity)
-        .with_context(|| format!("--client-identity {identity:?} is not a SPIFFE ID"))?;
-    if id.trust_domain() != domain || id.kind() != PrincipalKind::Agent {
-        anyhow::bail!(
+fn check_client_identity(identity: &str, domain: &str) -> Result<(), Usage> {
+    let agent_of_domain = SpiffeId::parse(identity)
+        .is_ok_and(|id| id.trust_domain() == domain && id.kind() == PrincipalKind::Agent);
+    if !agent_of_domain {
+        return Err(Usage(format!(
             "--client-identity {identity:?} must be an agent identity of {domain} \
              (spiffe://{domain}/agent/<name>)"
-        );
+        )));
     }
     Ok(())
 }
@@ -317,6 +328,8 @@ async fn run_adapt(args: AdaptArgs) -> anyhow::Result<()> {
     config.unhealthy_after = args.unhealthy_after;
     config.upstream_timeout = Duration::from_millis(args.upstream_timeout_ms);
     config.max_message_bytes = args.max_message_bytes;
+    // A URL that can never work is a usage error, found before anything starts.
+    adapt::Upstream::new(config.clone()).map_err(|e| Usage(format!("{e}")))?;
     let gateway = args.gateway;
     let max = config.max_message_bytes;
     let max_concurrent = args.max_concurrent.max(1);

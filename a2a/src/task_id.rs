@@ -57,16 +57,19 @@ pub fn referenced(method: Method, params: &Value) -> Option<&str> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ForeignTask(pub String);
 
-/// Strips `session`'s prefix from every task id in a request's v1.0 params. An id qualified
-/// with another session is [`ForeignTask`] (the task is not held here); an unqualified id is
-/// left alone.
-pub fn strip(method: Method, params: &mut Value, session: SessionId) -> Result<(), ForeignTask> {
-    let mut result = Ok(());
+/// Strips `session`'s prefix from every task id in a request's v1.0 params; `Ok(true)` if any
+/// id changed. An id qualified with another session is [`ForeignTask`] (the task is not held
+/// here); an unqualified id is left alone.
+pub fn strip(method: Method, params: &mut Value, session: SessionId) -> Result<bool, ForeignTask> {
+    let mut result = Ok(false);
     let mut fix = |id: &mut String| {
         if let Some(owner) = session_of(id) {
             if owner == session {
                 if let Some((_, rest)) = id.split_once(SEPARATOR) {
                     *id = rest.to_owned();
+                    if let Ok(changed) = &mut result {
+                        *changed = true;
+                    }
                 }
             } else if result.is_ok() {
                 result = Err(ForeignTask(id.clone()));
@@ -86,14 +89,16 @@ pub fn strip(method: Method, params: &mut Value, session: SessionId) -> Result<(
 }
 
 /// Qualifies every task id in an answer (a JSON-RPC response object) of `method` with
-/// `session`.
-pub fn qualify_answer(method: Method, response: &mut Value, session: SessionId) {
+/// `session`; true if any id changed.
+pub fn qualify_answer(method: Method, response: &mut Value, session: SessionId) -> bool {
     let Some(result) = response.get_mut("result") else {
-        return;
+        return false;
     };
+    let mut changed = false;
     let mut fix = |id: &mut String| {
         if session_of(id) != Some(session) {
             *id = qualify(session, id);
+            changed = true;
         }
     };
     // Task objects carry their own id in `id`.
@@ -111,6 +116,7 @@ pub fn qualify_answer(method: Method, response: &mut Value, session: SessionId) 
         }
     }
     walk(result, &mut fix);
+    changed
 }
 
 /// Applies `fix` to every `taskId` and `referenceTaskIds` entry under `value`.

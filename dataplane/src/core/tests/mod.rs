@@ -493,6 +493,20 @@ fn a_target_that_goes_quiet_mid_answer_is_ended_as_stalled() {
     );
 }
 
+/// Agent `name` is a member of group `group`.
+fn member(name: &str, group: u16) -> dmsc_protocol::table::Membership {
+    use dmsc_protocol::spiffe::PrincipalKind;
+    use dmsc_protocol::table::{GroupId, IdentityPattern, Membership, NameMatch};
+    Membership {
+        pattern: IdentityPattern {
+            kind: PrincipalKind::Agent,
+            name_match: NameMatch::Exact,
+            name: name.into(),
+        },
+        group: GroupId(group),
+    }
+}
+
 /// A three-group table: agent `a` is a caller allowed to invoke and discover `echo` (with a rate
 /// limit if given), agent `c` is in another group with no rule, agent `b` is a provider that may
 /// advertise anything.
@@ -508,22 +522,13 @@ fn policy_table_with(
 ) -> std::sync::Arc<crate::routing::TableGeneration> {
     use std::sync::Arc;
 
-    use dmsc_protocol::spiffe::PrincipalKind;
     use dmsc_protocol::table::{
-        CapabilityId, Effect, ExactRule, GroupId, IdentityPattern, Membership, NameMatch,
-        PatternId, RateLimit, Relation, Table, TableParts, WildcardRule,
+        CapabilityId, Effect, ExactRule, GroupId, PatternId, RateLimit, Relation, Table,
+        TableParts, WildcardRule,
     };
 
     use crate::routing::{Generation, TableGeneration};
 
-    let member = |name: &str, group| Membership {
-        pattern: IdentityPattern {
-            kind: PrincipalKind::Agent,
-            name_match: NameMatch::Exact,
-            name: name.into(),
-        },
-        group: GroupId(group),
-    };
     let allow = |relation| ExactRule {
         relation,
         capability: CapabilityId(0),
@@ -770,22 +775,13 @@ fn packets_from_a_new_address_do_not_keep_a_connection_alive() {
 fn bridge_table() -> std::sync::Arc<crate::routing::TableGeneration> {
     use std::sync::Arc;
 
-    use dmsc_protocol::spiffe::PrincipalKind;
     use dmsc_protocol::table::{
-        CapabilityId, Effect, ExactRule, GroupId, IdentityPattern, Membership, NameMatch,
-        PatternId, Relation, Table, TableParts, WildcardRule,
+        CapabilityId, Effect, ExactRule, GroupId, PatternId, Relation, Table, TableParts,
+        WildcardRule,
     };
 
     use crate::routing::{Generation, TableGeneration};
 
-    let member = |name: &str, group| Membership {
-        pattern: IdentityPattern {
-            kind: PrincipalKind::Agent,
-            name_match: NameMatch::Exact,
-            name: name.into(),
-        },
-        group: GroupId(group),
-    };
     let parts = TableParts {
         domain: "harness.test".into(),
         groups: ["bridges", "callers", "others", "providers"]
