@@ -21,6 +21,7 @@ pub mod convert;
 pub mod echo;
 pub mod error;
 pub mod front;
+pub mod load;
 pub mod method;
 pub mod metrics;
 pub mod sse;

@@ -227,7 +227,7 @@ pub fn run(plan: &Plan) -> anyhow::Result<Verdict> {
         completed: stats.values().map(|s| (s.route, s.requests)).collect(),
         died,
         failed_swaps: swaps.map_or(0, |(_, failed)| failed),
-        a2a: a2a.map(|r| (r.requests, r.errors)),
+        a2a: a2a.map(|r| (r.requests(), r.errors())),
     })
 }
 
