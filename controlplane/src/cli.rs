@@ -12,7 +12,8 @@ use dmsc_identity::{
 };
 
 use crate::config::DomainConfig;
-use crate::serve::ServeSettings;
+use crate::routes::Limits;
+use crate::serve::{RoutesSettings, ServeSettings};
 use crate::CommandError;
 
 /// Default `dmsc-ctl/1` address.
@@ -47,6 +48,25 @@ pub struct ServeArgs {
     /// Reloads within this many milliseconds of the last compile are merged into one.
     #[arg(long, default_value_t = 100)]
     pub debounce_ms: u64,
+    /// The domain's routes are compiled and pushed at most once per this many milliseconds:
+    /// a reported change waits this long, and every change within it goes in the same push.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub routes_interval_ms: u64,
+    /// A gateway whose session ends keeps its agents in the routes this many milliseconds,
+    /// unless it reconnects and reports again; at start, routes are held back at most this
+    /// long for every listed gateway to report.
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    pub gateway_grace_ms: u64,
+    /// Most agents one gateway may report; an agent beyond is refused (REPORT_REJECTED).
+    #[arg(long, default_value_t = crate::routes::DEFAULT_MAX_AGENTS_PER_GATEWAY as u64, value_parser = clap::value_parser!(u64).range(0..=16_777_216))]
+    pub max_agents_per_gateway: u64,
+    /// Most capabilities (skills) one reported agent may offer; an agent with more is refused.
+    #[arg(long, default_value_t = crate::routes::DEFAULT_MAX_AGENT_SKILLS as u64, value_parser = clap::value_parser!(u64).range(0..=dmsc_protocol::domain::MAX_REPORT_SKILLS as u64))]
+    pub max_agent_skills: u64,
+    /// Largest agent card (bytes, as reported) of an agent; an agent with a larger one is
+    /// refused.
+    #[arg(long, default_value_t = crate::routes::DEFAULT_MAX_CARD_BYTES)]
+    pub max_card_bytes: u64,
 }
 
 /// Arguments of `apply`.
@@ -150,6 +170,15 @@ pub fn serve(args: ServeArgs, out: &mut dyn Write) -> Result<(), CommandError> {
         credentials,
         trust_anchors,
         debounce: Duration::from_millis(args.debounce_ms),
+        routes: RoutesSettings {
+            interval: Duration::from_millis(args.routes_interval_ms),
+            grace: Duration::from_millis(args.gateway_grace_ms),
+            limits: Limits {
+                agents_per_gateway: args.max_agents_per_gateway as usize,
+                skills_per_agent: args.max_agent_skills as usize,
+                card_bytes: args.max_card_bytes,
+            },
+        },
     };
     runtime.block_on(async move {
         let (server, run) = crate::serve::start(settings).await?;
@@ -320,6 +349,36 @@ pub fn status(args: StatusArgs, out: &mut dyn Write) -> Result<(), CommandError>
     if let Some(e) = view["last_error"].as_str() {
         writeln!(out, "last reload refused: {e}")?;
     }
+    let routes = &view["routes"];
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    let current_routes = n(&routes["version"]);
+    if routes["held"].as_bool() == Some(true) {
+        let waiting: Vec<String> = routes["waiting_for"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(s)
+            .collect();
+        writeln!(
+            out,
+            "routes      held at start, waiting for reports from {}",
+            waiting.join(", ")
+        )?;
+    } else {
+        writeln!(
+            out,
+            "routes      version {current_routes} (epoch {}): {} gateways, {} agents, {} capabilities, {} bytes; {} pushes",
+            s(&routes["epoch"]),
+            n(&routes["gateways"]),
+            n(&routes["agents"]),
+            n(&routes["capabilities"]),
+            n(&routes["bytes"]),
+            n(&routes["pushes"]),
+        )?;
+    }
+    if let Some(e) = routes["last_error"].as_str() {
+        writeln!(out, "routes not sent: {e}")?;
+    }
     writeln!(out)?;
     writeln!(
         out,
@@ -364,6 +423,74 @@ pub fn status(args: StatusArgs, out: &mut dyn Write) -> Result<(), CommandError>
                 r.get("reasons").map(|v| v.to_string()).unwrap_or_default()
             )?;
         }
+        gateway_routes(out, g, current_routes)?;
+    }
+    Ok(())
+}
+
+/// The lines of one gateway's reports, routes and trunks in `status`.
+fn gateway_routes(
+    out: &mut dyn Write,
+    g: &serde_json::Value,
+    current_routes: u64,
+) -> Result<(), CommandError> {
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    let report = &g["report"];
+    let state = report["state"].as_str().unwrap_or("none");
+    if state != "none" {
+        let names: Vec<&str> = report["capabilities"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.as_str())
+            .collect();
+        let count = n(&report["capability_count"]);
+        let more = if count > names.len() as u64 {
+            format!(" (+{} more)", count - names.len() as u64)
+        } else {
+            String::new()
+        };
+        let state = match report["grace_left_ms"].as_u64() {
+            Some(ms) if state == "grace" => format!("grace, {ms} ms left"),
+            _ => state.to_owned(),
+        };
+        writeln!(
+            out,
+            "    reported {} agents ({state}), {} refused; capabilities: {}{more}",
+            n(&report["agents"]),
+            n(&report["rejections"]),
+            if names.is_empty() {
+                "-".to_owned()
+            } else {
+                names.join(" ")
+            },
+        )?;
+    }
+    if g["routes_version"].is_null() && g["connected"].as_bool() != Some(true) {
+        return Ok(());
+    }
+    let held = match g["routes_version"].as_u64() {
+        None => "no TRUNKS yet".to_owned(),
+        Some(v) => format!("holds version {v}"),
+    };
+    if g["routes_current"].as_bool() == Some(true) {
+        writeln!(out, "    routes   {held}, current")?;
+    } else {
+        writeln!(
+            out,
+            "    routes   {held}, current is {current_routes}: behind for {} ms",
+            n(&g["routes_behind_ms"])
+        )?;
+    }
+    for t in g["trunks"].as_array().into_iter().flatten() {
+        writeln!(
+            out,
+            "    trunk    {:<16} {} connected, {} requests, {} errors",
+            t["peer"].as_str().unwrap_or("-"),
+            n(&t["connected"]),
+            n(&t["requests"]),
+            n(&t["errors"]),
+        )?;
     }
     Ok(())
 }

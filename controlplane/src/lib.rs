@@ -10,6 +10,8 @@
 //! - [`serve`]: `dmsc-control serve`, the server: `dmsc-ctl/1` sessions with the listed
 //!   gateways, pushing the compiled table to each, and the admin endpoint (`/status`,
 //!   `/metrics`, `POST /apply`).
+//! - [`routes`]: the domain's routes, compiled from what the gateways report of their agents
+//!   and pushed to every gateway (sans-IO; the server does the timing).
 //! - [`cli`]: `dmsc-control apply` and `status`, clients of that admin endpoint.
 
 #![forbid(unsafe_code)]
@@ -24,6 +26,7 @@ pub mod compile;
 pub mod config;
 mod metrics;
 pub mod pki;
+pub mod routes;
 pub mod serve;
 
 pub use pki::PkiError;

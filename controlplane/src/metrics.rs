@@ -12,7 +12,7 @@ use prometheus_client::registry::Registry;
 pub(crate) struct Kind {
     pub(crate) kind: &'static str,
 }
-/// Label `reason` (a close or NACK code name).
+/// Label `reason` (a close or NACK code name, or the limit a reported agent was over).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct Reason {
     pub(crate) reason: &'static str,
@@ -42,6 +42,12 @@ pub(crate) struct Metrics {
     pub(crate) push_ack_seconds: Histogram,
     pub(crate) compile_seconds: Histogram,
     generation: Family<GenerationLabel, Gauge>,
+    pub(crate) reports: Counter,
+    pub(crate) report_rejections: Family<Reason, Counter>,
+    pub(crate) routes_compiles: Counter,
+    pub(crate) routes_pushes: Counter,
+    pub(crate) routes_version: Gauge,
+    pub(crate) domain_agents: Gauge,
 }
 
 impl Metrics {
@@ -60,6 +66,12 @@ impl Metrics {
             // 1 ms to about 32 s.
             compile_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             generation: Family::default(),
+            reports: Counter::default(),
+            report_rejections: Family::default(),
+            routes_compiles: Counter::default(),
+            routes_pushes: Counter::default(),
+            routes_version: Gauge::default(),
+            domain_agents: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -103,6 +115,36 @@ impl Metrics {
             "generation",
             "The generation in force (value 1, labelled with its content name)",
             m.generation.clone(),
+        );
+        registry.register(
+            "reports",
+            "REPORT frames received from gateways",
+            m.reports.clone(),
+        );
+        registry.register(
+            "report_rejections",
+            "Reported agents refused with REPORT_REJECTED, by the limit they were over",
+            m.report_rejections.clone(),
+        );
+        registry.register(
+            "routes_compiles",
+            "Times the domain's routes were compiled (whether or not they changed)",
+            m.routes_compiles.clone(),
+        );
+        registry.register(
+            "routes_pushes",
+            "ROUTES frames sent, counted per gateway",
+            m.routes_pushes.clone(),
+        );
+        registry.register(
+            "routes_version",
+            "The version of the current routes (0 before the first)",
+            m.routes_version.clone(),
+        );
+        registry.register(
+            "domain_agents",
+            "Agents in the current routes, summed over the gateways",
+            m.domain_agents.clone(),
         );
         Self { registry, ..m }
     }

@@ -1,7 +1,8 @@
 //! `dmsc-control serve`: the control plane's server. It holds the domain configuration and its
 //! compiled table, keeps a `dmsc-ctl/1` session with every listed gateway and pushes each the
-//! current table (`docs/CONTROL.md` section 6), and serves its admin endpoint: `/status`,
-//! `/metrics`, `POST /apply`.
+//! current table (`docs/CONTROL.md` section 6), takes the gateways' reports of their agents and
+//! pushes every gateway the domain's routes compiled from them (section 7, [`crate::routes`]),
+//! and serves its admin endpoint: `/status`, `/metrics`, `POST /apply`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -13,6 +14,7 @@ use dmsc_identity::{Credentials, Principal, PrincipalKind, Resumption, SpiffeId,
 use dmsc_protocol::ctl::{
     self, CloseCode, Frame, NackCode, Push, PushBody, HELLO_TIMEOUT, IDLE_TIMEOUT, KEEP_ALIVE,
 };
+use dmsc_protocol::domain::{Report, Trunks};
 use dmsc_protocol::table::sections::{diff, SectionVersion};
 use dmsc_protocol::table::{Generation, Table};
 use serde::Serialize;
@@ -21,11 +23,40 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use crate::compile::compile;
 use crate::config::DomainConfig;
 use crate::metrics::Metrics;
+use crate::routes::{Domain, Limits, Published};
 
 /// Most gateway ids whose refusal is remembered so it is logged once.
 const MAX_REMEMBERED_REFUSALS: usize = 4096;
 /// Most concurrent handshakes and sessions (listed gateways are at most 4,096).
 const MAX_CONNECTIONS: usize = 8192;
+/// Most capability names `/status` lists per gateway (the count is always the full one).
+const MAX_STATUS_CAPABILITIES: usize = 1024;
+/// Most encoded frames (pushes, refusals of reported agents) a session queues for its writer;
+/// beyond, the session stops reading the gateway's frames until the writer catches up.
+const MAX_QUEUED_FRAMES: usize = 1024;
+
+/// How the domain's routes are compiled and pushed (`docs/CONTROL.md` section 7).
+#[derive(Debug, Clone, Copy)]
+pub struct RoutesSettings {
+    /// A change waits this long before the routes are compiled and pushed, so that every change
+    /// within it goes in one push.
+    pub interval: Duration,
+    /// How long a gateway whose session ended keeps its agents in the routes; also the longest
+    /// the routes are held back at start for the listed gateways to report.
+    pub grace: Duration,
+    /// What one gateway may report.
+    pub limits: Limits,
+}
+
+impl Default for RoutesSettings {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_millis(10),
+            grace: Duration::from_millis(3000),
+            limits: Limits::default(),
+        }
+    }
+}
 
 /// How the server is set up.
 #[derive(Debug)]
@@ -44,6 +75,8 @@ pub struct ServeSettings {
     pub trust_anchors: Vec<rustls::pki_types::CertificateDer<'static>>,
     /// Reloads closer together than this are merged into one compile.
     pub debounce: Duration,
+    /// Reports and routes.
+    pub routes: RoutesSettings,
 }
 
 /// Why the server could not start.
@@ -77,10 +110,18 @@ pub struct Hub {
     reload: mpsc::Sender<oneshot::Sender<ApplyOutcome>>,
     /// The `dmsc-ctl/1` endpoint, closed at shutdown.
     endpoint: quinn::Endpoint,
+    /// The routes every session sends; `None` until the first are published.
+    routes: watch::Sender<Option<Arc<Published>>>,
+    /// Woken when the reports changed in a way the routes may show (a batch ended, a gateway
+    /// left, the listed gateways changed).
+    routes_changed: Notify,
+    /// Pushes of routes are at least this far apart.
+    routes_interval: Duration,
 }
 
 struct HubState {
     listed: Vec<String>,
+    domain: Domain,
     gateways: BTreeMap<String, GatewayEntry>,
     refused: HashSet<String>,
     last_error: Option<String>,
@@ -99,6 +140,8 @@ struct GatewayEntry {
     status: ctl::Status,
     sessions: u64,
     last_ack_ms: Option<f64>,
+    /// Its latest `TRUNKS` and when it came.
+    trunks: Option<(Trunks, Instant)>,
 }
 
 /// A rejection as `status` shows it.
@@ -143,6 +186,80 @@ pub struct GatewayView {
     pub sessions: u64,
     /// Push-to-acknowledgement time of its last push, milliseconds.
     pub last_push_to_ack_ms: Option<f64>,
+    /// Its reports of its agents (`REPORT`).
+    pub report: ReportView,
+    /// The routes version it holds, from its latest `TRUNKS` (0: none, or routes of an earlier
+    /// control-plane run); `None` before its first `TRUNKS`.
+    pub routes_version: Option<u64>,
+    /// Whether it holds the current routes (by its latest `TRUNKS`; a gateway that sent none
+    /// counts as holding none).
+    pub routes_current: bool,
+    /// Milliseconds since the first routes version it lacks was published; 0 when current.
+    pub routes_behind_ms: u64,
+    /// Milliseconds since its latest `TRUNKS`.
+    pub trunks_age_ms: Option<u64>,
+    /// Its trunks to the other gateways, from its latest `TRUNKS`.
+    pub trunks: Vec<TrunkView>,
+}
+
+/// A gateway's reports in `/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReportView {
+    /// `none` (nothing reported), `reporting` (a batch is open), `complete`, or `grace` (its
+    /// session ended: its agents stay in the routes until the grace period ends).
+    pub state: &'static str,
+    /// Milliseconds left of its grace period, in state `grace`.
+    pub grace_left_ms: Option<u64>,
+    /// Agents reported.
+    pub agents: u64,
+    /// Distinct capabilities they offer.
+    pub capability_count: u64,
+    /// Their names, sorted, at most 1,024.
+    pub capabilities: Vec<String>,
+    /// Its trunk addresses, one per worker.
+    pub addresses: Vec<String>,
+    /// Agents refused with `REPORT_REJECTED` since the control plane started.
+    pub rejections: u64,
+}
+
+/// One trunk of a gateway in `/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrunkView {
+    /// The peer gateway.
+    pub peer: String,
+    /// Workers with a connected trunk to it.
+    pub connected: u64,
+    /// Requests forwarded to it since the gateway started.
+    pub requests: u64,
+    /// Of those, ended with a gateway status or a trunk failure.
+    pub errors: u64,
+}
+
+/// The domain's routes in `/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoutesView {
+    /// The current version; 0 before the first routes are published.
+    pub version: u64,
+    /// This control-plane run's epoch, 16 hex digits.
+    pub epoch: String,
+    /// Whether the start-up hold is on (no routes sent yet).
+    pub held: bool,
+    /// Listed gateways the start-up hold waits for.
+    pub waiting_for: Vec<String>,
+    /// Gateways in the current routes.
+    pub gateways: u64,
+    /// Capabilities in the current routes.
+    pub capabilities: u64,
+    /// Agents in the current routes.
+    pub agents: u64,
+    /// Size of the current `ROUTES` frame, bytes.
+    pub bytes: u64,
+    /// Compiles since start.
+    pub compiles: u64,
+    /// `ROUTES` frames sent since start, counted per gateway.
+    pub pushes: u64,
+    /// Why the latest compile could not be published, until one is.
+    pub last_error: Option<String>,
 }
 
 /// `/status`.
@@ -156,6 +273,8 @@ pub struct StatusView {
     pub generation: String,
     /// The last failed reload, if the last reload failed.
     pub last_error: Option<String>,
+    /// The domain's routes.
+    pub routes: RoutesView,
     /// Every listed gateway, and unlisted ones still connected.
     pub gateways: Vec<GatewayView>,
 }
@@ -257,9 +376,12 @@ impl Hub {
         }
     }
 
-    pub(crate) fn status(&self) -> StatusView {
+    /// What `/status` shows.
+    pub fn status(&self) -> StatusView {
         let current = self.current().generation();
+        let now = Instant::now();
         let s = self.lock();
+        let routes = s.domain.current();
         let mut ids: Vec<&String> = s.listed.iter().collect();
         for (id, e) in &s.gateways {
             if e.session.is_some() && !s.listed.contains(id) {
@@ -270,6 +392,15 @@ impl Hub {
             .into_iter()
             .map(|id| {
                 let e = s.gateways.get(id).cloned().unwrap_or_default();
+                let report = s.domain.view(id, MAX_STATUS_CAPABILITIES, now);
+                let (held_epoch, held_version) = e
+                    .trunks
+                    .as_ref()
+                    .map_or((0, 0), |(t, _)| (t.routes_epoch, t.routes_version));
+                let behind = s.domain.behind(held_epoch, held_version, now);
+                let current_routes = routes.as_ref().is_none_or(|r| {
+                    held_epoch == r.routes.epoch && held_version >= r.routes.version
+                });
                 GatewayView {
                     id: id.clone(),
                     listed: s.listed.contains(id),
@@ -288,14 +419,69 @@ impl Hub {
                     identities: e.status.identities.clone(),
                     sessions: e.sessions,
                     last_push_to_ack_ms: e.last_ack_ms,
+                    report: ReportView {
+                        state: report.state,
+                        grace_left_ms: report.grace_left_ms,
+                        agents: report.agents,
+                        capability_count: report.capability_count,
+                        capabilities: report.capabilities,
+                        addresses: report.addresses,
+                        rejections: report.rejections,
+                    },
+                    routes_version: e.trunks.as_ref().map(|(t, _)| {
+                        if t.routes_epoch == s.domain.epoch() {
+                            t.routes_version
+                        } else {
+                            0
+                        }
+                    }),
+                    routes_current: current_routes,
+                    routes_behind_ms: behind.as_millis() as u64,
+                    trunks_age_ms: e
+                        .trunks
+                        .as_ref()
+                        .map(|(_, at)| now.saturating_duration_since(*at).as_millis() as u64),
+                    trunks: e
+                        .trunks
+                        .as_ref()
+                        .map(|(t, _)| {
+                            t.trunks
+                                .iter()
+                                .map(|f| TrunkView {
+                                    peer: f.gateway.clone(),
+                                    connected: f.connected,
+                                    requests: f.requests,
+                                    errors: f.errors,
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
                 }
             })
             .collect();
+        let routes = RoutesView {
+            version: routes.as_ref().map_or(0, |r| r.routes.version),
+            epoch: format!("{:016x}", s.domain.epoch()),
+            held: s.domain.is_held(),
+            waiting_for: s.domain.waiting_for(),
+            gateways: routes
+                .as_ref()
+                .map_or(0, |r| r.routes.gateways.len() as u64),
+            capabilities: routes
+                .as_ref()
+                .map_or(0, |r| r.routes.capabilities.len() as u64),
+            agents: routes.as_ref().map_or(0, |r| r.agents),
+            bytes: routes.as_ref().map_or(0, |r| r.frame.len() as u64),
+            compiles: s.domain.compiles(),
+            pushes: self.metrics.routes_pushes.get(),
+            last_error: s.domain.last_error().map(str::to_owned),
+        };
         StatusView {
             domain: self.domain.clone(),
             config: self.config_path.as_ref().map(|p| p.display().to_string()),
             generation: current.to_string(),
             last_error: s.last_error.clone(),
+            routes,
             gateways,
         }
     }
@@ -382,11 +568,19 @@ pub async fn start(
     let (reload_tx, reload_rx) = mpsc::channel(64);
     let listed = listed_gateways(&settings.config);
     metrics.gateways_listed.set(listed.len() as i64);
+    let routes = Domain::new(
+        settings.routes.limits,
+        settings.routes.grace,
+        epoch(),
+        listed.clone(),
+        Instant::now(),
+    );
     let hub = Arc::new(Hub {
         domain,
         config_path: settings.config_path,
         state: Mutex::new(HubState {
             listed,
+            domain: routes,
             gateways: BTreeMap::new(),
             refused: HashSet::new(),
             last_error: None,
@@ -397,12 +591,16 @@ pub async fn start(
         metrics,
         reload: reload_tx,
         endpoint: endpoint.clone(),
+        routes: watch::channel(None).0,
+        routes_changed: Notify::new(),
+        routes_interval: settings.routes.interval,
     });
     let generation = table.generation();
     let run = {
         let hub = hub.clone();
         async move {
             tokio::spawn(reloader(hub.clone(), reload_rx, settings.debounce));
+            tokio::spawn(router(hub.clone()));
             tokio::spawn(crate::admin::serve(admin, hub.clone()));
             accept(endpoint, hub).await;
         }
@@ -416,6 +614,79 @@ pub async fn start(
         },
         run,
     ))
+}
+
+/// A random epoch naming this control-plane run: nonzero, and a varint (below 2^62).
+fn epoch() -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom::getrandom(&mut b).is_err() {
+        // No OS randomness: the clock still tells two runs apart.
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        b = nanos.to_le_bytes();
+    }
+    (u64::from_le_bytes(b) & dmsc_protocol::varint::MAX).max(1)
+}
+
+/// Compiles the domain's routes and publishes them to every session: after a change, waits the
+/// routes interval (so every change within it goes in one push), then compiles once; also runs
+/// when a grace period or the start-up hold ends.
+async fn router(hub: Arc<Hub>) {
+    loop {
+        let deadline = hub.lock().domain.next_deadline();
+        match deadline {
+            Some(at) => {
+                tokio::select! {
+                    _ = hub.routes_changed.notified() => {}
+                    _ = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {}
+                }
+            }
+            None => hub.routes_changed.notified().await,
+        }
+        tokio::time::sleep(hub.routes_interval).await;
+        let inputs = {
+            let mut s = hub.lock();
+            let now = Instant::now();
+            s.domain.expire(now);
+            s.domain.prepare(now)
+        };
+        let Some(inputs) = inputs else { continue };
+        hub.metrics.routes_compiles.inc();
+        // Merging and encoding take time in proportion to the domain: outside the lock.
+        let merged = tokio::task::spawn_blocking(move || crate::routes::merge(&inputs))
+            .await
+            .unwrap_or_else(|e| Err(format!("the routes compile failed: {e}")));
+        match merged {
+            Ok(None) => {}
+            Ok(Some(published)) => {
+                let published = Arc::new(published);
+                let (version, bytes) = (published.routes.version, published.frame.len());
+                hub.metrics.routes_version.set(version as i64);
+                hub.metrics.domain_agents.set(published.agents as i64);
+                hub.lock().domain.install(published.clone(), Instant::now());
+                if version == 1 {
+                    tracing::info!(
+                        gateways = published.routes.gateways.len(),
+                        capabilities = published.routes.capabilities.len(),
+                        "first domain routes published"
+                    );
+                }
+                tracing::debug!(
+                    version,
+                    bytes,
+                    gateways = published.routes.gateways.len(),
+                    capabilities = published.routes.capabilities.len(),
+                    "routes published"
+                );
+                hub.routes.send_replace(Some(published));
+            }
+            Err(error) => {
+                tracing::warn!(%error, "the domain's routes cannot be sent; gateways keep the last ones");
+                hub.lock().domain.failed(error);
+            }
+        }
+    }
 }
 
 fn listed_gateways(config: &DomainConfig) -> Vec<String> {
@@ -498,6 +769,8 @@ async fn reload(hub: &Arc<Hub>) -> ApplyOutcome {
                 // A gateway refused before may be listed now: log its next refusal again.
                 s.refused.clear();
                 s.listed = listed_gateways(&config);
+                let listed = s.listed.clone();
+                s.domain.set_listed(listed);
                 hub.metrics.gateways_listed.set(s.listed.len() as i64);
                 // Gateways no longer listed lose their session.
                 for (id, e) in s.gateways.iter_mut() {
@@ -508,6 +781,8 @@ async fn reload(hub: &Arc<Hub>) -> ApplyOutcome {
                     }
                 }
             }
+            // The start-up hold may wait for fewer gateways now.
+            hub.routes_changed.notify_one();
             if changed {
                 tracing::info!(%generation, took_ms = took.as_secs_f64() * 1e3, "new generation compiled; pushing");
                 hub.metrics.set_generation(&generation.to_string());
@@ -614,11 +889,21 @@ async fn session(hub: Arc<Hub>, conn: quinn::Connection) {
         close(&conn, CloseCode::Timeout, "no session stream");
         return;
     };
+    // The writer sends while the session keeps reading: a gateway writing a long report while
+    // the control plane writes long routes never waits on a control plane waiting on it.
+    let (out, queue) = mpsc::channel(MAX_QUEUED_FRAMES);
+    let writer = tokio::spawn(writer(
+        hub.clone(),
+        id.clone(),
+        send,
+        queue,
+        hub.routes.subscribe(),
+    ));
     let mut s = Session {
         hub: hub.clone(),
         id: id.clone(),
         conn: conn.clone(),
-        send,
+        out,
         recv,
         buf: Vec::with_capacity(4096),
         nonce: 0,
@@ -630,6 +915,8 @@ async fn session(hub: Arc<Hub>, conn: quinn::Connection) {
     };
     let result = s.run(hello_by).await;
     let session_id = s.session;
+    drop(s);
+    writer.abort();
     match &result {
         Ok(()) => {}
         Err(End::Closed(code, reason)) => {
@@ -646,16 +933,36 @@ async fn session(hub: Arc<Hub>, conn: quinn::Connection) {
             tracing::info!(gateway = %id, %remote, error = %e, "control session ended")
         }
     }
+    // A gateway that closed with SHUTTING_DOWN is gone for good: its agents leave the routes
+    // at once. Any other end keeps them for the grace period.
+    let shutting_down = matches!(
+        conn.close_reason(),
+        Some(quinn::ConnectionError::ApplicationClosed(c))
+            if c.error_code.into_inner() == u64::from(CloseCode::ShuttingDown.code())
+    );
     let mut st = hub.lock();
+    let mut ended = false;
     if let Some(e) = st.gateways.get_mut(&id) {
         if e.session == Some(session_id) && session_id != 0 {
             e.session = None;
             e.conn = None;
             e.pending = None;
             hub.metrics.gateways_connected.dec();
+            ended = true;
+        }
+    }
+    if ended {
+        if shutting_down {
+            tracing::info!(gateway = %id, "gateway shutting down; its agents leave the routes");
+            st.domain.remove(&id);
+        } else {
+            st.domain.session_ended(&id, Instant::now());
         }
     }
     drop(st);
+    if ended {
+        hub.routes_changed.notify_one();
+    }
     hub.changed.notify_waiters();
 }
 
@@ -675,11 +982,55 @@ enum End {
     Lost(String),
 }
 
+/// Writes a session's frames: those the session queues, in order, and after the first of them
+/// (the session's first push) the current routes, then each newer version of the routes as it
+/// is published (only the newest, if several were published during a write).
+async fn writer(
+    hub: Arc<Hub>,
+    id: String,
+    mut send: quinn::SendStream,
+    mut queue: mpsc::Receiver<Vec<u8>>,
+    mut routes: watch::Receiver<Option<Arc<Published>>>,
+) {
+    let Some(first) = queue.recv().await else {
+        return;
+    };
+    if send.write_all(&first).await.is_err() {
+        return;
+    }
+    let mut next = routes.borrow_and_update().clone();
+    loop {
+        if let Some(r) = next.take() {
+            tracing::debug!(gateway = %id, version = r.routes.version, bytes = r.frame.len(), "routes");
+            hub.metrics.routes_pushes.inc();
+            if send.write_all(&r.frame).await.is_err() {
+                return;
+            }
+        }
+        tokio::select! {
+            biased;
+            frame = queue.recv() => {
+                let Some(frame) = frame else { return };
+                if send.write_all(&frame).await.is_err() {
+                    return;
+                }
+            }
+            changed = routes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                next = routes.borrow_and_update().clone();
+            }
+        }
+    }
+}
+
 struct Session {
     hub: Arc<Hub>,
     id: String,
     conn: quinn::Connection,
-    send: quinn::SendStream,
+    /// Frames for the writer task.
+    out: mpsc::Sender<Vec<u8>>,
     recv: quinn::RecvStream,
     buf: Vec<u8>,
     nonce: u64,
@@ -768,6 +1119,7 @@ impl Session {
             Some(held) if rejected => self.confirm(held).await?,
             _ => self.push(first, true).await?,
         }
+        // The writer follows the first push with the current routes.
         loop {
             tokio::select! {
                 frame = self.next_frame() => self.on_frame(frame?).await?,
@@ -813,7 +1165,10 @@ impl Session {
         // Nothing is known held until the gateway acknowledges a push on this session.
         entry.acked = None;
         entry.pending = None;
+        // Its earlier reports stay only if this session reports afresh in time.
+        s.domain.session_started(&self.id, Instant::now());
         drop(s);
+        self.hub.routes_changed.notify_one();
         self.hub.changed.notify_waiters();
     }
 
@@ -920,10 +1275,47 @@ impl Session {
             sent: Instant::now(),
         });
         self.update(|e| e.pending = Some(generation));
-        self.send
-            .write_all(&out)
+        self.write(out).await
+    }
+
+    /// Queues encoded frames for the writer.
+    async fn write(&self, frames: Vec<u8>) -> Result<(), End> {
+        self.out
+            .send(frames)
             .await
-            .map_err(|e| End::Lost(e.to_string()))
+            .map_err(|_| End::Lost("the session's stream can no longer be written".into()))
+    }
+
+    /// Applies a `REPORT` and answers refused agents with `REPORT_REJECTED`.
+    async fn on_report(&mut self, report: Report) -> Result<(), End> {
+        self.hub.metrics.reports.inc();
+        let applied = {
+            let mut s = self.hub.lock();
+            // A session replaced by a newer one reports no more.
+            if s.gateways.get(&self.id).and_then(|e| e.session) != Some(self.session) {
+                return Ok(());
+            }
+            s.domain.report(&self.id, report)
+        };
+        if applied.batch_ended {
+            self.hub.routes_changed.notify_one();
+        }
+        if applied.rejected.is_empty() {
+            return Ok(());
+        }
+        let mut out = Vec::new();
+        for (over, rejected) in applied.rejected {
+            self.hub
+                .metrics
+                .report_rejections
+                .get_or_create(&crate::metrics::Reason {
+                    reason: over.as_str(),
+                })
+                .inc();
+            tracing::debug!(gateway = %self.id, session = rejected.session, reason = %rejected.reason, "reported agent refused");
+            ctl::encode_frame(&Frame::ReportRejected(rejected), &mut out);
+        }
+        self.write(out).await
     }
 
     async fn on_frame(&mut self, frame: Frame<'static>) -> Result<(), End> {
@@ -932,6 +1324,15 @@ impl Session {
                 self.update(|e| e.status = status);
                 Ok(())
             }
+            Frame::Report(report) => self.on_report(report).await,
+            Frame::Trunks(trunks) => {
+                self.update(|e| e.trunks = Some((trunks, Instant::now())));
+                Ok(())
+            }
+            Frame::Routes(_) | Frame::ReportRejected(_) => Err(End::Closed(
+                CloseCode::UnexpectedFrame,
+                "ROUTES or REPORT_REJECTED from a gateway".into(),
+            )),
             Frame::Unknown(_) => Ok(()),
             Frame::Ack { nonce, generation } => {
                 let Pending { table, sent, .. } = self.answered(nonce, generation)?;

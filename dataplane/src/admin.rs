@@ -272,6 +272,9 @@ pub(crate) fn snapshots(mailboxes: &Mailboxes, cache: &SnapshotCache) -> Vec<Wor
                 table: report.table,
                 capabilities: entry.capabilities(),
                 agents: report.agents,
+                trunks: report.trunks,
+                routes: report.routes,
+                remote_capabilities: report.remote_capabilities,
             })
         })
         .collect();
@@ -369,6 +372,21 @@ impl prometheus_client::collector::Collector for Scrape {
                 stats.handoffs,
             ),
             (
+                "dmsc_trunk_forwarded",
+                "Requests forwarded over a trunk to another gateway.",
+                stats.forwarded_trunk,
+            ),
+            (
+                "dmsc_trunk_requests_received",
+                "Requests received over trunks from other gateways.",
+                stats.trunk_requests_in,
+            ),
+            (
+                "dmsc_trunk_handshakes_refused",
+                "Trunk handshakes refused (not a gateway of the table, or wrong protocol).",
+                stats.trunks_refused,
+            ),
+            (
                 "dmsc_send_drops",
                 "Datagrams dropped on full socket buffers.",
                 stats.send_drops,
@@ -432,6 +450,11 @@ impl prometheus_client::collector::Collector for Scrape {
                 stats.connections,
             ),
             ("dmsc_lanes", "Lane connections bound.", stats.lanes),
+            (
+                "dmsc_trunks_in",
+                "Trunks other gateways hold open to this gateway.",
+                stats.trunks_in,
+            ),
         ] {
             gauge(
                 e.encode_descriptor(name, help, None, MetricType::Gauge)?,
@@ -503,6 +526,100 @@ impl prometheus_client::collector::Collector for Scrape {
             )?;
             counter(m.encode_family(&[("result", "ack")])?, c.acks)?;
             counter(m.encode_family(&[("result", "nack")])?, c.nacks)?;
+            for (name, help, value) in [
+                (
+                    "dmsc_control_reports",
+                    "REPORT frames sent to the control plane (attachments).",
+                    c.reports,
+                ),
+                (
+                    "dmsc_control_report_rejections",
+                    "Reported agents the control plane refused (REPORT_REJECTED).",
+                    c.rejected,
+                ),
+                (
+                    "dmsc_control_routes_installed",
+                    "Domain routes (ROUTES) installed on every worker.",
+                    c.routes,
+                ),
+            ] {
+                counter(
+                    e.encode_descriptor(name, help, None, MetricType::Counter)?,
+                    value,
+                )?;
+            }
+        }
+        let mut trunks: std::collections::BTreeMap<&str, (u64, u64, u64, u64)> =
+            std::collections::BTreeMap::new();
+        for snap in &self.snaps {
+            for t in &snap.trunks {
+                let e = trunks.entry(&t.gateway).or_default();
+                e.0 += u64::from(t.connected);
+                e.1 += u64::from(t.outstanding);
+                e.2 += t.requests;
+                e.3 += t.errors;
+            }
+        }
+        if let Some(worker0) = self.snaps.first() {
+            gauge(
+                e.encode_descriptor(
+                    "dmsc_domain_remote_capabilities",
+                    "Capabilities the installed domain routes place behind other gateways \
+                     (worker 0's view).",
+                    None,
+                    MetricType::Gauge,
+                )?,
+                worker0.remote_capabilities as u64,
+            )?;
+            gauge(
+                e.encode_descriptor(
+                    "dmsc_domain_routes_version",
+                    "Version of the domain routes installed on worker 0 (0: none).",
+                    None,
+                    MetricType::Gauge,
+                )?,
+                worker0.routes.map_or(0, |r| r.1),
+            )?;
+        }
+        if !trunks.is_empty() {
+            let peers: Vec<String> = trunks.keys().map(|p| escape(p)).collect();
+            for (name, help, kind, pick) in [
+                (
+                    "dmsc_trunk_connected",
+                    "Workers with a connected trunk to the peer gateway.",
+                    MetricType::Gauge,
+                    0usize,
+                ),
+                (
+                    "dmsc_trunk_outstanding",
+                    "Requests in flight over trunks to the peer gateway.",
+                    MetricType::Gauge,
+                    1,
+                ),
+                (
+                    "dmsc_trunk_requests",
+                    "Requests forwarded to the peer gateway.",
+                    MetricType::Counter,
+                    2,
+                ),
+                (
+                    "dmsc_trunk_errors",
+                    "Requests to the peer gateway that ended in an error status or a trunk failure.",
+                    MetricType::Counter,
+                    3,
+                ),
+            ] {
+                let mut m = e.encode_descriptor(name, help, None, kind)?;
+                for (peer, v) in peers.iter().zip(trunks.values()) {
+                    let value = [v.0, v.1, v.2, v.3][pick];
+                    let labels = [("peer", peer.as_str())];
+                    if matches!(kind, MetricType::Gauge) {
+                        gauge(m.encode_family(&labels)?, value)?;
+                    } else {
+                        counter(m.encode_family(&labels)?, value)?;
+                    }
+                }
+            }
         }
 
         let caps = merge(&self.snaps);

@@ -53,7 +53,15 @@ pub struct Config {
     /// Whether to offer lanes at all. Without lanes, requests whose target's connection lives
     /// on another worker are handed off across cores.
     pub lanes: bool,
-    /// Address put in lane addresses sent to agents; defaults to the listen address's IP.
+    /// Whether to take part in a domain of gateways: bind a trunk socket per worker, accept
+    /// trunks from the gateways of the installed table and open trunks to those the domain
+    /// routes name (`docs/TRUNK.md`).
+    pub trunks: bool,
+    /// First per-worker trunk port (worker i listens on `trunk_base_port + i`); 0 picks free
+    /// ports.
+    pub trunk_base_port: u16,
+    /// Address put in lane addresses sent to agents and in the trunk addresses reported to the
+    /// control plane; defaults to the listen address's IP.
     pub advertise_ip: Option<IpAddr>,
     /// Pin each worker to one core.
     pub pin_workers: bool,
@@ -155,6 +163,8 @@ impl Default for Config {
             workers: 0,
             lane_base_port: 0,
             lanes: true,
+            trunks: true,
+            trunk_base_port: 0,
             advertise_ip: None,
             pin_workers: true,
             busy_poll_us: 0,
@@ -244,6 +254,11 @@ impl Config {
             && u32::from(self.lane_base_port) + self.worker_count() as u32 > 65_536
         {
             return invalid("lane_base_port", "lane_base_port + workers exceeds 65535");
+        }
+        if self.trunk_base_port != 0
+            && u32::from(self.trunk_base_port) + self.worker_count() as u32 > 65_536
+        {
+            return invalid("trunk_base_port", "trunk_base_port + workers exceeds 65535");
         }
         if self.gateway_id.is_empty()
             || !self

@@ -26,9 +26,11 @@ use dmsc_protocol::table::sections::{apply_delta, DeltaError};
 use dmsc_protocol::table::{Generation, Table, TableError};
 use rustls::pki_types::CertificateDer;
 
-use crate::msg::WorkerMsg;
+use crate::core::DomainRoutes;
+use crate::msg::{AgentInfo, AttachEvent, WorkerMsg};
 use crate::routing::TableGeneration;
 use crate::worker::Mailboxes;
+use dmsc_protocol::domain::{self as ctl_domain, AgentChange, AgentReport, Report, Skill};
 
 /// How often the gateway reports its agents (only when they changed).
 pub const STATUS_INTERVAL: Duration = Duration::from_secs(1);
@@ -94,6 +96,10 @@ pub struct ControlState {
     sessions: AtomicU64,
     acks: AtomicU64,
     nacks: AtomicU64,
+    /// `REPORT` frames sent, agents the control plane refused, `ROUTES` installed.
+    reports: AtomicU64,
+    rejected: AtomicU64,
+    routes: AtomicU64,
 }
 
 impl ControlState {
@@ -104,6 +110,9 @@ impl ControlState {
             sessions: self.sessions.load(Ordering::Relaxed),
             acks: self.acks.load(Ordering::Relaxed),
             nacks: self.nacks.load(Ordering::Relaxed),
+            reports: self.reports.load(Ordering::Relaxed),
+            rejected: self.rejected.load(Ordering::Relaxed),
+            routes: self.routes.load(Ordering::Relaxed),
         }
     }
 }
@@ -119,6 +128,9 @@ pub(crate) struct ControlFigures {
     pub(crate) sessions: u64,
     pub(crate) acks: u64,
     pub(crate) nacks: u64,
+    pub(crate) reports: u64,
+    pub(crate) rejected: u64,
+    pub(crate) routes: u64,
 }
 
 /// Why a table could not be installed on every worker.
@@ -148,6 +160,8 @@ pub struct ControlLink {
     /// The compiled table every worker holds (what the gateway started with, then each one
     /// installed through a link).
     pub(crate) current: Arc<Mutex<Option<Generation>>>,
+    /// The gateway's shared state: its attach events and trunk addresses.
+    pub(crate) shared: Arc<crate::core::Shared>,
 }
 
 impl ControlLink {
@@ -200,6 +214,82 @@ impl ControlLink {
                 workers: self.workers,
                 timeout,
             })
+        }
+    }
+
+    /// Installs domain routes on every worker; returns once each has them (or `timeout`).
+    pub fn install_routes(&self, routes: Arc<DomainRoutes>, timeout: Duration) -> bool {
+        let (done, confirmed) = crossbeam_channel::bounded(self.workers);
+        let deadline = Instant::now() + timeout;
+        let mut sent = 0;
+        for w in 0..self.workers {
+            let msg = WorkerMsg::Routes {
+                routes: routes.clone(),
+                done: Some(done.clone()),
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self.mailboxes.senders[w].send_timeout(msg, left).is_ok() {
+                let _ = self.mailboxes.wakers[w].wake();
+                sent += 1;
+            }
+        }
+        drop(done);
+        let mut got = 0;
+        while got < sent {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match confirmed.recv_timeout(left) {
+                Ok(_) => got += 1,
+                Err(_) => break,
+            }
+        }
+        got == self.workers
+    }
+
+    /// Starts the flow of attach events to the control client, then has every worker report
+    /// the agents it holds, so that none attached before is missed (an agent reported twice is
+    /// the same `Up`).
+    fn start_reporting(&self) {
+        if self.shared.reporting.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        for w in 0..self.workers {
+            let msg = WorkerMsg::ReportAgents;
+            if self.mailboxes.senders[w]
+                .send_timeout(msg, Duration::from_secs(1))
+                .is_ok()
+            {
+                let _ = self.mailboxes.wakers[w].wake();
+            }
+        }
+    }
+
+    /// The trunk figures of every worker, summed per peer, and the routes held.
+    pub fn trunks(&self) -> ctl_domain::Trunks {
+        let snaps = crate::admin::snapshots(&self.mailboxes, &self.snapshots);
+        let mut per_peer: std::collections::BTreeMap<String, ctl_domain::TrunkFigures> =
+            std::collections::BTreeMap::new();
+        let mut routes = (0, 0);
+        for s in &snaps {
+            if let Some(r) = s.routes {
+                routes = routes.max(r);
+            }
+            for t in &s.trunks {
+                let f =
+                    per_peer
+                        .entry(t.gateway.clone())
+                        .or_insert_with(|| ctl_domain::TrunkFigures {
+                            gateway: t.gateway.clone(),
+                            ..Default::default()
+                        });
+                f.connected += u64::from(t.connected);
+                f.requests += t.requests;
+                f.errors += t.errors;
+            }
+        }
+        ctl_domain::Trunks {
+            routes_epoch: routes.0,
+            routes_version: routes.1,
+            trunks: per_peer.into_values().collect(),
         }
     }
 
@@ -295,6 +385,9 @@ impl ControlClient {
             link: link_rx,
             state: state.clone(),
             nonce: 0,
+            attached: std::collections::BTreeMap::new(),
+            routes: None,
+            routes_installed: false,
         };
         let thread = std::thread::Builder::new()
             .name("dmsc-control".into())
@@ -337,6 +430,7 @@ impl ControlClient {
     /// The gateway's admin endpoint serves this client's session metrics from now on.
     pub fn attach(&self, link: ControlLink) {
         let _ = link.state.set(self.state.clone());
+        link.start_reporting();
         let _ = self.link.send(Some(link));
     }
 }
@@ -387,6 +481,12 @@ struct Runner {
     nonce: u64,
     /// Set when the gateway stops: close the session with `SHUTTING_DOWN`.
     stop: tokio::sync::watch::Receiver<bool>,
+    /// The agents attached, by session, as reported (kept across sessions: a new session
+    /// starts with all of them).
+    attached: std::collections::BTreeMap<u64, AgentReport>,
+    /// The last domain routes received, and whether every worker holds them.
+    routes: Option<Arc<DomainRoutes>>,
+    routes_installed: bool,
 }
 
 /// How a session ended.
@@ -503,7 +603,12 @@ impl Runner {
         let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
         let mut chunk = vec![0u8; 64 * 1024];
         let mut last_status: Option<ctl::Status> = None;
+        let mut last_trunks: Option<ctl_domain::Trunks> = None;
         let mut tick = tokio::time::interval(STATUS_INTERVAL);
+        let mut report_tick = tokio::time::interval(REPORT_INTERVAL);
+        report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The full report goes once the session is established and the gateway runs.
+        let mut reported = false;
         loop {
             // Frames already buffered first.
             match ctl::decode_frame(&buf) {
@@ -528,20 +633,63 @@ impl Runner {
                 }
                 Ok(None) => {}
             }
-            tokio::select! {
-                _ = self.stop.wait_for(|stop| *stop) => {
+            let wake = tokio::select! {
+                _ = self.stop.wait_for(|stop| *stop) => Wake::Stop,
+                read = recv.read(&mut chunk) => Wake::Read(read?),
+                _ = report_tick.tick() => Wake::Report,
+                _ = tick.tick() => Wake::Status,
+            };
+            match wake {
+                Wake::Stop => {
                     return Err(SessionError::Protocol {
                         code: CloseCode::ShuttingDown,
                         reason: "gateway stopping".into(),
                     });
                 }
-                read = recv.read(&mut chunk) => match read? {
-                    Some(n) => buf.extend_from_slice(&chunk[..n]),
-                    None => return Err(SessionError::Finished),
-                },
-                _ = tick.tick() => {
+                Wake::Read(Some(n)) => buf.extend_from_slice(&chunk[..n]),
+                Wake::Read(None) => return Err(SessionError::Finished),
+                Wake::Report => {
+                    let link = self.link.borrow().clone();
+                    let Some(link) = link else { continue };
+                    if !self.routes_installed {
+                        if let Some(routes) = self.routes.clone() {
+                            self.install_routes(&link, routes).await;
+                        }
+                    }
+                    link.start_reporting();
+                    let changes = self.drain_events(&link);
+                    let frames = if reported {
+                        report_frames(false, Vec::new(), changes)
+                    } else {
+                        reported = true;
+                        let all = self
+                            .attached
+                            .values()
+                            .cloned()
+                            .map(AgentChange::Up)
+                            .collect();
+                        report_frames(true, link.shared.trunk_addrs.clone(), all)
+                    };
+                    for frame in frames {
+                        let mut out = Vec::new();
+                        ctl::encode_frame(&Frame::Report(frame), &mut out);
+                        send.write_all(&out).await?;
+                        self.state.reports.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Wake::Status => {
                     let link = self.link.borrow().clone();
                     if let Some(link) = link {
+                        let figures = link.clone();
+                        let trunks = tokio::task::spawn_blocking(move || figures.trunks())
+                            .await
+                            .unwrap_or_default();
+                        if last_trunks.as_ref() != Some(&trunks) {
+                            let mut out = Vec::new();
+                            ctl::encode_frame(&Frame::Trunks(trunks.clone()), &mut out);
+                            send.write_all(&out).await?;
+                            last_trunks = Some(trunks);
+                        }
                         let status = tokio::task::spawn_blocking(move || link.status())
                             .await
                             .unwrap_or_default();
@@ -562,6 +710,23 @@ impl Runner {
         let push = match frame {
             Frame::Push(push) => push,
             Frame::Unknown(_) => return Ok(None),
+            Frame::Routes(routes) => {
+                let own = self.settings.gateway_id.clone();
+                let routes = Arc::new(DomainRoutes::new(routes, &own));
+                tracing::debug!(version = ?routes.version(), remote = routes.remote_capabilities(), "domain routes received");
+                self.routes = Some(routes.clone());
+                self.routes_installed = false;
+                let link = self.link.borrow().clone();
+                if let Some(link) = link {
+                    self.install_routes(&link, routes).await;
+                }
+                return Ok(None);
+            }
+            Frame::ReportRejected(r) => {
+                self.state.rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(session = r.session, reason = %r.reason, "the control plane refused a reported agent; it is served on this gateway only");
+                return Ok(None);
+            }
             other => {
                 return Err(SessionError::Protocol {
                     code: CloseCode::UnexpectedFrame,
@@ -631,6 +796,51 @@ impl Runner {
                 }],
             }
         }
+    }
+
+    /// Installs `routes` on every worker of the gateway behind `link`.
+    async fn install_routes(&mut self, link: &ControlLink, routes: Arc<DomainRoutes>) {
+        let installing = link.clone();
+        let done =
+            tokio::task::spawn_blocking(move || installing.install_routes(routes, INSTALL_TIMEOUT))
+                .await
+                .unwrap_or(false);
+        self.routes_installed = done;
+        if done {
+            self.state.routes.fetch_add(1, Ordering::Relaxed);
+        } else {
+            tracing::warn!("domain routes not installed on every worker in time; retrying");
+        }
+    }
+
+    /// Takes the attach events the workers sent since the last call: the agents kept in
+    /// `attached` are updated, and the changes returned (an agent's last state only).
+    fn drain_events(&mut self, link: &ControlLink) -> Vec<AgentChange> {
+        let mut changed: std::collections::BTreeMap<u64, bool> = std::collections::BTreeMap::new();
+        let events = &link.shared.attach_events.1;
+        for _ in 0..crate::msg::ATTACH_EVENTS {
+            let Ok(event) = events.try_recv() else {
+                break;
+            };
+            match event {
+                AttachEvent::Up(info) => {
+                    self.attached.insert(info.session.0, agent_report(&info));
+                    changed.insert(info.session.0, true);
+                }
+                AttachEvent::Down(session) => {
+                    if self.attached.remove(&session.0).is_some() {
+                        changed.insert(session.0, false);
+                    }
+                }
+            }
+        }
+        changed
+            .into_iter()
+            .map(|(session, up)| match self.attached.get(&session) {
+                Some(report) if up => AgentChange::Up(report.clone()),
+                _ => AgentChange::Down { session },
+            })
+            .collect()
     }
 
     /// Whether the attached gateway already serves `table` (a resync after a reconnect).
@@ -751,8 +961,105 @@ fn frame_name(frame: &Frame<'_>) -> &'static str {
         Frame::Ack { .. } => "ACK",
         Frame::Nack { .. } => "NACK",
         Frame::Status(_) => "STATUS",
+        Frame::Report(_) => "REPORT",
+        Frame::Routes(_) => "ROUTES",
+        Frame::Trunks(_) => "TRUNKS",
+        Frame::ReportRejected(_) => "REPORT_REJECTED",
         Frame::Unknown(_) => "an extension frame",
     }
+}
+
+/// What woke the session loop.
+enum Wake {
+    Stop,
+    Read(Option<usize>),
+    Report,
+    Status,
+}
+
+/// How often attach changes are gathered into a `REPORT` (they are coalesced in between).
+pub const REPORT_INTERVAL: Duration = Duration::from_millis(5);
+/// Bytes of changes per `REPORT` frame, well inside the frame limit.
+const REPORT_FRAME_BUDGET: usize = ctl::MAX_FRAME_BYTES - 4096;
+
+/// What the control plane learns of an attached agent: the skills the gateway routes to it.
+fn agent_report(info: &AgentInfo) -> AgentReport {
+    let mut skills: Vec<Skill> = info
+        .card
+        .skills
+        .iter()
+        .filter(|s| info.capabilities.iter().any(|c| **c == *s.id))
+        .take(ctl_domain::MAX_REPORT_SKILLS)
+        .map(|s| {
+            Skill {
+                id: s.id.clone(),
+                description: s.description.clone(),
+                tags: s.tags.clone(),
+                input_modes: s.effective_input_modes(&info.card).to_vec(),
+                output_modes: s.effective_output_modes(&info.card).to_vec(),
+            }
+            .trimmed()
+        })
+        .collect();
+    // One agent must fit in one frame: a card with very many skills is cut (and the control
+    // plane's per-agent limit is far lower anyway).
+    let mut size = 128 + info.identity.len();
+    let fit = skills
+        .iter()
+        .take_while(|s| {
+            size += s.encoded_len();
+            size <= REPORT_FRAME_BUDGET
+        })
+        .count();
+    skills.truncate(fit);
+    AgentReport {
+        session: info.session.0,
+        identity: info.identity.to_string(),
+        card_digest: info.card_digest,
+        card_bytes: u64::from(info.card_bytes),
+        load: 0,
+        limit: u64::from(info.limit),
+        skills,
+    }
+}
+
+/// `changes` cut into `REPORT` frames within the frame budget; all but the last say `more`.
+/// A reset report is at least one frame, even with nothing attached.
+fn report_frames(reset: bool, addresses: Vec<String>, changes: Vec<AgentChange>) -> Vec<Report> {
+    let mut frames = Vec::new();
+    let mut current = Report {
+        reset,
+        more: false,
+        addresses,
+        changes: Vec::new(),
+    };
+    let mut size = 0;
+    for change in changes {
+        let len = match &change {
+            AgentChange::Up(a) => {
+                96 + a.identity.len() + a.skills.iter().map(Skill::encoded_len).sum::<usize>()
+            }
+            AgentChange::Down { .. } => 16,
+        };
+        if !current.changes.is_empty()
+            && (size + len > REPORT_FRAME_BUDGET
+                || current.changes.len() >= ctl_domain::MAX_REPORT_CHANGES)
+        {
+            let next = Report::default();
+            frames.push(std::mem::replace(&mut current, next));
+            size = 0;
+        }
+        size += len;
+        current.changes.push(change);
+    }
+    if reset || !current.changes.is_empty() {
+        frames.push(current);
+    }
+    let n = frames.len();
+    for (i, f) in frames.iter_mut().enumerate() {
+        f.more = i + 1 < n;
+    }
+    frames
 }
 
 fn random_u32() -> u32 {

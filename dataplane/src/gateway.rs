@@ -97,6 +97,33 @@ impl Gateway {
     ) -> Result<GatewayHandle, StartError> {
         config.validate()?;
         let workers = config.worker_count();
+        // Trunks have sockets of their own, one per worker: other gateways are accepted there
+        // (gateway identities only), and this worker's own trunks leave from it, so that their
+        // packets come back to the worker that owns them.
+        let trunk_tls = if config.trunks {
+            let client = crate::tls::trunk_client(
+                identity.cert_chain.clone(),
+                identity.private_key.clone_key(),
+                identity.trust_anchors.clone(),
+                &config.domain,
+                transport(&config),
+            )?;
+            let crypto = crate::tls::peer_server_crypto(
+                identity.cert_chain.clone(),
+                identity.private_key.clone_key(),
+                identity.trust_anchors.clone(),
+                &config.domain,
+            )?;
+            let mut server = ServerConfig::with_crypto(Arc::new(crypto));
+            server.transport_config(Arc::new(transport(&config)));
+            let mut tokens = quinn_proto::ValidationTokenConfig::default();
+            tokens.log(Arc::new(quinn_proto::NoneTokenLog)).sent(0);
+            server.validation_token_config(tokens);
+            server.migration(false);
+            Some((client, Arc::new(server)))
+        } else {
+            None
+        };
         let (crypto, verifier) = crate::tls::server_crypto(
             identity.cert_chain,
             identity.private_key,
@@ -126,6 +153,7 @@ impl Gateway {
         let mut listen = config.listen;
         let mut sockets = Vec::with_capacity(workers);
         let mut lane_addrs = Vec::with_capacity(workers);
+        let mut trunk_addrs = Vec::with_capacity(workers);
         let advertise = config.advertise_ip.unwrap_or(config.listen.ip());
         for w in 0..workers {
             let shared = bind(listen, true)?;
@@ -146,6 +174,19 @@ impl Gateway {
                 })?;
                 lane_addrs.push(SocketAddr::new(advertise, addr.port()).to_string());
                 pair.push(lane);
+            }
+            if trunk_tls.is_some() {
+                let port = match config.trunk_base_port {
+                    0 => 0,
+                    base => base + w as u16,
+                };
+                let trunk = bind(SocketAddr::new(config.listen.ip(), port), false)?;
+                let addr = trunk.local_addr().map_err(|source| StartError::Bind {
+                    addr: listen,
+                    source,
+                })?;
+                trunk_addrs.push(SocketAddr::new(advertise, addr.port()).to_string());
+                pair.push(trunk);
             }
             sockets.push(pair);
         }
@@ -174,7 +215,9 @@ impl Gateway {
             wakers.push(Arc::new(waker));
         }
         let mailboxes = Arc::new(Mailboxes { senders, wakers });
-        let shared = Arc::new(Shared::new(config, lane_addrs));
+        let mut shared = Shared::new(config, lane_addrs);
+        shared.trunk_addrs = trunk_addrs;
+        let shared = Arc::new(shared);
         let cores = if shared.config.pin_workers {
             core_affinity::get_core_ids().unwrap_or_default()
         } else {
@@ -196,13 +239,14 @@ impl Gateway {
                 true,
                 None,
             );
-            let caps = socks
+            let caps: Vec<SocketCaps> = socks
                 .iter()
                 .map(|s| SocketCaps {
                     max_gso_segments: s.state.max_gso_segments(),
                 })
                 .collect();
-            let core = Core::new(
+            let caps_len = caps.len();
+            let mut core = Core::new(
                 WorkerId(w as u16),
                 shared.clone(),
                 endpoint,
@@ -212,6 +256,10 @@ impl Gateway {
                 Box::new(OsRandom),
                 std::time::Instant::now(),
             );
+            if let Some((client, server)) = &trunk_tls {
+                // The trunk socket is the worker's last.
+                core.enable_trunks(caps_len - 1, server.clone(), client.clone());
+            }
             let worker = Worker::new(
                 core,
                 shared.stats[w].clone(),
@@ -297,6 +345,12 @@ impl GatewayHandle {
         &self.shared.lane_addrs
     }
 
+    /// The per-worker trunk addresses other gateways of the domain connect to (empty with
+    /// trunks off).
+    pub fn trunk_addrs(&self) -> &[String] {
+        &self.shared.trunk_addrs
+    }
+
     /// Number of workers.
     pub fn workers(&self) -> usize {
         self.threads.len()
@@ -334,6 +388,7 @@ impl GatewayHandle {
             snapshots: self.snapshots.clone(),
             state: self.control.clone(),
             current: self.current.clone(),
+            shared: self.shared.clone(),
         }
     }
 

@@ -34,7 +34,16 @@ struct Args {
     /// Offer no lanes (requests cross cores through hand-offs instead).
     #[arg(long)]
     no_lanes: bool,
-    /// IP put in lane addresses sent to agents [default: the listen IP].
+    /// First per-worker trunk port for other gateways of the domain (worker i uses base + i);
+    /// 0 = any free port [default: 0].
+    #[arg(long)]
+    trunk_base_port: Option<u16>,
+    /// Take no part in trunks: bind no trunk sockets, accept and open none (the gateway then
+    /// serves only its own agents).
+    #[arg(long)]
+    no_trunks: bool,
+    /// IP put in lane addresses sent to agents and in the trunk addresses reported to the
+    /// control plane [default: the listen IP].
     #[arg(long)]
     advertise_ip: Option<IpAddr>,
     /// Do not pin workers to cores.
@@ -226,15 +235,19 @@ fn run(args: &Args, config: Config) -> anyhow::Result<()> {
     if let Some(admin) = gateway.admin_addr() {
         println!("admin endpoint:    http://{admin}/metrics  /agents  /healthz");
     }
-    println!(
-        "dmsc-gateway listening on {} with {} workers (lanes: {})",
-        gateway.local_addr(),
-        gateway.workers(),
-        if gateway.lane_addrs().is_empty() {
+    let list = |addrs: &[String]| {
+        if addrs.is_empty() {
             "off".to_owned()
         } else {
-            gateway.lane_addrs().join(", ")
+            addrs.join(", ")
         }
+    };
+    println!(
+        "dmsc-gateway listening on {} with {} workers (lanes: {}; trunks: {})",
+        gateway.local_addr(),
+        gateway.workers(),
+        list(gateway.lane_addrs()),
+        list(gateway.trunk_addrs())
     );
 
     while !stop.load(Ordering::Relaxed) && !gateway.is_finished() {
@@ -315,6 +328,10 @@ fn config_from(args: &Args) -> anyhow::Result<Config> {
     set!(listen <- args.listen);
     set!(workers <- args.workers);
     set!(lane_base_port <- args.lane_base_port);
+    set!(trunk_base_port <- args.trunk_base_port);
+    if args.no_trunks {
+        c.trunks = false;
+    }
     if args.no_lanes {
         c.lanes = false;
     }

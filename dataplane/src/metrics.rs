@@ -92,6 +92,9 @@ pub(crate) struct WorkerReport {
     pub(crate) table: Option<dmsc_protocol::table::Generation>,
     pub(crate) changes: Vec<MetricsChange>,
     pub(crate) agents: Vec<AgentView>,
+    pub(crate) trunks: Vec<TrunkView>,
+    pub(crate) routes: Option<(u64, u64)>,
+    pub(crate) remote_capabilities: usize,
 }
 
 impl WorkerMetrics {
@@ -158,6 +161,21 @@ impl WorkerMetrics {
     }
 }
 
+/// One worker's trunk to a peer gateway, as the admin endpoint shows it.
+#[derive(Debug, Clone)]
+pub struct TrunkView {
+    /// The peer gateway's id.
+    pub gateway: String,
+    /// The trunk completed its handshake and is usable.
+    pub connected: bool,
+    /// Requests in flight over it.
+    pub outstanding: u32,
+    /// Requests forwarded over it since the worker started.
+    pub requests: u64,
+    /// Of those, ended with a gateway status or a trunk failure.
+    pub errors: u64,
+}
+
 /// One attached agent, as the admin endpoint shows it.
 #[derive(Debug, Clone)]
 pub struct AgentView {
@@ -190,6 +208,12 @@ pub struct WorkerSnapshot {
     pub capabilities: Vec<(String, CapabilityMetrics)>,
     /// Agents whose primary connection is on this worker.
     pub agents: Vec<AgentView>,
+    /// This worker's trunks to the other gateways of the domain.
+    pub trunks: Vec<TrunkView>,
+    /// The domain routes installed (epoch, version), if any.
+    pub routes: Option<(u64, u64)>,
+    /// Capabilities those routes place behind other gateways.
+    pub remote_capabilities: usize,
 }
 
 #[cfg(test)]

@@ -28,7 +28,31 @@ pub(crate) struct AgentInfo {
     pub(crate) limit: u32,
     pub(crate) card: AgentCard,
     pub(crate) capabilities: Arc<[Box<str>]>,
+    /// SHA-256 of the card's JSON as the agent sent it, and its size.
+    pub(crate) card_digest: [u8; 32],
+    pub(crate) card_bytes: u32,
 }
+
+impl AgentInfo {
+    /// The digest and size of a card's JSON, for [`AgentInfo::card_digest`].
+    pub(crate) fn digest(json: &[u8]) -> ([u8; 32], u32) {
+        let digest = dmsc_protocol::table::Generation::of(json).0;
+        (digest, u32::try_from(json.len()).unwrap_or(u32::MAX))
+    }
+}
+
+/// What the control client learns of attachments, from each agent's home worker, to report to
+/// the control plane (`REPORT`).
+#[derive(Debug)]
+pub(crate) enum AttachEvent {
+    /// The agent attached, or its card or admitted capabilities changed.
+    Up(Arc<AgentInfo>),
+    /// The agent started to detach or is gone: route nothing new to it.
+    Down(SessionId),
+}
+
+/// Most attach events waiting for the control client; more are dropped and counted.
+pub(crate) const ATTACH_EVENTS: usize = 65_536;
 
 /// Names one handed-off request: the worker it arrived on and its exchange there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -100,6 +124,14 @@ pub(crate) enum WorkerMsg {
     },
     /// Stop accepting, tell agents to drain, close after `grace`.
     Drain { grace: Duration },
+    /// Send an [`AttachEvent::Up`] for every agent whose home is this worker (the control
+    /// client's starting point: agents that attached before it read events are not missed).
+    ReportAgents,
+    /// Install new domain routes between iterations; then send the worker's index on `done`.
+    Routes {
+        routes: Arc<crate::core::DomainRoutes>,
+        done: Option<crossbeam_channel::Sender<usize>>,
+    },
     /// Send a copy of the worker's metrics and agents (read between iterations).
     Snapshot {
         /// The metric versions the reader already holds: only changed ones are sent.

@@ -76,6 +76,19 @@ impl TableGeneration {
         }
     }
 
+    /// Whether gateway `id` is one of the table's gateways (never under
+    /// [`Policy::AllowAll`]: a standalone gateway has no domain to trunk with).
+    pub fn lists_gateway(&self, id: &str) -> bool {
+        match &self.policy {
+            Policy::AllowAll => false,
+            Policy::Table(table) => table
+                .parts()
+                .gateways
+                .binary_search_by(|g| g.as_str().cmp(id))
+                .is_ok(),
+        }
+    }
+
     /// The groups of the caller with SPIFFE ID `id` (computed once per connection). Empty
     /// under [`Policy::AllowAll`], where groups do not matter, and for an unparsable ID.
     pub fn groups_of(&self, id: &str) -> GroupSet {

@@ -46,6 +46,15 @@ pub struct WorkerStats {
     pub unresponsive_peers: AtomicU64,
     /// Exchanges ended because a leg refused their bytes too long (`STALLED`).
     pub stalled: AtomicU64,
+    /// Requests forwarded over a trunk to another gateway.
+    pub forwarded_trunk: AtomicU64,
+    /// Requests that arrived over a trunk from another gateway.
+    pub trunk_requests_in: AtomicU64,
+    /// Trunks other gateways hold open to this worker.
+    pub trunks_in: AtomicU64,
+    /// Trunk handshakes refused (not a gateway of the table, or a protocol and identity that
+    /// do not match).
+    pub trunks_refused: AtomicU64,
 }
 
 impl WorkerStats {
@@ -101,6 +110,14 @@ pub struct StatsSnapshot {
     pub unresponsive_peers: u64,
     /// Exchanges ended as stalled.
     pub stalled: u64,
+    /// Requests forwarded over trunks.
+    pub forwarded_trunk: u64,
+    /// Requests received over trunks.
+    pub trunk_requests_in: u64,
+    /// Trunks open to this gateway.
+    pub trunks_in: u64,
+    /// Trunk handshakes refused.
+    pub trunks_refused: u64,
     /// Per worker: requests received.
     pub per_worker_requests: Vec<u64>,
 }
@@ -128,6 +145,10 @@ impl StatsSnapshot {
             s.identity_limit_refusals += w.identity_limit_refusals.load(Relaxed);
             s.unresponsive_peers += w.unresponsive_peers.load(Relaxed);
             s.stalled += w.stalled.load(Relaxed);
+            s.forwarded_trunk += w.forwarded_trunk.load(Relaxed);
+            s.trunk_requests_in += w.trunk_requests_in.load(Relaxed);
+            s.trunks_in += w.trunks_in.load(Relaxed);
+            s.trunks_refused += w.trunks_refused.load(Relaxed);
             s.per_worker_requests.push(w.requests.load(Relaxed));
         }
         s

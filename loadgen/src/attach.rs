@@ -93,8 +93,14 @@ pub fn run(plan: &AttachPlan) -> anyhow::Result<Verdict> {
         ),
         ("--max-connections-per-identity", connections.max(1 << 16)),
     ];
-    let mut gateway =
-        GatewayChild::start(&pki, plan.gateway_workers, plan.pin_gateway, &limits, None)?;
+    let mut gateway = GatewayChild::start(
+        &pki,
+        1,
+        plan.gateway_workers,
+        plan.pin_gateway,
+        &limits,
+        None,
+    )?;
     // The agents share one identity, as replicas would.
     let creds = Credentials::load(&pki.agent.cert, &pki.agent.key, &pki.ca)
         .context("loading the agents' identity")?;

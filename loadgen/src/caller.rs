@@ -66,6 +66,8 @@ pub fn new_histogram() -> Histogram<u64> {
 pub struct CallerSetup {
     /// Gateway route: its address and the client configuration expecting a gateway.
     pub gateway: Option<(SocketAddr, quinn::ClientConfig)>,
+    /// Two-gateway route: the first gateway's address (the agents are behind the second).
+    pub ingress: Option<(SocketAddr, quinn::ClientConfig)>,
     /// Direct route: the agents' listeners and the client configuration expecting agents.
     pub direct: Option<(Vec<SocketAddr>, quinn::ClientConfig)>,
     /// Connections per thread and route. Through the gateway they are the primary connections
@@ -651,6 +653,7 @@ pub(crate) fn micros(d: Duration) -> u64 {
 struct Connections {
     endpoint: quinn::Endpoint,
     gateway: Vec<quinn::Connection>,
+    ingress: Vec<quinn::Connection>,
     direct: Vec<quinn::Connection>,
     /// Control streams of the gateway connections: dropping one would end its session.
     _control: Vec<(quinn::SendStream, quinn::RecvStream)>,
@@ -661,6 +664,7 @@ impl Connections {
         let family_of = setup
             .gateway
             .as_ref()
+            .or(setup.ingress.as_ref())
             .map(|(addr, _)| *addr)
             .or_else(|| {
                 setup
@@ -678,6 +682,7 @@ impl Connections {
         let mut connections = Connections {
             endpoint,
             gateway: Vec::new(),
+            ingress: Vec::new(),
             direct: Vec::new(),
             _control: Vec::new(),
         };
@@ -686,7 +691,14 @@ impl Connections {
             // on every gateway worker (its primary and its lanes), so the count is rounded up
             // to a whole number of sessions.
             while connections.gateway.len() < setup.connections {
-                connections.attach_session(*addr, config).await?;
+                let session = connections.attach_session(*addr, config).await?;
+                connections.gateway.extend(session);
+            }
+        }
+        if let Some((addr, config)) = &setup.ingress {
+            while connections.ingress.len() < setup.connections {
+                let session = connections.attach_session(*addr, config).await?;
+                connections.ingress.extend(session);
             }
         }
         if let Some((addrs, config)) = &setup.direct {
@@ -711,7 +723,8 @@ impl Connections {
         &mut self,
         gateway: SocketAddr,
         config: &quinn::ClientConfig,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Vec<quinn::Connection>> {
+        let mut session_connections = Vec::new();
         let card = AgentCard::new(
             "loadgen-caller",
             "dmsc-loadgen caller",
@@ -743,7 +756,7 @@ impl Connections {
             }
             other => bail!("unexpected answer to ATTACH: {other:?}"),
         };
-        self.gateway.push(primary);
+        session_connections.push(primary);
         self._control.push(control);
         let lane = ControlFrame::Lane {
             session,
@@ -758,7 +771,7 @@ impl Connections {
                 .with_context(|| format!("lane address {address:?} from the gateway"))?;
             match self.open_lane(addr, config, &lane).await {
                 Ok((connection, control)) => {
-                    self.gateway.push(connection);
+                    session_connections.push(connection);
                     self._control.push(control);
                 }
                 Err(e) => eprintln!(
@@ -767,7 +780,7 @@ impl Connections {
                 ),
             }
         }
-        Ok(())
+        Ok(session_connections)
     }
 
     async fn open_lane(
@@ -810,6 +823,7 @@ impl Connections {
     fn route(&self, route: Route) -> &[quinn::Connection] {
         match route {
             Route::Gateway => &self.gateway,
+            Route::TwoGateways => &self.ingress,
             Route::Direct => &self.direct,
         }
     }

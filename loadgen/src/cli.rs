@@ -92,6 +92,11 @@ pub enum Route {
     Gateway,
     /// Straight to the agents' own QUIC listeners, round-robin over the agents.
     Direct,
+    /// Through two gateways of one domain (`--gateways 2`): the callers attach to one, the
+    /// agents to the other, and every request crosses a trunk. Chosen by `--gateways 2`, not
+    /// by `--mode`.
+    #[value(skip)]
+    TwoGateways,
 }
 
 impl Route {
@@ -100,6 +105,7 @@ impl Route {
         match self {
             Route::Gateway => "gateway",
             Route::Direct => "direct",
+            Route::TwoGateways => "two-gateways",
         }
     }
 }
@@ -185,6 +191,12 @@ pub struct LoadArgs {
     /// Gateway worker threads [default: one per core].
     #[arg(long, value_name = "N")]
     pub gateway_workers: Option<usize>,
+    /// Gateways to start: 1, or 2 for a domain of two gateways under the control plane, the
+    /// callers attached to one and the echo agents to the other, so that every request crosses
+    /// a `dmsc-peer/1` trunk. With `compare`, three modes run side by side: through two
+    /// gateways, through one (callers and agents on the agents' gateway) and direct.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub gateways: usize,
     /// Install a new table generation on the gateway every this many milliseconds while the
     /// load runs (the loadgen edits its domain.toml and applies it through the control plane);
     /// 0: never. Measures what live policy changes cost the request path.
@@ -256,6 +268,12 @@ pub struct AttachArgs {
     /// Gateway worker threads [default: one per core].
     #[arg(long, value_name = "N")]
     pub gateway_workers: Option<usize>,
+    /// Gateways to start: 1, or 2 for a domain of two gateways under the control plane, the
+    /// callers attached to one and the echo agents to the other, so that every request crosses
+    /// a `dmsc-peer/1` trunk. With `compare`, three modes run side by side: through two
+    /// gateways, through one (callers and agents on the agents' gateway) and direct.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub gateways: usize,
     /// Pin gateway worker i to core i.
     #[arg(long)]
     pub pin_gateway: bool,
@@ -313,6 +331,9 @@ pub struct ServeGatewayArgs {
     /// The gateway's `busy_poll_us`.
     #[arg(long, default_value_t = 0)]
     pub busy_poll_us: u64,
+    /// The gateway's id (its certificate must be `spiffe://<domain>/gateway/<id>`).
+    #[arg(long, default_value = "loadgen")]
+    pub gateway_id: String,
 }
 
 /// The identity files every child process is started with.
@@ -455,9 +476,20 @@ pub struct Plan {
     pub gateway_busy_poll_us: u64,
     /// How long to drive the A2A path after the run (`None`: not at all).
     pub a2a: Option<Duration>,
+    /// Gateways started (1 or 2).
+    pub gateways: usize,
 }
 
 impl Plan {
+    /// The modes this plan runs, in the order each round runs them.
+    pub fn routes(&self) -> Vec<Route> {
+        match (self.runs, self.gateways) {
+            (Runs::Single(route), _) => vec![route],
+            (Runs::Compare { .. }, 2) => vec![Route::TwoGateways, Route::Gateway, Route::Direct],
+            (Runs::Compare { .. }, _) => vec![Route::Gateway, Route::Direct],
+        }
+    }
+
     /// Validates a single run's flags.
     pub fn single(load: &LoadArgs, external: &ExternalArgs, route: Route) -> anyhow::Result<Plan> {
         let plan = Plan::from_load(load, Some(external), Runs::Single(route))?;
@@ -516,6 +548,14 @@ impl Plan {
         in_range("--callers", a.callers, 1, 64)?;
         in_range("--connections", a.connections, 1, 256)?;
         in_range("--agents", a.agents, 1, 64)?;
+        in_range("--gateways", a.gateways, 1, 2)?;
+        let runs = match (runs, a.gateways) {
+            (Runs::Single(Route::Gateway), 2) => Runs::Single(Route::TwoGateways),
+            (Runs::Single(Route::Direct), 2) => {
+                bail!("--gateways 2 needs gateways: use --mode gateway or compare")
+            }
+            (runs, _) => runs,
+        };
         let load = match (a.concurrency, a.rate) {
             (_, Some(rate)) => {
                 if !rate.is_finite() || rate <= 0.0 || rate > 10_000_000.0 {
@@ -575,9 +615,15 @@ impl Plan {
         if a.swap_tables_ms > 0 && matches!(deployment, Deployment::External { .. }) {
             bail!("--swap-tables-ms needs the loadgen's own control plane; it cannot be combined with --gateway");
         }
+        if a.gateways == 2 && matches!(deployment, Deployment::External { .. }) {
+            bail!("--gateways 2 starts its own gateways; it cannot be combined with --gateway");
+        }
         let a2a = (!a.a2a.is_zero()
             && matches!(deployment, Deployment::SelfContained { .. })
-            && runs == Runs::Single(Route::Gateway))
+            && matches!(
+                runs,
+                Runs::Single(Route::Gateway) | Runs::Single(Route::TwoGateways)
+            ))
         .then_some(a.a2a);
         Ok(Plan {
             deployment,
@@ -597,6 +643,7 @@ impl Plan {
             bare_direct: a.bare_direct,
             gateway_busy_poll_us: a.gateway_busy_poll_us,
             a2a,
+            gateways: a.gateways,
         })
     }
 }

@@ -22,6 +22,11 @@ impl CpuTime {
         self.0
     }
 
+    /// The sum of two processes' times.
+    pub fn plus(self, other: CpuTime) -> CpuTime {
+        CpuTime(self.0 + other.0)
+    }
+
     /// Time spent since `earlier` (zero if the clock went backwards, which it does not).
     pub fn since(self, earlier: CpuTime) -> Duration {
         self.0.saturating_sub(earlier.0)

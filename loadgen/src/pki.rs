@@ -27,6 +27,8 @@ pub struct TempPki {
     pub ca: PathBuf,
     /// `spiffe://dmsc.local/gateway/loadgen`.
     pub gateway: IdentityFiles,
+    /// `spiffe://dmsc.local/gateway/loadgen2`: the second gateway of `--gateways 2`.
+    pub gateway2: IdentityFiles,
     /// `spiffe://dmsc.local/agent/echo`.
     pub agent: IdentityFiles,
     /// `spiffe://dmsc.local/agent/loadgen`.
@@ -39,6 +41,17 @@ pub struct TempPki {
     pub a2a_agent: IdentityFiles,
     /// The domain configuration the control plane serves ([`TempPki::write_domain`]).
     pub domain_toml: PathBuf,
+    /// Gateways the domain configuration lists.
+    gateways: usize,
+}
+
+/// The id of the loadgen's gateway number `i` (1 or 2).
+pub fn gateway_id(i: usize) -> &'static str {
+    if i == 2 {
+        "loadgen2"
+    } else {
+        "loadgen"
+    }
 }
 
 impl TempPki {
@@ -56,17 +69,20 @@ impl TempPki {
             dir: dir.clone(),
             ca: PathBuf::new(),
             gateway: IdentityFiles::empty(),
+            gateway2: IdentityFiles::empty(),
             agent: IdentityFiles::empty(),
             caller: IdentityFiles::empty(),
             control: IdentityFiles::empty(),
             a2a_front: IdentityFiles::empty(),
             a2a_agent: IdentityFiles::empty(),
             domain_toml: dir.join("domain.toml"),
+            gateways: 1,
         };
         let store = DevPki::new(dir.join("pki"));
         let ca = store.init(DOMAIN).context("creating the development CA")?;
         pki.ca = store.ca_cert_path();
         pki.gateway = store.ensure_gateway(&ca, "loadgen")?.into();
+        pki.gateway2 = store.ensure_gateway(&ca, "loadgen2")?.into();
         pki.agent = store.ensure_agent(&ca, "echo")?.into();
         pki.caller = store.ensure_agent(&ca, "loadgen")?.into();
         pki.a2a_front = store.ensure_agent(&ca, "a2a-front")?.into();
@@ -77,24 +93,44 @@ impl TempPki {
         Ok(pki)
     }
 
-    /// Writes the domain configuration: the gateway, and every agent of the domain allowed to
+    /// Writes the domain configuration: the gateways, and every agent of the domain allowed to
     /// advertise, discover and invoke everything. `version` only changes an interned dummy
     /// capability, so each version compiles to a different generation with the same policy
     /// (what `--swap-tables-ms` installs).
     pub fn write_domain(&self, version: u64) -> anyhow::Result<()> {
-        Self::write_domain_at(&self.domain_toml, &self.ca, version)
+        Self::write_domain_at(&self.domain_toml, &self.ca, version, self.gateways)
+    }
+
+    /// Gateways the domain configuration lists.
+    pub fn gateways(&self) -> usize {
+        self.gateways
+    }
+
+    /// Lists `n` gateways (1 or 2: `loadgen`, `loadgen2`) in the domain configuration from now
+    /// on, and rewrites it.
+    pub fn set_gateways(&mut self, n: usize) -> anyhow::Result<()> {
+        self.gateways = n;
+        self.write_domain(0)
     }
 
     /// [`TempPki::write_domain`] to `path`, with the CA certificate at `ca`.
-    pub fn write_domain_at(path: &Path, ca: &Path, version: u64) -> anyhow::Result<()> {
+    pub fn write_domain_at(
+        path: &Path,
+        ca: &Path,
+        version: u64,
+        gateways: usize,
+    ) -> anyhow::Result<()> {
         let text = format!(
             "# Written by dmsc-loadgen.\n\
              capabilities = [\"loadgen.generation-{version}\"]\n\n\
              [domain]\nname = \"{DOMAIN}\"\ntrust_anchor = {ca:?}\n\n\
-             [[gateway]]\nid = \"loadgen\"\n\n\
+             {gateways}\
              [groups.agents]\nmembers = [\"spiffe://{DOMAIN}/agent/*\"]\nadvertise = [\"*\"]\ndiscover = [\"*\"]\n\n\
              [[invoke]]\neffect = \"allow\"\ngroups = [\"agents\"]\ncapabilities = [\"*\"]\n",
             ca = ca.display().to_string(),
+            gateways = (1..=gateways.clamp(1, 2))
+                .map(|i| format!("[[gateway]]\nid = \"{}\"\n\n", gateway_id(i)))
+                .collect::<String>(),
         );
         // Write then rename, so the control plane never reads a half-written file.
         let tmp = path.with_extension("tmp");
@@ -106,6 +142,7 @@ impl TempPki {
     pub fn remove_keys(&self) {
         for key in [
             &self.gateway.key,
+            &self.gateway2.key,
             &self.agent.key,
             &self.caller.key,
             &self.control.key,

@@ -310,7 +310,7 @@ impl Summary {
             (elapsed > 0.0).then(|| cpu.as_secs_f64() / elapsed * 100.0)
         };
         let gateway = match (stats.route, info.self_contained) {
-            (Route::Gateway, true) => per_request(stats.cpu.gateway),
+            (Route::Gateway | Route::TwoGateways, true) => per_request(stats.cpu.gateway),
             _ => None,
         };
         let agents = if info.self_contained {
@@ -601,18 +601,46 @@ impl Comparison {
         })
     }
 
+    /// The ratios and added latency alone, as JSON (the two-gateway comparisons).
+    pub fn ratios_json(&self) -> Value {
+        json!({
+            "requests_per_sec": self.requests_per_sec.map(|v| round(v, 3)),
+            "p50": self.p50.map(|v| round(v, 3)),
+            "p99": self.p99.map(|v| round(v, 3)),
+            "cpu_us_per_request_total": self.cpu_us_per_request_total.map(|v| round(v, 3)),
+            "added_latency_us": {
+                "p50": self.added_p50_us,
+                "p99": self.added_p99_us,
+            },
+        })
+    }
+
     /// The printed comparison table.
     pub fn text(&self, gateway: &Summary, direct: &Summary, rounds: u32) -> String {
+        self.text_labeled(("gateway", "direct"), gateway, direct, rounds)
+    }
+
+    /// The printed comparison table of `a` (the mode compared) and `b` (the baseline).
+    pub fn text_labeled(
+        &self,
+        (a_name, b_name): (&str, &str),
+        gateway: &Summary,
+        direct: &Summary,
+        rounds: u32,
+    ) -> String {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "== gateway vs direct ({rounds} interleaved round{} each)",
+            "== {a_name} vs {b_name} ({rounds} interleaved round{} each)",
             if rounds == 1 { "" } else { "s" }
         );
         let _ = writeln!(
             out,
             "{:<20} {:>12} {:>12} {:>16}",
-            "", "gateway", "direct", "gateway/direct"
+            "",
+            a_name,
+            b_name,
+            format!("{a_name}/{b_name}")
         );
         let row = |out: &mut String, name: &str, g: String, d: String, r: Option<f64>| {
             let _ = writeln!(out, "{name:<20} {g:>12} {d:>12} {:>16}", opt(r, 2));
@@ -647,7 +675,7 @@ impl Comparison {
         );
         let _ = writeln!(
             out,
-            "gateway adds {} µs at p50 and {} µs at p99",
+            "{a_name} adds {} µs at p50 and {} µs at p99",
             self.added_p50_us, self.added_p99_us
         );
         out

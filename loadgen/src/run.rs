@@ -64,14 +64,21 @@ impl Verdict {
 /// Runs `plan` and reports; `Err` only for setup and runtime failures, failed requests are
 /// in the verdict.
 pub fn run(plan: &Plan) -> anyhow::Result<Verdict> {
-    let routes = match plan.runs {
-        Runs::Single(route) => vec![route],
-        Runs::Compare { .. } => vec![Route::Gateway, Route::Direct],
-    };
-    let mut env = Environment::start(plan, routes.contains(&Route::Gateway))?;
+    let routes = plan.routes();
+    let mut env = Environment::start(
+        plan,
+        routes.contains(&Route::Gateway) || routes.contains(&Route::TwoGateways),
+    )?;
     let setup = CallerSetup {
         gateway: match env.gateway_addr {
             Some(addr) if routes.contains(&Route::Gateway) => Some((
+                addr,
+                client_config(&env.caller, PrincipalKind::Gateway, Resumption::Allowed)?,
+            )),
+            _ => None,
+        },
+        ingress: match env.ingress_addr {
+            Some(addr) if routes.contains(&Route::TwoGateways) => Some((
                 addr,
                 client_config(&env.caller, PrincipalKind::Gateway, Resumption::Allowed)?,
             )),
@@ -173,7 +180,9 @@ pub fn run(plan: &Plan) -> anyhow::Result<Verdict> {
         table_generation,
         table_swaps: swaps,
         direct_path: env.self_contained().then_some(
-            if routes.contains(&Route::Gateway) && !plan.bare_direct {
+            if (routes.contains(&Route::Gateway) || routes.contains(&Route::TwoGateways))
+                && !plan.bare_direct
+            {
                 "sdk"
             } else {
                 "bare"
@@ -203,6 +212,30 @@ pub fn run(plan: &Plan) -> anyhow::Result<Verdict> {
             let comparison = Comparison::of(g, d);
             println!("{}", comparison.text(g, d, rounds));
             comparison.to_json(g.to_json(&info), d.to_json(&info), rounds)
+        }
+        (
+            Runs::Compare { rounds },
+            [(Route::Gateway, g), (Route::Direct, d), (Route::TwoGateways, t)],
+        ) => {
+            let comparison = Comparison::of(g, d);
+            println!("{}", comparison.text(g, d, rounds));
+            let two_vs_one = Comparison::of(t, g);
+            println!(
+                "{}",
+                two_vs_one.text_labeled(("two gateways", "one gateway"), t, g, rounds)
+            );
+            let two_vs_direct = Comparison::of(t, d);
+            println!(
+                "{}",
+                two_vs_direct.text_labeled(("two gateways", "direct"), t, d, rounds)
+            );
+            let mut json = comparison.to_json(g.to_json(&info), d.to_json(&info), rounds);
+            if let Some(object) = json.as_object_mut() {
+                object.insert("two_gateways".into(), t.to_json(&info));
+                object.insert("two_gateways_vs_one".into(), two_vs_one.ratios_json());
+                object.insert("two_gateways_vs_direct".into(), two_vs_direct.ratios_json());
+            }
+            json
         }
         (_, [(_, s)]) => s.to_json(&info),
         _ => bail!("internal error: unexpected set of summaries"),
@@ -380,6 +413,10 @@ fn write_files(
 struct Environment {
     // Children first: fields drop in order, and the processes should go before their PKI.
     a2a: Option<ChildProcess>,
+    /// `--gateways 2`: the gateway the callers attach to for the two-gateway route (the
+    /// agents attach to `gateway`).
+    ingress: Option<ChildProcess>,
+    ingress_addr: Option<SocketAddr>,
     /// The front door's URL for the A2A phase's capability.
     a2a_url: Option<String>,
     agents: Option<ChildProcess>,
@@ -403,6 +440,8 @@ impl Environment {
                 ca,
             } => Ok(Environment {
                 a2a: None,
+                ingress: None,
+                ingress_addr: None,
                 a2a_url: None,
                 agents: None,
                 gateway: None,
@@ -420,10 +459,15 @@ impl Environment {
                 gateway_workers,
                 pin_gateway,
             } => {
-                let pki = TempPki::create()?;
+                let mut pki = TempPki::create()?;
+                if plan.gateways == 2 {
+                    pki.set_gateways(2)?;
+                }
                 let deadline = Instant::now() + STARTUP_TIMEOUT;
                 let mut env = Environment {
                     a2a: None,
+                    ingress: None,
+                    ingress_addr: None,
                     a2a_url: None,
                     agents: None,
                     gateway: None,
@@ -437,8 +481,10 @@ impl Environment {
                 };
                 if with_gateway {
                     let control = ControlChild::start(&pki)?;
+                    // With two gateways the agents attach to the second one.
                     let gateway = GatewayChild::start(
                         &pki,
+                        plan.gateways,
                         *gateway_workers,
                         *pin_gateway,
                         &[("--busy-poll-us", plan.gateway_busy_poll_us as usize)],
@@ -484,6 +530,21 @@ impl Environment {
                     }
                 }
                 env.agents = Some(child);
+                if plan.gateways == 2 && with_gateway {
+                    if let Some(control) = &env.control {
+                        let ingress = GatewayChild::start(
+                            &pki,
+                            1,
+                            *gateway_workers,
+                            *pin_gateway,
+                            &[("--busy-poll-us", plan.gateway_busy_poll_us as usize)],
+                            Some(control.addr),
+                        )?;
+                        wait_for_trunks(&ingress, deadline)?;
+                        env.ingress_addr = Some(ingress.addr);
+                        env.ingress = Some(ingress.process);
+                    }
+                }
                 if let (Some(_), Some(gateway)) = (plan.a2a, env.gateway_addr) {
                     let (child, url) = start_a2a(&pki, gateway, deadline)?;
                     env.a2a = Some(child);
@@ -536,7 +597,12 @@ impl Environment {
         Option<cpu::CpuTime>,
     ) {
         let of = |child: &Option<ChildProcess>| child.as_ref().and_then(|c| cpu::process(c.pid()));
-        (cpu::this_process(), of(&self.gateway), of(&self.agents))
+        // Both gateways count as the gateway role (the first one idles in one-gateway rounds).
+        let gateways = match (of(&self.gateway), &self.ingress) {
+            (Some(g), Some(_)) => of(&self.ingress).map(|i| g.plus(i)),
+            (g, _) => g,
+        };
+        (cpu::this_process(), gateways, of(&self.agents))
     }
 
     /// The packet and wake-up counters of every role now.
@@ -551,6 +617,7 @@ impl Environment {
     fn exited(&mut self) -> Vec<&'static str> {
         [
             self.gateway.as_mut(),
+            self.ingress.as_mut(),
             self.agents.as_mut(),
             self.control.as_mut().map(|c| &mut c.process),
             self.a2a.as_mut(),
@@ -597,6 +664,44 @@ fn start_a2a(
     Ok((child, url))
 }
 
+/// Waits until `ingress` (gateway 1 of `--gateways 2`) holds routes to capabilities behind
+/// gateway 2 and a connected trunk to it from every worker, reading its admin metrics.
+fn wait_for_trunks(ingress: &GatewayChild, deadline: Instant) -> anyhow::Result<()> {
+    let Some(admin) = ingress.admin else {
+        bail!("the first gateway serves no admin endpoint");
+    };
+    let url = format!("http://{admin}/metrics");
+    loop {
+        let text = ureq::get(&url)
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_to_string().ok())
+            .unwrap_or_default();
+        let sum = |name: &str| -> f64 {
+            text.lines()
+                .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        let remote = sum("dmsc_domain_remote_capabilities");
+        let connected = sum("dmsc_trunk_connected");
+        if remote >= 1.0 && connected >= ingress.workers as f64 {
+            eprintln!(
+                "dmsc-loadgen: gateway 1 routes {remote} capabilities over {connected} trunks to \
+                 gateway 2"
+            );
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "gateway 1 did not learn gateway 2's capabilities in time (remote capabilities \
+                 {remote}, connected trunks {connected})"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A gateway process started with the loadgen's PKI (`serve-gateway`).
 #[derive(Debug)]
 pub struct GatewayChild {
@@ -616,12 +721,14 @@ impl GatewayChild {
     /// values (`--max-agents` ...). Returns once it listens.
     pub fn start(
         pki: &TempPki,
+        number: usize,
         workers: usize,
         pin: bool,
         limits: &[(&str, usize)],
         control: Option<SocketAddr>,
     ) -> anyhow::Result<GatewayChild> {
         let deadline = Instant::now() + STARTUP_TIMEOUT;
+        let id = crate::pki::gateway_id(number);
         let mut args = os_args(&[
             "serve-gateway",
             "--listen",
@@ -630,8 +737,15 @@ impl GatewayChild {
             &workers.to_string(),
             "--domain",
             DOMAIN,
+            "--gateway-id",
+            id,
         ]);
-        push_files(&mut args, &pki.gateway.cert, &pki.gateway.key, &pki.ca);
+        let files = if number == 2 {
+            &pki.gateway2
+        } else {
+            &pki.gateway
+        };
+        push_files(&mut args, &files.cert, &files.key, &pki.ca);
         if pin {
             args.push("--pin".into());
         }
@@ -641,10 +755,11 @@ impl GatewayChild {
         }
         if let Some(control) = control {
             args.extend(os_args(&["--control", &control.to_string(), "--state-dir"]));
-            args.push(pki.dir().join("gateway-state").into());
+            args.push(pki.dir().join(format!("{id}-state")).into());
             args.push("--admin".into());
         }
-        let mut process = ChildProcess::spawn("gateway", &args)?;
+        let role = if number == 2 { "gateway 2" } else { "gateway" };
+        let mut process = ChildProcess::spawn(role, &args)?;
         if control.is_some() {
             process.expect("generation", deadline)?;
         }
@@ -742,6 +857,7 @@ impl Swapper {
         let stop = Arc::new(AtomicBool::new(false));
         let domain_toml = pki.domain_toml.clone();
         let ca = pki.ca.clone();
+        let gateways = pki.gateways();
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
             .name("table-swapper".into())
@@ -756,7 +872,7 @@ impl Swapper {
                 let url = format!("http://{admin}/apply?wait_ms=5000");
                 while !flag.load(Ordering::Relaxed) {
                     let started = Instant::now();
-                    let ok = TempPki::write_domain_at(&domain_toml, &ca, version).is_ok()
+                    let ok = TempPki::write_domain_at(&domain_toml, &ca, version, gateways).is_ok()
                         && agent.post(&url).send_empty().is_ok_and(|mut r| {
                             r.status() == 200
                                 && r.body_mut().read_to_string().is_ok_and(|b| {

@@ -42,7 +42,7 @@ pub fn gateway(args: &ServeGatewayArgs) -> anyhow::Result<()> {
         workers: args.workers,
         pin_workers: args.pin,
         domain: args.domain.clone(),
-        gateway_id: "loadgen".into(),
+        gateway_id: args.gateway_id.clone(),
         cert: Some(args.files.cert.clone()),
         key: Some(args.files.key.clone()),
         ca: Some(args.files.ca.clone()),
@@ -117,6 +117,7 @@ pub fn control(args: &ServeControlArgs) -> anyhow::Result<()> {
         credentials: creds.identity(),
         trust_anchors: creds.anchors.clone(),
         debounce: Duration::from_millis(100),
+        routes: Default::default(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -58,6 +58,11 @@ impl<'a> Reader<'a> {
         self.buf.is_empty()
     }
 
+    /// Everything not read yet.
+    pub(crate) fn rest(&self) -> &'a [u8] {
+        self.buf
+    }
+
     pub(crate) fn varint(&mut self, what: &'static str) -> Result<u64, DecodeError> {
         match varint::decode(self.buf)? {
             Some((value, len)) => {

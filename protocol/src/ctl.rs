@@ -67,6 +67,14 @@ pub mod frame_type {
     pub const NACK: u64 = 0x04;
     /// Gateway -> control plane: the gateway's attached agents.
     pub const STATUS: u64 = 0x05;
+    /// Gateway -> control plane: attachments, whole or as changes (`docs/CONTROL.md` 7.1).
+    pub const REPORT: u64 = 0x06;
+    /// Control plane -> gateway: the domain's capabilities and where they are (7.2).
+    pub const ROUTES: u64 = 0x07;
+    /// Gateway -> control plane: routes held, trunk figures (7.3).
+    pub const TRUNKS: u64 = 0x08;
+    /// Control plane -> gateway: a report, or one agent of it, was refused (7.4).
+    pub const REPORT_REJECTED: u64 = 0x09;
 }
 
 /// QUIC application error codes a side closes a `dmsc-ctl/1` connection with.
@@ -279,6 +287,14 @@ pub enum Frame<'a> {
     },
     /// `STATUS`.
     Status(Status),
+    /// `REPORT`.
+    Report(crate::domain::Report),
+    /// `ROUTES`.
+    Routes(crate::domain::Routes),
+    /// `TRUNKS`.
+    Trunks(crate::domain::Trunks),
+    /// `REPORT_REJECTED`.
+    ReportRejected(crate::domain::ReportRejected),
     /// A frame of an extension type (>= 0x20) this implementation does not know: skipped.
     Unknown(u64),
 }
@@ -304,6 +320,10 @@ impl<'a> Frame<'a> {
                 rejections,
             },
             Frame::Status(s) => Frame::Status(s),
+            Frame::Report(r) => Frame::Report(r),
+            Frame::Routes(r) => Frame::Routes(r),
+            Frame::Trunks(t) => Frame::Trunks(t),
+            Frame::ReportRejected(x) => Frame::ReportRejected(x),
             Frame::Unknown(t) => Frame::Unknown(t),
         })
     }
@@ -346,6 +366,8 @@ impl FrameError {
 pub fn frame_limit(ty: u64) -> usize {
     if ty == frame_type::PUSH {
         MAX_PUSH_BYTES
+    } else if ty == frame_type::ROUTES {
+        crate::domain::MAX_ROUTES_BYTES
     } else {
         MAX_FRAME_BYTES
     }
@@ -512,6 +534,12 @@ fn decode_payload(ty: u64, payload: &[u8]) -> Result<Frame<'_>, DecodeError> {
                 identities,
             })
         }
+        frame_type::REPORT => Frame::Report(crate::domain::decode_report(&mut r)?),
+        frame_type::ROUTES => Frame::Routes(crate::domain::decode_routes(&mut r)?),
+        frame_type::TRUNKS => Frame::Trunks(crate::domain::decode_trunks(&mut r)?),
+        frame_type::REPORT_REJECTED => {
+            Frame::ReportRejected(crate::domain::decode_rejected(&mut r)?)
+        }
         t if t >= FIRST_EXTENSION_TYPE => return Ok(Frame::Unknown(t)),
         _ => {
             return Err(DecodeError::InvalidValue {
@@ -628,6 +656,22 @@ pub fn encode_frame(frame: &Frame<'_>, out: &mut Vec<u8>) {
                 put_bytes(&mut p, id.as_bytes());
             }
             frame_type::STATUS
+        }
+        Frame::Report(r) => {
+            crate::domain::encode_report(r, &mut p);
+            frame_type::REPORT
+        }
+        Frame::Routes(r) => {
+            crate::domain::encode_routes(r, &mut p);
+            frame_type::ROUTES
+        }
+        Frame::Trunks(t) => {
+            crate::domain::encode_trunks(t, &mut p);
+            frame_type::TRUNKS
+        }
+        Frame::ReportRejected(x) => {
+            crate::domain::encode_rejected(x, &mut p);
+            frame_type::REPORT_REJECTED
         }
         Frame::Unknown(t) => *t,
     };

@@ -187,6 +187,13 @@ impl<'a> RequestHeader<'a> {
         let Some(block_bytes) = buf.get(prefix..prefix + block) else {
             return Ok(None);
         };
+        Ok(Some((Self::decode_fields(block_bytes)?, prefix + block)))
+    }
+
+    /// Decodes the fields of a request header block (without its length prefix): the whole of
+    /// `block` is the header. Used for blocks that embed the request fields after fields of
+    /// their own (the `dmsc-peer/1` trunk header).
+    pub fn decode_fields(block_bytes: &'a [u8]) -> Result<Self, DecodeError> {
         let mut r = Reader::new(block_bytes);
         let capability = r.str("capability", MAX_CAPABILITY_BYTES)?;
         if capability.is_empty() {
@@ -220,20 +227,17 @@ impl<'a> RequestHeader<'a> {
             r.str("via", MAX_IDENTITY_BYTES)?
         };
         // Remaining bytes are extensions of a later revision: ignored.
-        Ok(Some((
-            Self {
-                capability,
-                deadline_ms,
-                hop_count,
-                trace,
-                content_type,
-                caller,
-                target_session,
-                on_behalf_of,
-                via,
-            },
-            prefix + block,
-        )))
+        Ok(Self {
+            capability,
+            deadline_ms,
+            hop_count,
+            trace,
+            content_type,
+            caller,
+            target_session,
+            on_behalf_of,
+            via,
+        })
     }
 }
 

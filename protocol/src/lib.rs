@@ -10,6 +10,9 @@
 //!   discovery, detach and drain).
 //! - [`ctl`]: the frames of `dmsc-ctl/1`, the session on which the control plane pushes tables
 //!   to a gateway.
+//! - [`peer`]: the header of `dmsc-peer/1` trunk streams between gateways.
+//! - [`domain`]: the `dmsc-ctl/1` frames by which gateways report their agents and the control
+//!   plane pushes the domain's routes.
 //! - [`status`]: response status codes and the QUIC stream and connection error codes.
 //! - [`card`]: the A2A agent-card model, parsed from the JSON agents publish.
 //! - [`spiffe`]: SPIFFE IDs, the identities in certificates and in the caller field (parsing and
@@ -31,8 +34,10 @@
 pub mod card;
 pub mod control;
 pub mod ctl;
+pub mod domain;
 pub mod header;
 pub mod limits;
+pub mod peer;
 pub mod spiffe;
 pub mod status;
 pub mod table;

@@ -223,11 +223,16 @@ impl Domain {
     /// Starts `dmsc-control serve` on ephemeral ports; returns it with its `dmsc-ctl/1` and
     /// admin addresses.
     pub fn control_plane(&self, listen: Option<SocketAddr>) -> ControlPlane {
+        self.control_plane_with(listen, &[])
+    }
+
+    /// [`Domain::control_plane`] with `extra` arguments to `serve`.
+    pub fn control_plane_with(&self, listen: Option<SocketAddr>, extra: &[&str]) -> ControlPlane {
         let listen = listen.map_or("127.0.0.1:0".to_owned(), |a| a.to_string());
-        let mut proc = Proc::spawn(
-            "control plane",
-            &binary("dmsc-control"),
-            &[
+        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        args.splice(
+            0..0,
+            [
                 "serve".into(),
                 "--config".into(),
                 self.config_path().display().to_string(),
@@ -239,6 +244,7 @@ impl Domain {
                 self.dir.0.display().to_string(),
             ],
         );
+        let mut proc = Proc::spawn("control plane", &binary("dmsc-control"), &args);
         let ctl = proc
             .expect_line("dmsc-ctl/1 on")
             .parse()
@@ -298,7 +304,23 @@ impl Domain {
             .unwrap_or_default()
             .parse()
             .expect("gateway address");
-        (proc, Some(GatewayAddrs { addr, admin, table }))
+        let trunks = listening
+            .split("trunks: ")
+            .nth(1)
+            .unwrap_or_default()
+            .trim_end_matches(')')
+            .split(", ")
+            .filter_map(|a| a.parse().ok())
+            .collect();
+        (
+            proc,
+            Some(GatewayAddrs {
+                addr,
+                admin,
+                table,
+                trunks,
+            }),
+        )
     }
 }
 
@@ -380,6 +402,8 @@ pub struct GatewayAddrs {
     pub admin: SocketAddr,
     /// The generation it started with.
     pub table: String,
+    /// Its trunk addresses, one per worker (other gateways connect there).
+    pub trunks: Vec<SocketAddr>,
 }
 
 /// A minimal HTTP/1.1 exchange (test-side only), returning the body.

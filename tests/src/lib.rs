@@ -160,13 +160,23 @@ impl RawClient {
         id: &IssuedIdentity,
         ca: &CertificateAuthority,
     ) -> anyhow::Result<Self> {
+        Self::connect_alpn(gateway, id, ca, dmsc_protocol::ALPN_AGENT).await
+    }
+
+    /// [`RawClient::connect`] offering ALPN `alpn` (`dmsc-peer/1` to act as a trunk peer).
+    pub async fn connect_alpn(
+        gateway: SocketAddr,
+        id: &IssuedIdentity,
+        ca: &CertificateAuthority,
+        alpn: &[u8],
+    ) -> anyhow::Result<Self> {
         let verifier = SpiffeVerifier::new(&[ca.cert_der()], &[PrincipalKind::Gateway], &[DOMAIN])?;
         let credentials = Credentials {
             cert_chain: id.cert_chain(),
             private_key: id.private_key(),
         };
         let crypto = dmsc_identity::client_config(
-            dmsc_protocol::ALPN_AGENT,
+            alpn,
             credentials,
             Arc::new(verifier),
             Resumption::Allowed,

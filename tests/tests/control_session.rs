@@ -75,7 +75,10 @@ impl Peer {
     async fn answer(&mut self) -> anyhow::Result<Frame<'static>> {
         loop {
             match self.next().await?.0 {
-                Frame::Status(_) => continue,
+                // What a gateway reports besides answers (its agents, trunks, routes held).
+                Frame::Status(_) | Frame::Report(_) | Frame::Trunks(_) => continue,
+                // What a control plane sends besides pushes (the domain routes).
+                Frame::Routes(_) => continue,
                 other => return Ok(other),
             }
         }

@@ -94,6 +94,10 @@ pub(super) enum Role {
     Primary(SessionId),
     /// A lane of the session.
     Lane(SessionId),
+    /// A trunk another gateway of the domain opened to this worker (`dmsc-peer/1`).
+    TrunkIn,
+    /// This worker's trunk to the peer gateway in this slot of its trunk table.
+    TrunkOut(usize),
 }
 
 /// One QUIC connection and the gateway's state for it.
@@ -199,7 +203,10 @@ impl Core {
             Event::ConnectionLost { reason } => {
                 if let Some(conn) = self.conns.get(ci) {
                     debug!(parent: &conn.span, %reason, "connection lost");
-                    if conn.identity.is_none() {
+                    if matches!(conn.role, Role::TrunkOut(_)) {
+                        // A trunk attempt to a peer that is down: retried with backoff.
+                        debug!(parent: &conn.span, %reason, "trunk lost");
+                    } else if conn.identity.is_none() {
                         // The handshake failed: no certificate, a refused one, a wrong ALPN.
                         WorkerStats::add(&self.stats.handshakes_failed, 1);
                         let remote = conn.quic.remote_address();
@@ -255,9 +262,51 @@ impl Core {
         let Some(conn) = self.conns.get_mut(ci) else {
             return;
         };
+        if let Role::TrunkOut(slot) = conn.role {
+            return self.trunk_connected(ci, slot, now);
+        }
         let Some(id) = crate::tls::peer_spiffe_id(&conn.quic) else {
             // The verifier accepted the certificate, so this cannot happen; refuse anyway.
             return self.close_conn(ci, now, ConnectionCode::Unauthenticated, "no identity");
+        };
+        // On a trunk socket the verifier admitted only gateways of the domain (dmsc-peer/1);
+        // only those the installed table lists may forward requests.
+        if self.trunk_socket == Some(conn.socket) {
+            let gateway = match dmsc_protocol::spiffe::SpiffeId::parse(&id) {
+                Ok(sid) => match sid.principal() {
+                    dmsc_protocol::spiffe::Principal::Gateway(g) => Some(g.to_string()),
+                    _ => None,
+                },
+                Err(_) => None,
+            };
+            let listed = gateway
+                .as_deref()
+                .is_some_and(|g| self.is_domain_gateway(g));
+            let Some(conn) = self.conns.get_mut(ci) else {
+                return;
+            };
+            if !listed {
+                debug!(parent: &conn.span, identity = %id, "trunk from a gateway not in the table");
+                WorkerStats::add(&self.stats.trunks_refused, 1);
+                return self.close_conn(
+                    ci,
+                    now,
+                    ConnectionCode::Unauthenticated,
+                    "not a gateway of this domain's table",
+                );
+            }
+            conn.role = Role::TrunkIn;
+            conn.attach_deadline = None;
+            // A trunk carries the requests of a whole peer worker, not of one agent.
+            conn.quic.set_max_concurrent_streams(
+                Dir::Bi,
+                quinn_proto::VarInt::from_u32(super::trunk::TRUNK_MAX_STREAMS),
+            );
+            debug!(parent: &conn.span, identity = %id, "trunk accepted");
+            WorkerStats::add(&self.stats.trunks_in, 1);
+        }
+        let Some(conn) = self.conns.get_mut(ci) else {
+            return;
         };
         let id: Arc<str> = id.into();
         let table = self.router.table();
@@ -300,6 +349,13 @@ impl Core {
             let Some(id) = conn.quic.streams().accept(Dir::Bi) else {
                 return;
             };
+            if matches!(conn.role, Role::TrunkOut(_)) {
+                // Only this side opens streams on its own trunk.
+                let code = StreamCode::ProtocolViolation.into_varint();
+                let _ = conn.quic.recv_stream(id).stop(code);
+                let _ = conn.quic.send_stream(id).reset(code);
+                continue;
+            }
             if conn.control.is_none() && conn.role == Role::Pending {
                 conn.control = Some(id);
                 self.read_control(ci, now);
@@ -367,6 +423,8 @@ impl Core {
         match role {
             Role::Primary(session) => {
                 self.broadcast(|| WorkerMsg::AgentDown { session });
+                self.shared
+                    .report_attach(crate::msg::AttachEvent::Down(session));
                 self.agent_down(session, now);
                 self.shared.agents.fetch_sub(1, Ordering::Relaxed);
                 WorkerStats::sub(&self.stats.agents, 1);
@@ -382,6 +440,8 @@ impl Core {
                 }
                 WorkerStats::sub(&self.stats.lanes, 1);
             }
+            Role::TrunkOut(slot) => self.trunk_gone(ci, slot, now),
+            Role::TrunkIn => WorkerStats::sub(&self.stats.trunks_in, 1),
             Role::Pending => {}
         }
     }

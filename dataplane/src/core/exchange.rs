@@ -30,11 +30,13 @@ use smallvec::SmallVec;
 
 use dmsc_protocol::control::SessionId;
 use dmsc_protocol::header::{RequestHeader, ResponseHeader};
+use dmsc_protocol::peer::PeerHeader;
 use dmsc_protocol::spiffe::{Principal, SpiffeId};
 use dmsc_protocol::table::GroupSet;
 use dmsc_protocol::{Status, StreamCode};
 use hashbrown::HashMap;
 
+use super::trunk::RemoteSelection;
 use super::{after, mark_dirty, ConnIdx, Core, IntoVarInt, HEADER_ARENA, MAX_DELEGATED_IDENTITIES};
 use crate::msg::{ExKey, HandoffEvent, HandoffId, ToHome, ToOrigin, WorkerMsg};
 use crate::routing::{AgentIdx, MetricSlot, Router, Selection, WorkerId};
@@ -163,6 +165,8 @@ pub(crate) struct Exchange {
     started: Option<Instant>,
     /// The answer's status, once known.
     status: Option<Status>,
+    /// The peer slot of the trunk the request was forwarded over, released at the end.
+    pub(super) trunk: Option<usize>,
 }
 
 impl Exchange {
@@ -269,6 +273,7 @@ impl Core {
             metric: None,
             started: None,
             status: None,
+            trunk: None,
         })
     }
 
@@ -450,6 +455,15 @@ impl Core {
             }
             None => return,
         };
+        let Leg::Local { conn: ci, .. } = x.down.leg else {
+            return;
+        };
+        let Some(conn) = self.conns.get(ci) else {
+            return;
+        };
+        if conn.role == super::conn::Role::TrunkIn {
+            return self.trunk_header_arrived(key, &raw, now);
+        }
         let header = match RequestHeader::decode(&raw, limit) {
             Ok(Some((h, _))) => h,
             Ok(None) => {
@@ -460,10 +474,9 @@ impl Core {
                 return self.answer(key, Status::BadRequest, &msg);
             }
         };
-        let Leg::Local { conn: ci, .. } = x.down.leg else {
-            return;
-        };
-        x.phase = Phase::Routed;
+        if let Some(x) = self.ex(key) {
+            x.phase = Phase::Routed;
+        }
         let limits = &self.shared.config.limits;
         if self.drain_deadline.is_some() {
             return self.answer(key, Status::Unavailable, "gateway is draining");
@@ -471,20 +484,16 @@ impl Core {
         if u64::from(header.hop_count) >= u64::from(limits.max_hops) {
             return self.answer(key, Status::LoopDetected, "hop limit reached");
         }
-        let deadline_ms = match header.deadline_ms {
-            0 => limits.default_deadline_ms,
-            d => d.min(limits.max_deadline_ms),
-        };
         let Some(conn) = self.conns.get(ci) else {
             return;
         };
-        let Some(caller) = conn.identity.as_deref() else {
+        let Some(caller) = conn.identity.clone() else {
             return self.answer(key, Status::Denied, "no caller identity");
         };
         let groups = conn.groups;
         let bridge = conn.bridge;
         if conn.rate_limited {
-            let within = match self.per_identity.get_mut(caller) {
+            let within = match self.per_identity.get_mut(&*caller) {
                 Some(super::Principal {
                     bucket: Some(bucket),
                     ..
@@ -502,7 +511,7 @@ impl Core {
         // A bridge's request on behalf of another identity: policy and the target see that
         // identity; the bridge is stamped as `via`. (Rate limits stay the bridge's own.)
         let (groups, stamped, via) = if header.on_behalf_of.is_empty() {
-            (groups, caller, "")
+            (groups, &*caller, "")
         } else if !bridge {
             let why = "only a bridge may invoke on behalf of another identity";
             return self.answer(key, Status::Denied, why);
@@ -514,14 +523,89 @@ impl Core {
                 domain,
                 header.on_behalf_of,
             ) {
-                Some(delegated) => (delegated, header.on_behalf_of, caller),
+                Some(delegated) => (delegated, header.on_behalf_of, &*caller),
                 None => {
                     let why = "on_behalf_of is not an agent identity of this domain";
                     return self.answer(key, Status::BadRequest, why);
                 }
             }
         };
-        let selection = match header.target_session {
+        let forwarded = RequestHeader {
+            caller: stamped,
+            // Consumed here: the target is the session itself.
+            target_session: 0,
+            on_behalf_of: "",
+            via,
+            ..header
+        };
+        self.route(key, forwarded, header.target_session, groups, &[], now);
+    }
+
+    /// The header of a request another gateway forwarded over a trunk: the caller it stamped
+    /// is trusted (the trunk peer is an authenticated gateway of the table), loops and the hop
+    /// limit end here, and the request is routed like a local one.
+    fn trunk_header_arrived(&mut self, key: ExKey, raw: &[u8], now: Instant) {
+        let limit = self.shared.config.limits.max_header_bytes;
+        WorkerStats::add(&self.stats.trunk_requests_in, 1);
+        let peer = match PeerHeader::decode(raw, limit) {
+            Ok(Some((h, _))) => h,
+            Ok(None) => {
+                return self.answer(key, Status::BadRequest, "stream ended inside the header")
+            }
+            Err(e) => {
+                let msg = format!("malformed trunk header: {e}");
+                return self.answer(key, Status::BadRequest, &msg);
+            }
+        };
+        if let Some(x) = self.ex(key) {
+            x.phase = Phase::Routed;
+        }
+        let limits = &self.shared.config.limits;
+        if self.drain_deadline.is_some() {
+            return self.answer(key, Status::Unavailable, "gateway is draining");
+        }
+        let header = peer.request;
+        if peer.has_visited(&self.shared.config.gateway_id) {
+            return self.answer(
+                key,
+                Status::LoopDetected,
+                "request already visited this gateway",
+            );
+        }
+        if u64::from(header.hop_count) >= u64::from(limits.max_hops) {
+            return self.answer(key, Status::LoopDetected, "hop limit reached");
+        }
+        if !header.on_behalf_of.is_empty() || header.target_session != 0 {
+            let why = "a trunk request carries neither on_behalf_of nor target_session";
+            return self.answer(key, Status::BadRequest, why);
+        }
+        let domain = &self.shared.config.domain;
+        let Some(groups) =
+            delegated_groups(&mut self.delegated, &self.router, domain, header.caller)
+        else {
+            let why = "the stamped caller is not an agent identity of this domain";
+            return self.answer(key, Status::BadRequest, why);
+        };
+        self.route(key, header, 0, groups, peer.visited(), now);
+    }
+
+    /// Routes a request whose caller is settled (`header.caller` stamped, its policy groups
+    /// `groups`): to a local agent, else over a trunk to a gateway not in `visited`.
+    fn route(
+        &mut self,
+        key: ExKey,
+        header: RequestHeader<'_>,
+        target_session: u64,
+        groups: GroupSet,
+        visited: &[&str],
+        now: Instant,
+    ) {
+        let limits = &self.shared.config.limits;
+        let deadline_ms = match header.deadline_ms {
+            0 => limits.default_deadline_ms,
+            d => d.min(limits.max_deadline_ms),
+        };
+        let selection = match target_session {
             0 => self.router.select(&groups, header.capability),
             session => self
                 .router
@@ -530,29 +614,29 @@ impl Core {
         let (target, local, metric) = match selection {
             Selection::Local(t, m) => (t, true, m),
             Selection::Handoff(t, m) => (t, false, m),
-            Selection::NoRoute if header.target_session != 0 => {
+            Selection::NoRoute if target_session != 0 => {
                 let why = "the target session is not attached or does not offer this capability";
                 return self.answer(key, Status::NoRoute, why);
             }
             Selection::NoRoute => {
-                return self.answer(key, Status::NoRoute, "no agent offers this capability")
+                return self.forward_remote(key, header, deadline_ms, groups, visited, None, now)
             }
             Selection::Denied(slot) => {
                 self.count_under(key, slot, now);
                 return self.answer(key, Status::Denied, "policy denies this call");
+            }
+            Selection::Overloaded if target_session == 0 => {
+                // Every local candidate is at its limit: another gateway may have room.
+                let why = Some("every candidate is at its limit");
+                return self.forward_remote(key, header, deadline_ms, groups, visited, why, now);
             }
             Selection::Overloaded => {
                 return self.answer(key, Status::Overloaded, "every candidate is at its limit")
             }
         };
         let forwarded = RequestHeader {
-            caller: stamped,
             deadline_ms,
             hop_count: header.hop_count + 1,
-            // Consumed here: the target is the session itself.
-            target_session: 0,
-            on_behalf_of: "",
-            via,
             ..header
         };
         let encoded = encode_header(&mut self.scratch, &mut self.arena, &forwarded);
@@ -601,6 +685,85 @@ impl Core {
                 },
             );
         }
+    }
+
+    /// No local agent can take the request: forward it over a trunk to another gateway that
+    /// offers the capability, or answer. `overloaded` is set when local agents exist but are
+    /// all at their limit (the answer when no other gateway can help either).
+    #[allow(clippy::too_many_arguments)]
+    fn forward_remote(
+        &mut self,
+        key: ExKey,
+        header: RequestHeader<'_>,
+        deadline_ms: u64,
+        groups: GroupSet,
+        visited: &[&str],
+        overloaded: Option<&str>,
+        now: Instant,
+    ) {
+        let (slot, tci) = match self.select_remote(&groups, header.capability, visited) {
+            RemoteSelection::Peer(slot, ci) => (slot, ci),
+            _ if overloaded.is_some() => {
+                return self.answer(key, Status::Overloaded, overloaded.unwrap_or_default())
+            }
+            RemoteSelection::NoRoute => {
+                return self.answer(key, Status::NoRoute, "no agent offers this capability")
+            }
+            RemoteSelection::Denied => {
+                return self.answer(key, Status::Denied, "policy denies this call")
+            }
+            RemoteSelection::Loop => {
+                let why = "every gateway offering this capability was already visited";
+                return self.answer(key, Status::LoopDetected, why);
+            }
+            RemoteSelection::Unavailable => {
+                let why = "no trunk to a gateway offering this capability is connected";
+                return self.answer(key, Status::Unavailable, why);
+            }
+        };
+        if visited.len() >= dmsc_protocol::peer::MAX_VISITED {
+            return self.answer(key, Status::LoopDetected, "too many gateways visited");
+        }
+        let own = self.shared.config.gateway_id.clone();
+        let mut path: SmallVec<[&str; 4]> = SmallVec::from_slice(visited);
+        path.push(&own);
+        // The peer starts its own clock when the header arrives: half the trunk's round trip
+        // is already spent by then.
+        let transit_ms = self.conns.get(tci).map_or(1, |c| {
+            (c.quic.rtt().as_micros() as u64).div_ceil(2000).max(1)
+        });
+        if deadline_ms <= transit_ms {
+            return self.answer(key, Status::DeadlineExceeded, "no time left to forward");
+        }
+        let forwarded = RequestHeader {
+            deadline_ms: deadline_ms - transit_ms,
+            hop_count: header.hop_count + 1,
+            ..header
+        };
+        let Some(peer_header) = PeerHeader::new(forwarded, &path) else {
+            return self.answer(key, Status::LoopDetected, "too many gateways visited");
+        };
+        let encoded = encode_peer_header(
+            &mut self.scratch,
+            &mut self.peer_scratch,
+            &mut self.arena,
+            &peer_header,
+        );
+        let Some(encoded) = encoded else {
+            return self.answer(key, Status::BadRequest, "request cannot be forwarded");
+        };
+        if !self.open_up(key, tci, encoded) {
+            return self.answer(key, Status::Overloaded, "the trunk has no stream capacity");
+        }
+        if let Some(x) = self.ex(key) {
+            x.trunk = Some(slot);
+            x.started = Some(now);
+        }
+        self.set_deadline(key, after(now, deadline_ms));
+        let peer = &mut self.trunks.peers[slot];
+        peer.outstanding += 1;
+        peer.requests += 1;
+        WorkerStats::add(&self.stats.forwarded_trunk, 1);
     }
 
     /// Counts exchange `key`'s outcome under metrics slot `slot` (a capability) when it ends.
@@ -965,6 +1128,12 @@ impl Core {
                 }
             }
         }
+        if let Some(peer) = x.trunk.and_then(|slot| self.trunks.peers.get_mut(slot)) {
+            peer.outstanding = peer.outstanding.saturating_sub(1);
+            if x.status != Some(Status::Ok) {
+                peer.errors += 1;
+            }
+        }
         if let Some(target) = x.target {
             // A stale index (the agent left and another took its slot) releases nothing.
             if let Some(session) = self.router.finish(target) {
@@ -1004,6 +1173,23 @@ fn encode_header(scratch: &mut Vec<u8>, arena: &mut BytesMut, header: &RequestHe
     }
     arena.extend_from_slice(scratch);
     arena.split().freeze()
+}
+
+/// Encodes a trunk header like [`encode_header`] (`fields` is working space); `None` if a
+/// field is over its limit.
+fn encode_peer_header(
+    scratch: &mut Vec<u8>,
+    fields: &mut Vec<u8>,
+    arena: &mut BytesMut,
+    header: &PeerHeader<'_>,
+) -> Option<Bytes> {
+    scratch.clear();
+    header.encode(fields, scratch).ok()?;
+    if arena.capacity() < scratch.len() {
+        *arena = BytesMut::with_capacity(HEADER_ARENA.max(scratch.len()));
+    }
+    arena.extend_from_slice(scratch);
+    Some(arena.split().freeze())
 }
 
 /// Takes the status of the target's answer from its first chunk, when the header is whole in

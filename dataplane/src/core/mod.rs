@@ -86,6 +86,7 @@ mod ratelimit;
 mod registry;
 mod session;
 mod timers;
+mod trunk;
 
 #[cfg(test)]
 pub(crate) mod tests;
@@ -117,6 +118,7 @@ pub(crate) use exchange::Exchange;
 pub(crate) use handoff::Chunks;
 use outbox::Outboxes;
 use timers::Timers;
+pub use trunk::DomainRoutes;
 
 /// Datagrams the shell feeds per socket per iteration before it looks at other work.
 pub(crate) const RECV_BUDGET: usize = 256;
@@ -146,6 +148,17 @@ pub(crate) struct Shared {
     pub(crate) agents: AtomicUsize,
     /// Lane address of each worker, as sent in `ATTACH_OK`.
     pub(crate) lane_addrs: Vec<String>,
+    /// Trunk address of each worker, as reported to the control plane (empty: no trunks).
+    pub(crate) trunk_addrs: Vec<String>,
+    /// Attachments for the control client to report; only sent once a client reads them.
+    pub(crate) attach_events: (
+        crossbeam_channel::Sender<crate::msg::AttachEvent>,
+        crossbeam_channel::Receiver<crate::msg::AttachEvent>,
+    ),
+    /// A control client reads `attach_events`.
+    pub(crate) reporting: std::sync::atomic::AtomicBool,
+    /// Attach events dropped because the control client did not keep up.
+    pub(crate) attach_events_dropped: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -158,6 +171,10 @@ impl Shared {
                 .collect(),
             agents: AtomicUsize::new(0),
             lane_addrs,
+            trunk_addrs: Vec::new(),
+            attach_events: crossbeam_channel::bounded(crate::msg::ATTACH_EVENTS),
+            reporting: std::sync::atomic::AtomicBool::new(false),
+            attach_events_dropped: std::sync::atomic::AtomicU64::new(0),
             config,
         }
     }
@@ -165,6 +182,14 @@ impl Shared {
     /// Number of workers.
     pub(crate) fn workers(&self) -> usize {
         self.stats.len()
+    }
+
+    /// Tells the control client (if one reads) of an attachment change.
+    pub(crate) fn report_attach(&self, event: crate::msg::AttachEvent) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.reporting.load(Relaxed) && self.attach_events.0.try_send(event).is_err() {
+            self.attach_events_dropped.fetch_add(1, Relaxed);
+        }
     }
 }
 
@@ -226,6 +251,9 @@ pub(crate) struct Core {
     sockets: Vec<SocketCaps>,
     endpoint: Endpoint,
     server_config: Arc<ServerConfig>,
+    /// The socket trunks arrive on and leave from, and how trunks are accepted there.
+    trunk_socket: Option<usize>,
+    peer_server_config: Option<Arc<ServerConfig>>,
     random: Box<dyn Random>,
     accepting: bool,
     conns: Conns,
@@ -265,6 +293,10 @@ pub(crate) struct Core {
     outboxes: Outboxes,
     /// Scratch for encoding.
     scratch: Vec<u8>,
+    /// Second scratch, for the request fields of a trunk header.
+    peer_scratch: Vec<u8>,
+    /// Trunks to the other gateways of the domain, and the domain routes.
+    trunks: trunk::Trunks,
     arena: BytesMut,
     drain_deadline: Option<Instant>,
     session_seq: u64,
@@ -322,6 +354,8 @@ impl Core {
             sockets,
             endpoint,
             server_config,
+            trunk_socket: None,
+            peer_server_config: None,
             random,
             accepting: true,
             conns: Conns::default(),
@@ -353,6 +387,8 @@ impl Core {
             responses: VecDeque::new(),
             outboxes: Outboxes::new(workers, outbox_limit),
             scratch: Vec::with_capacity(65_536),
+            peer_scratch: Vec::with_capacity(1024),
+            trunks: trunk::Trunks::default(),
             arena: BytesMut::with_capacity(HEADER_ARENA),
             drain_deadline: None,
             session_seq: 0,
@@ -362,6 +398,21 @@ impl Core {
             handshake_log: conn::LogLimiter::default(),
             shared,
         }
+    }
+
+    /// Makes socket `socket` this worker's trunk socket: trunks from other gateways are
+    /// accepted there with `server` (ALPN `dmsc-peer/1`, gateways only), and this worker's own
+    /// trunks leave from it with `client`. Without it, routes are installed but nothing is
+    /// forwarded and no trunk is accepted.
+    pub(crate) fn enable_trunks(
+        &mut self,
+        socket: usize,
+        server: Arc<ServerConfig>,
+        client: quinn_proto::ClientConfig,
+    ) {
+        self.trunk_socket = Some(socket);
+        self.peer_server_config = Some(server);
+        self.trunks.client = Some(client);
     }
 
     /// This worker's index.
@@ -478,6 +529,20 @@ impl Core {
                 let _ = reply.try_send(self.report(&known));
             }
             WorkerMsg::Drain { grace } => self.start_drain(now, grace),
+            WorkerMsg::ReportAgents => {
+                for info in self.agents.values() {
+                    if info.home == self.index && !self.detach_waiting.contains_key(&info.session) {
+                        self.shared
+                            .report_attach(crate::msg::AttachEvent::Up(info.clone()));
+                    }
+                }
+            }
+            WorkerMsg::Routes { routes, done } => {
+                self.install_routes(routes, now);
+                if let Some(done) = done {
+                    let _ = done.try_send(self.index.index());
+                }
+            }
         }
     }
 
@@ -486,6 +551,9 @@ impl Core {
     pub(crate) fn handle_timeout(&mut self, now: Instant) {
         self.tick(now);
         self.fire_timers(now);
+        if self.trunks.next_retry().is_some_and(|t| t <= now) {
+            self.connect_trunks(now);
+        }
     }
 
     /// `socket` can take transmits again: the connections that stopped on it go on.
@@ -588,10 +656,14 @@ impl Core {
         {
             return Some(self.now);
         }
-        [self.timers.next(), self.drain_timer()]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.timers.next(),
+            self.drain_timer(),
+            self.trunks.next_retry(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Ends an iteration: records how long this iteration's requests stayed in the gateway.
@@ -642,10 +714,18 @@ impl Core {
             }
         }
         let remote = incoming.remote_address();
-        match self
-            .endpoint
-            .accept(incoming, now, buf, Some(self.server_config.clone()))
-        {
+        let config = if self.trunk_socket == Some(socket) {
+            match &self.peer_server_config {
+                Some(c) => c.clone(),
+                None => {
+                    let t = self.endpoint.refuse(incoming, buf);
+                    return self.respond(socket, t, buf);
+                }
+            }
+        } else {
+            self.server_config.clone()
+        };
+        match self.endpoint.accept(incoming, now, buf, Some(config)) {
             Ok((ch, quic)) => self.add_conn(ch, quic, socket, now),
             Err(e) => {
                 // A malformed Initial, or a ClientHello TLS refuses outright (no acceptable
@@ -695,6 +775,7 @@ impl Core {
         }
         self.delegated.clear();
         self.router.install(table);
+        self.recompute_remote_columns();
         self.readmit_home_agents();
     }
 
@@ -728,8 +809,12 @@ impl Core {
                 limit: info.limit,
                 card: info.card.clone(),
                 capabilities,
+                card_digest: info.card_digest,
+                card_bytes: info.card_bytes,
             });
             self.broadcast(|| WorkerMsg::AgentUp(updated.clone()));
+            self.shared
+                .report_attach(crate::msg::AttachEvent::Up(updated.clone()));
             self.agent_up(updated);
             self.write_control(ci, &ControlFrame::CapabilitiesRefused { refused });
         }

@@ -183,6 +183,13 @@ impl Core {
             table: self.router.table().name(),
             changes: self.metrics.changes(self.router.metric_names(), known),
             agents,
+            trunks: self.trunk_views(),
+            routes: self.trunks.routes.as_ref().map(|r| r.version()),
+            remote_capabilities: self
+                .trunks
+                .routes
+                .as_ref()
+                .map_or(0, |r| r.remote_capabilities()),
         }
     }
 }

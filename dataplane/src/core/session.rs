@@ -27,7 +27,7 @@ use dmsc_protocol::ConnectionCode;
 
 use super::conn::Role;
 use super::{mark_dirty, ConnIdx, Core};
-use crate::msg::{AgentInfo, WorkerMsg};
+use crate::msg::{AgentInfo, AttachEvent, WorkerMsg};
 use crate::routing::permits;
 use crate::stats::WorkerStats;
 
@@ -301,7 +301,8 @@ impl Core {
             }
             (Role::Primary(session), ControlFrame::UpdateCard { card }) => {
                 let groups = self.conns.get(ci).map_or(GroupSet::EMPTY, |c| c.groups);
-                let (refusal, reason) = match self.parse_card(&card) {
+                let raw = card;
+                let (refusal, reason) = match self.parse_card(&raw) {
                     Ok(card) => {
                         let (capabilities, refused) = self.admit(&groups, &card);
                         match self.agents.get(&session) {
@@ -309,6 +310,7 @@ impl Core {
                                 (Some(Refusal::NotPermitted), not_permitted(&refused))
                             }
                             Some(old) => {
+                                let (card_digest, card_bytes) = AgentInfo::digest(&raw);
                                 let info = Arc::new(AgentInfo {
                                     session,
                                     home: self.index,
@@ -317,8 +319,11 @@ impl Core {
                                     limit: old.limit,
                                     capabilities,
                                     card,
+                                    card_digest,
+                                    card_bytes,
                                 });
                                 self.broadcast(|| WorkerMsg::AgentUp(info.clone()));
+                                self.shared.report_attach(AttachEvent::Up(info.clone()));
                                 self.agent_up(info);
                                 (None, partly_refused(&refused))
                             }
@@ -369,6 +374,7 @@ impl Core {
                 let workers = self.shared.workers();
                 self.detach_waiting.insert(session, workers);
                 self.broadcast(|| WorkerMsg::AgentDetaching { session });
+                self.shared.report_attach(AttachEvent::Down(session));
                 self.agent_detaching(session);
             }
             (_, ControlFrame::Unknown { .. }) => {}
@@ -407,6 +413,7 @@ impl Core {
         card: &[u8],
         now: Instant,
     ) {
+        let card_json = card;
         let card = match self.parse_card(card) {
             Ok(card) => card,
             Err(reason) => {
@@ -437,6 +444,7 @@ impl Core {
             self.shared.agents.fetch_sub(1, Ordering::Relaxed);
             return self.close_conn(ci, now, ConnectionCode::InternalError, "no randomness");
         }
+        let (card_digest, card_bytes) = AgentInfo::digest(card_json);
         let info = Arc::new(AgentInfo {
             session,
             home: self.index,
@@ -445,6 +453,8 @@ impl Core {
             limit,
             capabilities,
             card,
+            card_digest,
+            card_bytes,
         });
         self.session_conns.entry(session).or_default().push(ci);
         if let Some(conn) = self.conns.get_mut(ci) {
@@ -455,6 +465,7 @@ impl Core {
         }
         WorkerStats::add(&self.stats.agents, 1);
         self.broadcast(|| WorkerMsg::AgentUp(info.clone()));
+        self.shared.report_attach(AttachEvent::Up(info.clone()));
         self.agent_up(info);
         self.router.set_local(session, Some(ci));
         let lanes = if self.shared.config.lanes {
@@ -597,6 +608,7 @@ impl Core {
                 output_modes: clip(skill.effective_output_modes(&info.card)),
             });
         }
+        self.merge_remote_discovery(&mut entries, &mut truncated, groups, prefix, tag);
         // Keep the frame under the control-frame limit.
         let mut size = 0;
         let mut keep = entries.len();
@@ -621,6 +633,64 @@ impl Core {
             query_id,
             truncated,
             entries,
+        }
+    }
+}
+
+impl Core {
+    /// Adds to `entries` (local, in name order) what agents behind other gateways offer:
+    /// the domain routes answer for the whole domain, under the same discovery policy.
+    fn merge_remote_discovery(
+        &self,
+        entries: &mut Vec<DiscoveryEntry>,
+        truncated: &mut bool,
+        groups: &GroupSet,
+        prefix: &str,
+        tag: &str,
+    ) {
+        let Some(routes) = self.trunks.routes.as_ref() else {
+            return;
+        };
+        let table = self.router.table();
+        let range = routes
+            .capabilities
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix),
+                std::ops::Bound::Unbounded,
+            ))
+            .take_while(|(name, _)| name.starts_with(prefix));
+        for (name, remote) in range {
+            if !tag.is_empty() && !remote.skill.tags.iter().any(|t| t == tag) {
+                continue;
+            }
+            if !permits(groups, table.column(Relation::Discover, name).as_ref()) {
+                continue;
+            }
+            let providers = remote.agents;
+            match entries.binary_search_by(|e| e.capability.as_str().cmp(name)) {
+                Ok(i) => entries[i].providers = entries[i].providers.saturating_add(providers),
+                Err(i) => {
+                    if entries.len() >= MAX_DISCOVERY_ENTRIES {
+                        *truncated = true;
+                        if i >= entries.len() {
+                            break;
+                        }
+                        entries.pop();
+                    }
+                    let skill = &remote.skill;
+                    entries.insert(
+                        i,
+                        DiscoveryEntry {
+                            capability: skill.id.clone(),
+                            description: skill.description.clone(),
+                            providers,
+                            tags: skill.tags.clone(),
+                            input_modes: skill.input_modes.clone(),
+                            output_modes: skill.output_modes.clone(),
+                        },
+                    );
+                }
+            }
         }
     }
 }

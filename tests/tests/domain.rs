@@ -1,0 +1,621 @@
+//! A domain of gateways as real processes on loopback: a control plane and three gateways;
+//! agents attached to one gateway invoke capabilities offered only behind another, over
+//! `dmsc-peer/1` trunks. Run with `cargo test --workspace` (the tests start the built
+//! `dmsc-control` and `dmsc-gateway`).
+
+use std::time::{Duration, Instant};
+
+use dmsc_agent::{Agent, Status};
+use dmsc_protocol::header::RequestHeader;
+use dmsc_protocol::peer::PeerHeader;
+use dmsc_tests::cluster::{http, Domain, GatewayAddrs, Proc, OPEN_DOMAIN};
+use dmsc_tests::*;
+
+/// Callers may invoke everything but `whoami`, and discover everything.
+const POLICY: &str = r#"
+[domain]
+name = "test.local"
+trust_anchor = "{ca}"
+
+[[gateway]]
+id = "gw1"
+[[gateway]]
+id = "gw2"
+[[gateway]]
+id = "gw3"
+
+[groups.agents]
+members = ["spiffe://test.local/agent/target*"]
+advertise = ["*"]
+discover = ["*"]
+
+[groups.callers]
+members = ["spiffe://test.local/agent/caller*"]
+advertise = ["x"]
+discover = ["*"]
+
+[[invoke]]
+effect = "allow"
+groups = ["agents", "callers"]
+capabilities = ["*"]
+
+[[invoke]]
+effect = "deny"
+groups = ["callers"]
+capabilities = ["whoami"]
+"#;
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i.wrapping_mul(31) ^ (i >> 8)) as u8)
+        .collect()
+}
+
+struct Cluster {
+    domain: Domain,
+    cp: dmsc_tests::cluster::ControlPlane,
+    gateways: Vec<(Proc, GatewayAddrs)>,
+}
+
+fn start(tag: &str, config: &str, ids: &[&str], cp_extra: &[&str]) -> Cluster {
+    let domain = Domain::new(tag, config);
+    let cp = domain.control_plane_with(None, cp_extra);
+    let gateways = ids
+        .iter()
+        .map(|id| {
+            let (proc, addrs) = domain.gateway(id, cp.ctl, &[], Duration::from_secs(20));
+            (proc, addrs.unwrap_or_else(|| panic!("{id} did not start")))
+        })
+        .collect();
+    Cluster {
+        domain,
+        cp,
+        gateways,
+    }
+}
+
+/// Invokes `capability` until it answers OK (the routes reached the caller's gateway), for at
+/// most `timeout`; returns the last status.
+async fn until_routed(caller: &Agent, capability: &str, timeout: Duration) -> Status {
+    let end = Instant::now() + timeout;
+    loop {
+        let status = match caller.invoke(capability, "x").await {
+            Ok(r) => r.status,
+            Err(_) => Status::Unavailable,
+        };
+        if status == Status::Ok || Instant::now() > end {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Invokes `capability` until `done` holds for the status (5 s at most); returns the last.
+async fn loop_until(caller: &Agent, capability: &str, done: impl Fn(Status) -> bool) -> Status {
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = caller
+            .invoke(capability, "x")
+            .await
+            .map_or(Status::Unavailable, |r| r.status);
+        if done(status) || Instant::now() > end {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Attaches agent `name` offering `capabilities`, answering OK to each of them.
+async fn attach_any(
+    pki: &Pki,
+    gateway: std::net::SocketAddr,
+    name: &str,
+    capabilities: &[&str],
+) -> Agent {
+    let config = agent_config(pki, gateway, name, card(name, capabilities));
+    let handlers = dmsc_agent::Handlers::new().fallback(|_req: dmsc_agent::Request| async move {
+        Ok::<_, dmsc_agent::HandlerError>(dmsc_agent::Response::ok("ok"))
+    });
+    Agent::attach(config, handlers)
+        .await
+        .expect("agent attaches")
+}
+
+fn metric(admin: std::net::SocketAddr, name: &str) -> u64 {
+    let text = http(admin, "GET", "/metrics");
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_on_one_gateway_invokes_a_capability_offered_only_behind_another() {
+    let c = start("domain-cross", POLICY, &["gw1", "gw2", "gw3"], &[]);
+    let pki = &c.domain.pki;
+    let (gw1, gw3) = (c.gateways[0].1.addr, c.gateways[2].1.addr);
+    let target = attach(pki, gw3, "target3", &["echo", "whoami", "caller", "sleep"]).await;
+    let caller = attach(pki, gw1, "caller1", &["x"]).await;
+
+    assert_eq!(
+        until_routed(&caller, "echo", Duration::from_secs(10)).await,
+        Status::Ok
+    );
+    // Byte-exact both ways, whatever the size.
+    for len in [0, 1024, 1024 * 1024, 64 * 1024 * 1024] {
+        let body = pattern(len);
+        let reply = caller
+            .request("echo")
+            .deadline(Duration::from_secs(60))
+            .send(body.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{len} bytes: {e}"));
+        assert_eq!(reply.status, Status::Ok, "{len} bytes: {}", reply.message);
+        assert!(reply.payload == body, "{len} bytes differ");
+    }
+    // The caller is the one the ingress gateway verified.
+    let who = caller.invoke("caller", "").await.unwrap();
+    assert_eq!(who.payload, "spiffe://test.local/agent/caller1");
+    // The domain policy holds across the trunk.
+    let denied = caller.invoke("whoami", "").await.unwrap();
+    assert_eq!(denied.status, Status::Denied, "{}", denied.message);
+    // Nobody offers it anywhere.
+    let none = caller.invoke("nobody.offers.this", "").await.unwrap();
+    assert_eq!(none.status, Status::NoRoute, "{}", none.message);
+    // The deadline travels and shrinks: the target sleeps past it.
+    let late = caller
+        .request("sleep")
+        .deadline(Duration::from_millis(300))
+        .send("2000")
+        .await
+        .unwrap();
+    assert_eq!(late.status, Status::DeadlineExceeded, "{}", late.message);
+
+    // The target sees the deadline shrunk by the trunk hop, and two hops: one per gateway.
+    let meta = dmsc_agent::Handlers::new().on("meta", |req: dmsc_agent::Request| async move {
+        let ms = req.deadline.map_or(0, |d| d.as_millis());
+        let text = format!("{ms} {}", req.hop_count);
+        Ok::<_, dmsc_agent::HandlerError>(dmsc_agent::Response::ok(bytes::Bytes::from(text)))
+    });
+    let config = agent_config(pki, gw3, "target3m", card("target3m", &["meta"]));
+    let _meta = Agent::attach(config, meta).await.unwrap();
+    assert_eq!(
+        until_routed(&caller, "meta", Duration::from_secs(10)).await,
+        Status::Ok
+    );
+    let seen = caller
+        .request("meta")
+        .deadline(Duration::from_millis(1000))
+        .send("")
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&seen.payload).to_string();
+    let (ms, hops) = text.split_once(' ').unwrap();
+    let ms: u64 = ms.parse().unwrap();
+    assert!(
+        ms < 1000 && ms > 500,
+        "deadline seen by the target: {ms} ms"
+    );
+    assert_eq!(hops, "2");
+
+    // Discovery on gw1 answers for the domain.
+    let found = caller.discover("ec", "").await.unwrap();
+    assert!(
+        found
+            .iter()
+            .any(|e| e.capability == "echo" && e.providers >= 1),
+        "{found:?}"
+    );
+
+    // Requests crossing two gateways stay on the core they arrived on: no hand-offs on gw3.
+    for _ in 0..50 {
+        assert_eq!(caller.invoke("echo", "x").await.unwrap().status, Status::Ok);
+    }
+    assert_eq!(metric(c.gateways[2].1.admin, "dmsc_handoffs"), 0);
+    assert!(metric(c.gateways[0].1.admin, "dmsc_trunk_forwarded") >= 50);
+    assert!(metric(c.gateways[2].1.admin, "dmsc_trunk_requests_received") >= 50);
+
+    // The control plane shows the agents per gateway and gw1's trunks.
+    let ok = eventually(Duration::from_secs(5), || {
+        let s = c.cp.status().to_string();
+        s.contains("target3") && s.contains("\"trunks\"")
+    })
+    .await;
+    assert!(ok, "status: {:#}", c.cp.status());
+
+    // A remote agent dies in the middle of a request: the caller gets TARGET_FAILED.
+    let dying = RawClient::connect(gw3, &pki.agent("target9"), &pki.ca)
+        .await
+        .unwrap();
+    let (_ctl_send, _ctl_recv, ok) = dying.attach(&card("target9", &["dying"])).await.unwrap();
+    assert!(
+        matches!(ok, dmsc_protocol::control::ControlFrame::AttachOk { .. }),
+        "{ok:?}"
+    );
+    let conn = dying.conn.clone();
+    tokio::spawn(async move {
+        if let Ok((_send, mut recv)) = conn.accept_bi().await {
+            let mut buf = [0u8; 64];
+            let _ = recv.read(&mut buf).await;
+            conn.close(0u32.into(), b"dying");
+        }
+    });
+    let reply = loop_until(&caller, "dying", |s| s != Status::NoRoute).await;
+    assert_eq!(reply, Status::TargetFailed);
+    // And its capability leaves gw1's routes soon after.
+    let gone = loop_until(&caller, "dying", |s| s == Status::NoRoute).await;
+    assert_eq!(gone, Status::NoRoute);
+    drop(target);
+    caller.detach().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_gateway_vanishes_from_the_others_and_nothing_else_is_lost() {
+    let c = start(
+        "domain-kill",
+        OPEN_DOMAIN,
+        &["gw1", "gw2", "gw3"],
+        &["--gateway-grace-ms", "1000"],
+    );
+    let pki = &c.domain.pki;
+    let (gw1, gw2) = (c.gateways[0].1.addr, c.gateways[1].1.addr);
+    let _t2 = attach(pki, gw2, "target2", &["echo"]).await;
+    let caller = attach(pki, gw1, "caller1", &["x"]).await;
+    // Only gw3 offers `whoami`.
+    let _t3 = attach(pki, c.gateways[2].1.addr, "target3", &["whoami"]).await;
+    assert_eq!(
+        until_routed(&caller, "whoami", Duration::from_secs(10)).await,
+        Status::Ok
+    );
+    assert_eq!(
+        until_routed(&caller, "echo", Duration::from_secs(10)).await,
+        Status::Ok
+    );
+    // Steady load on echo (via gw2) while gw3 dies.
+    let load = {
+        let caller = caller.clone();
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            let end = Instant::now() + Duration::from_secs(6);
+            while Instant::now() < end && ok < 100_000 {
+                match caller.invoke("echo", "x").await {
+                    Ok(r) if r.status == Status::Ok => ok += 1,
+                    Ok(r) => failed.push(format!("{:?} {}", r.status, r.message)),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut gateways = c.gateways;
+    let killed = Instant::now();
+    gateways[2].0.kill();
+    // The trunks to gw3 time out (3 s of silence): its capability is unavailable from gw1
+    // at once then, and leaves gw1's routes once the control plane has seen gw3's session
+    // end (10 s idle timeout of dmsc-ctl/1) and its grace period (1 s) passed.
+    let mut unavailable = None;
+    let mut gone = None;
+    while killed.elapsed() < Duration::from_secs(16) {
+        let reply = caller
+            .request("whoami")
+            .deadline(Duration::from_millis(500))
+            .send("")
+            .await
+            .unwrap();
+        match reply.status {
+            Status::NoRoute => {
+                gone = Some(killed.elapsed());
+                break;
+            }
+            Status::Unavailable => {
+                unavailable.get_or_insert(killed.elapsed());
+            }
+            // Before the trunk times out, requests sent into it end with their deadline.
+            Status::DeadlineExceeded | Status::TargetFailed | Status::Ok => {}
+            other => panic!("{other:?}: {}", reply.message),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let unavailable = unavailable.expect("gw3 was never unavailable");
+    assert!(unavailable < Duration::from_secs(5), "took {unavailable:?}");
+    let gone = gone.expect("gw3's agents never left gw1's routes");
+    assert!(gone < Duration::from_secs(15), "took {gone:?}");
+    let (ok, failed) = load.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok > 50, "only {ok} requests");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_gateway_traffic_survives_the_control_plane() {
+    let mut c = start("domain-fail-static", OPEN_DOMAIN, &["gw1", "gw2"], &[]);
+    let pki = &c.domain.pki;
+    let _t = attach(pki, c.gateways[1].1.addr, "target2", &["echo"]).await;
+    let caller = attach(pki, c.gateways[0].1.addr, "caller1", &["x"]).await;
+    assert_eq!(
+        until_routed(&caller, "echo", Duration::from_secs(10)).await,
+        Status::Ok
+    );
+    let load = {
+        let caller = caller.clone();
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, 0u32);
+            let end = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < end && ok < 100_000 {
+                match caller.invoke("echo", "x").await {
+                    Ok(r) if r.status == Status::Ok => ok += 1,
+                    _ => failed += 1,
+                }
+            }
+            (ok, failed)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.cp.proc.kill();
+    let (ok, failed) = load.await.unwrap();
+    assert_eq!(failed, 0, "{failed} failed, {ok} ok");
+    assert!(ok > 50);
+    // New attachments are served locally meanwhile.
+    let _local = attach(pki, c.gateways[0].1.addr, "target1", &["whoami"]).await;
+    assert_eq!(
+        caller.invoke("whoami", "").await.unwrap().status,
+        Status::Ok
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trunk_peers_are_authenticated_gateways_of_the_table_and_loops_end() {
+    let c = start("domain-trunk", OPEN_DOMAIN, &["gw1", "gw2"], &[]);
+    let pki = &c.domain.pki;
+    let gw2 = c.gateways[1].1.addr;
+    let _t = attach(pki, gw2, "target2", &["echo"]).await;
+    let ca = &pki.ca;
+    let peer_id = |name: &str| {
+        ca.issue(
+            &dmsc_identity::SpiffeId::gateway(DOMAIN, name).unwrap(),
+            &[],
+        )
+        .unwrap()
+    };
+
+    // A listed gateway may forward; the caller it stamps is what the target sees.
+    let trunk = c.gateways[1].1.trunks[0];
+    let gw1 = RawClient::connect_alpn(trunk, &peer_id("gw1"), ca, dmsc_protocol::ALPN_PEER)
+        .await
+        .unwrap();
+    let trunk_request = |visited: &[&str], hops: u8, caller: &str| {
+        let header = RequestHeader {
+            caller,
+            hop_count: hops,
+            deadline_ms: 2000,
+            ..RequestHeader::new("echo")
+        };
+        let (mut scratch, mut out) = (Vec::new(), Vec::new());
+        PeerHeader::new(header, visited)
+            .unwrap()
+            .encode(&mut scratch, &mut out)
+            .unwrap();
+        out.extend_from_slice(b"ping");
+        out
+    };
+    let caller = "spiffe://test.local/agent/someone";
+    let mut status = Status::Unavailable;
+    for _ in 0..100 {
+        status = gw1
+            .request_raw(&trunk_request(&["gw1"], 1, caller))
+            .await
+            .unwrap()
+            .0;
+        if status == Status::Ok {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, Status::Ok);
+    // A request that already visited this gateway ends: tables that disagree cannot loop.
+    let (s, msg, _) = gw1
+        .request_raw(&trunk_request(&["gw1", "gw2"], 2, caller))
+        .await
+        .unwrap();
+    assert_eq!(s, Status::LoopDetected, "{msg}");
+    // So does one at the hop limit.
+    let (s, _, _) = gw1
+        .request_raw(&trunk_request(&["gw1"], 8, caller))
+        .await
+        .unwrap();
+    assert_eq!(s, Status::LoopDetected);
+    // A stamped caller that is not an agent of the domain is refused.
+    let (s, _, _) = gw1
+        .request_raw(&trunk_request(&["gw1"], 1, "spiffe://elsewhere/agent/x"))
+        .await
+        .unwrap();
+    assert_eq!(s, Status::BadRequest);
+    // A malformed header gets BAD_REQUEST on its stream; the trunk goes on working.
+    let (s, _, _) = gw1.request_raw(&[0x03, 0x05, 0x00, 0x00]).await.unwrap();
+    assert_eq!(s, Status::BadRequest);
+    let (s, _, body) = gw1
+        .request_raw(&trunk_request(&["gw1"], 1, caller))
+        .await
+        .unwrap();
+    assert_eq!((s, &body[..]), (Status::Ok, &b"ping"[..]));
+
+    // A gateway of the domain that the table does not list is refused at once.
+    let stranger = RawClient::connect_alpn(trunk, &peer_id("gw9"), ca, dmsc_protocol::ALPN_PEER)
+        .await
+        .unwrap();
+    let refused = stranger
+        .request_raw(&trunk_request(&["gw9"], 1, caller))
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    // An agent may not open a trunk (refused at the handshake: only gateways pass there).
+    let agent = pki.agent("target9");
+    let refused = match RawClient::connect_alpn(trunk, &agent, ca, dmsc_protocol::ALPN_PEER).await {
+        Err(_) => true,
+        Ok(c) => c
+            .request_raw(&trunk_request(&["gw1"], 1, caller))
+            .await
+            .is_err(),
+    };
+    assert!(refused, "an agent opened a trunk");
+    // Nor may a gateway speak dmsc-peer/1 on the agents' port.
+    let refused =
+        match RawClient::connect_alpn(gw2, &peer_id("gw1"), ca, dmsc_protocol::ALPN_PEER).await {
+            Err(_) => true,
+            Ok(c) => c
+                .request_raw(&trunk_request(&["gw1"], 1, caller))
+                .await
+                .is_err(),
+        };
+    assert!(refused, "a trunk on the agents' port");
+}
+
+/// Sequential attaches at gw1, each timed until a caller on gw2 and one on gw3 can invoke the
+/// new agent's own capability. Returns the latencies, sorted.
+async fn attach_to_routable(c: &Cluster, attaches: usize) -> Vec<Duration> {
+    let pki = &c.domain.pki;
+    let (gw1, gw2, gw3) = (
+        c.gateways[0].1.addr,
+        c.gateways[1].1.addr,
+        c.gateways[2].1.addr,
+    );
+    let far = [
+        attach(pki, gw2, "caller2", &["x2"]).await,
+        attach(pki, gw3, "caller3", &["x3"]).await,
+    ];
+    // Warm: the trunks are up once one capability of gw1 is routable from both.
+    let _first = attach_any(pki, gw1, "target-warm", &["warm"]).await;
+    for caller in &far {
+        assert_eq!(
+            until_routed(caller, "warm", Duration::from_secs(10)).await,
+            Status::Ok
+        );
+    }
+    let mut agents = Vec::with_capacity(attaches);
+    let mut took = Vec::with_capacity(attaches);
+    for i in 0..attaches {
+        let capability = format!("cap.{i}");
+        let agent = attach_any(pki, gw1, &format!("target-{i}"), &[capability.as_str()]).await;
+        let attached = Instant::now();
+        for caller in &far {
+            let status = loop {
+                let status = caller
+                    .invoke(&capability, "")
+                    .await
+                    .map_or(Status::Unavailable, |r| r.status);
+                if status != Status::NoRoute || attached.elapsed() > Duration::from_secs(5) {
+                    break status;
+                }
+            };
+            assert_eq!(status, Status::Ok, "{capability} not routable after 5 s");
+        }
+        took.push(attached.elapsed());
+        agents.push(agent);
+    }
+    took.sort();
+    took
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attach_at_one_gateway_becomes_routable_at_every_other() {
+    let c = start("domain-attach", OPEN_DOMAIN, &["gw1", "gw2", "gw3"], &[]);
+    let took = attach_to_routable(&c, 30).await;
+    eprintln!(
+        "attach -> routable at gw2 and gw3, 30 attaches: p50 {:?}, max {:?}",
+        percentile(&took, 0.5),
+        took[took.len() - 1]
+    );
+}
+
+/// The figure of docs/BENCHMARKS.md: 1,000 sequential attaches (`DMSC_ATTACHES` to change).
+/// Run in release: `cargo test --release -p dmsc-tests --test domain -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run in release"]
+async fn attach_to_routable_latency() {
+    let attaches = std::env::var("DMSC_ATTACHES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let c = start(
+        "domain-attach-bench",
+        OPEN_DOMAIN,
+        &["gw1", "gw2", "gw3"],
+        &[],
+    );
+    let took = attach_to_routable(&c, attaches).await;
+    println!(
+        "attach -> routable at gw2 and gw3 over {attaches} sequential attaches: p50 {:.1} ms, \
+         p99 {:.1} ms, max {:.1} ms",
+        percentile(&took, 0.5).as_secs_f64() * 1e3,
+        percentile(&took, 0.99).as_secs_f64() * 1e3,
+        took[took.len() - 1].as_secs_f64() * 1e3
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attach_storm_is_coalesced_into_a_few_route_pushes() {
+    let c = start("domain-storm", OPEN_DOMAIN, &["gw1", "gw2"], &[]);
+    let pki = &c.domain.pki;
+    let (gw1, gw2) = (c.gateways[0].1.addr, c.gateways[1].1.addr);
+    let caller = attach(pki, gw2, "caller2", &["x"]).await;
+    let _warm = attach_any(pki, gw1, "target-warm", &["warm"]).await;
+    assert_eq!(
+        until_routed(&caller, "warm", Duration::from_secs(10)).await,
+        Status::Ok
+    );
+    let version = || metric(c.cp.admin, "dmsc_control_routes_version");
+    let before = version();
+    // 400 agents attach to gw1 at once, each with its own capability.
+    const STORM: usize = 400;
+    let identities: Vec<_> = (0..STORM)
+        .map(|i| pki.agent(&format!("storm{i}")))
+        .collect();
+    let attaches = identities.iter().enumerate().map(|(i, id)| async move {
+        let client = RawClient::connect(gw1, id, &pki.ca).await?;
+        let (send, recv, answer) = client
+            .attach(&card(
+                &format!("storm{i}"),
+                &[format!("storm.{i}").as_str()],
+            ))
+            .await?;
+        anyhow::ensure!(
+            matches!(
+                answer,
+                dmsc_protocol::control::ControlFrame::AttachOk { .. }
+            ),
+            "{answer:?}"
+        );
+        anyhow::Ok((client, send, recv))
+    });
+    let held: Vec<_> = futures_util::future::join_all(attaches)
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    // gw2 learns every one of them, in a few versions of the routes.
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut seen = 0;
+    while Instant::now() < end {
+        seen = caller.discover("storm.", "").await.unwrap().len();
+        if seen == STORM {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(seen, STORM);
+    let pushes = version() - before;
+    assert!(
+        (1..=40).contains(&pushes),
+        "{STORM} attaches took {pushes} route versions"
+    );
+    eprintln!("{STORM} concurrent attaches: {pushes} route versions");
+    drop(held);
+}
