@@ -1,4 +1,4 @@
-//! Micro-benchmarks of the per-request path: header codec, capability lookup plus selection,
+//! Micro-benchmarks of the per-request path: header codec (agents' and trunks'), capability lookup plus selection,
 //! control-frame decoding. See docs/BENCHMARKS.md for method and figures.
 
 use std::hint::black_box;
@@ -10,6 +10,7 @@ use dmsc_dataplane::routing::{AgentEntry, Router, Selection, TableGeneration};
 use dmsc_protocol::control::{ControlFrame, SessionId};
 use dmsc_protocol::header::{RequestHeader, ResponseHeader, TraceContext};
 use dmsc_protocol::limits::MAX_HEADER_BYTES;
+use dmsc_protocol::peer::PeerHeader;
 use dmsc_protocol::Status;
 
 fn header_codec(c: &mut Criterion) {
@@ -52,6 +53,26 @@ fn header_codec(c: &mut Criterion) {
     ResponseHeader::new(Status::Ok).encode(&mut resp).unwrap();
     g.bench_function("response_decode", |b| {
         b.iter(|| black_box(ResponseHeader::decode(black_box(&resp), MAX_HEADER_BYTES).unwrap()))
+    });
+    // What a gateway writes and reads per request forwarded over a trunk (docs/TRUNK.md).
+    let peer = PeerHeader::new(header, &["gw1"]).unwrap();
+    let mut peer_buf = Vec::with_capacity(256);
+    peer.encode(&mut Vec::new(), &mut peer_buf).unwrap();
+    g.bench_function("peer_encode", |b| {
+        let (mut fields, mut out) = (Vec::with_capacity(256), Vec::with_capacity(256));
+        b.iter(|| {
+            out.clear();
+            black_box(&peer).encode(&mut fields, &mut out).unwrap();
+            black_box(out.len())
+        })
+    });
+    g.bench_function("peer_decode", |b| {
+        b.iter(|| {
+            let (h, used) = PeerHeader::decode(black_box(&peer_buf), MAX_HEADER_BYTES)
+                .unwrap()
+                .unwrap();
+            black_box((h.visited().len(), used))
+        })
     });
     g.finish();
 }

@@ -139,7 +139,7 @@ async fn route(
         "/metrics" => {
             let body = render_metrics(
                 &snapshots(&sources.mailboxes, &sources.cache),
-                &StatsSnapshot::collect(&sources.shared.stats),
+                &StatsSnapshot::of_gateway(&sources.shared),
                 &sources.verifier.refusals(),
                 sources.control.get().map(|s| &**s),
             );
@@ -541,6 +541,11 @@ impl prometheus_client::collector::Collector for Scrape {
                     "dmsc_control_routes_installed",
                     "Domain routes (ROUTES) installed on every worker.",
                     c.routes,
+                ),
+                (
+                    "dmsc_control_attach_events_dropped",
+                    "Attach events dropped because the control client did not keep up.",
+                    stats.attach_events_dropped,
                 ),
             ] {
                 counter(

@@ -358,7 +358,7 @@ impl GatewayHandle {
 
     /// Counters summed over all workers.
     pub fn stats(&self) -> StatsSnapshot {
-        StatsSnapshot::collect(&self.shared.stats)
+        StatsSnapshot::of_gateway(&self.shared)
     }
 
     /// Installs a table generation on every worker (between their event-loop iterations),

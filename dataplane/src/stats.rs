@@ -118,11 +118,22 @@ pub struct StatsSnapshot {
     pub trunks_in: u64,
     /// Trunk handshakes refused.
     pub trunks_refused: u64,
+    /// Attach events dropped because the control client did not keep up (its reports to the
+    /// control plane then miss those changes).
+    pub attach_events_dropped: u64,
     /// Per worker: requests received.
     pub per_worker_requests: Vec<u64>,
 }
 
 impl StatsSnapshot {
+    /// The sum over the workers of the gateway `shared` describes, with its gateway-wide
+    /// counters.
+    pub(crate) fn of_gateway(shared: &crate::core::Shared) -> Self {
+        let mut s = Self::collect(&shared.stats);
+        s.attach_events_dropped = shared.attach_events_dropped.load(Relaxed);
+        s
+    }
+
     pub(crate) fn collect(workers: &[std::sync::Arc<WorkerStats>]) -> Self {
         let mut s = Self::default();
         for w in workers {

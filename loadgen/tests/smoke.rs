@@ -123,6 +123,50 @@ fn compare_runs_both_modes_against_the_same_agents() {
 }
 
 #[test]
+fn compare_with_two_gateways_runs_three_modes_side_by_side() {
+    let dir = scratch("compare2");
+    let output = run(
+        &dir,
+        &[
+            "compare",
+            "--gateways",
+            "2",
+            "--concurrency",
+            "8",
+            "--duration",
+            "600ms",
+            "--rounds",
+            "2",
+            "--warmup",
+            "200ms",
+            "--json",
+            "compare.json",
+            "--out",
+            "out",
+        ],
+    );
+    assert!(output.status.success(), "exit status {}", output.status);
+    let doc = read_json(&dir.join("compare.json"));
+    assert_clean(&doc["two_gateways"], "two-gateways");
+    assert_clean(&doc["gateway"], "gateway");
+    assert_clean(&doc["direct"], "direct");
+    for key in ["two_gateways_vs_one", "two_gateways_vs_direct"] {
+        assert!(
+            doc[key]["requests_per_sec"].as_f64().unwrap() > 0.0,
+            "{doc}"
+        );
+        assert!(doc[key]["added_latency_us"]["p50"].is_i64(), "{doc}");
+    }
+    assert!(doc["two_gateways"]["cpu_us_per_request"]["gateway"].is_f64());
+    assert_written(dir.join("out").join("two-gateways.hgrm"));
+    let svg = std::fs::read_to_string(dir.join("out/latency.svg")).unwrap();
+    assert_eq!(svg.matches("<polyline class=\"series\"").count(), 3);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("two gateways vs one gateway"), "{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn attach_attaches_every_agent_and_reports_the_gateway_memory() {
     let dir = scratch("attach");
     let output = run(
@@ -181,6 +225,11 @@ fn a_bad_flag_is_a_usage_error_that_names_it() {
     let output = run(&dir, &["--callers", "0"]);
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("--callers must be between"));
+    let output = run(&dir, &["--gateways", "3"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--gateways must be between"));
+    let output = run(&dir, &["--gateways", "2", "--mode", "direct"]);
+    assert_eq!(output.status.code(), Some(2));
     let output = run(&dir, &["attach", "--agents", "0"]);
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("--agents must be between"));
