@@ -1067,3 +1067,54 @@ fn random_u32() -> u32 {
     let _ = getrandom::getrandom(&mut b);
     u32::from_ne_bytes(b)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn up(session: u64, skills: usize) -> AgentChange {
+        AgentChange::Up(AgentReport {
+            session,
+            identity: format!("spiffe://d/agent/a{session}"),
+            skills: (0..skills)
+                .map(|i| Skill {
+                    id: format!("capability-{i:04}"),
+                    description: "d".repeat(200),
+                    ..Skill::default()
+                })
+                .collect(),
+            ..AgentReport::default()
+        })
+    }
+
+    #[test]
+    fn a_full_report_is_cut_into_frames_that_fit_and_all_but_the_last_say_more() {
+        let changes: Vec<AgentChange> = (1..=400).map(|s| up(s, 10)).collect();
+        let frames = report_frames(true, vec!["127.0.0.1:1".into()], changes);
+        assert!(frames.len() > 1);
+        let mut total = 0;
+        for (i, f) in frames.iter().enumerate() {
+            assert_eq!(f.more, i + 1 < frames.len());
+            total += f.changes.len();
+            let mut out = Vec::new();
+            ctl::encode_frame(&Frame::Report(f.clone()), &mut out);
+            assert!(
+                out.len() <= ctl::MAX_FRAME_BYTES,
+                "frame {i}: {} bytes",
+                out.len()
+            );
+            let (back, _) = ctl::decode_frame(&out).unwrap().unwrap();
+            assert_eq!(back, Frame::Report(f.clone()));
+        }
+        assert_eq!(total, 400);
+        assert!(frames[0].reset);
+    }
+
+    #[test]
+    fn an_empty_full_report_is_one_frame_and_no_changes_send_nothing() {
+        let frames = report_frames(true, Vec::new(), Vec::new());
+        assert_eq!(frames.len(), 1);
+        assert!(frames[0].reset && !frames[0].more);
+        assert!(report_frames(false, Vec::new(), Vec::new()).is_empty());
+    }
+}

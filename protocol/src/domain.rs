@@ -434,3 +434,132 @@ pub(crate) fn decode_rejected(r: &mut Reader<'_>) -> Result<ReportRejected, Deco
         reason: r.str("reason", crate::ctl::MAX_REASON_BYTES)?.to_owned(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ctl::{decode_frame, encode_frame, frame_type, Frame};
+    use proptest::prelude::*;
+
+    #[test]
+    fn every_frame_round_trips() {
+        let skill = Skill {
+            id: "echo".into(),
+            description: "Echoes".into(),
+            tags: vec!["t".into()],
+            input_modes: vec!["text/plain".into()],
+            output_modes: vec![],
+        };
+        let frames = [
+            Frame::Report(Report {
+                reset: true,
+                more: true,
+                addresses: vec!["127.0.0.1:4500".into()],
+                changes: vec![
+                    AgentChange::Up(AgentReport {
+                        session: 7,
+                        identity: "spiffe://d/agent/a".into(),
+                        card_digest: [3; 32],
+                        card_bytes: 120,
+                        load: 2,
+                        limit: 64,
+                        skills: vec![skill.clone()],
+                    }),
+                    AgentChange::Down { session: 8 },
+                ],
+            }),
+            Frame::Routes(Routes {
+                version: 4,
+                epoch: 99,
+                gateways: vec![RouteGateway {
+                    id: "gw1".into(),
+                    addresses: vec!["127.0.0.1:4500".into()],
+                }],
+                capabilities: vec![RouteCapability {
+                    skill,
+                    providers: vec![Provider {
+                        gateway: 0,
+                        agents: 1,
+                        load: 0,
+                    }],
+                }],
+            }),
+            Frame::Trunks(Trunks {
+                routes_epoch: 99,
+                routes_version: 4,
+                trunks: vec![TrunkFigures {
+                    gateway: "gw2".into(),
+                    connected: 2,
+                    requests: 10,
+                    errors: 1,
+                }],
+            }),
+            Frame::ReportRejected(ReportRejected {
+                session: 7,
+                reason: "too many skills".into(),
+            }),
+        ];
+        for frame in frames {
+            let mut out = Vec::new();
+            encode_frame(&frame, &mut out);
+            let (back, used) = decode_frame(&out).unwrap().unwrap();
+            assert_eq!(used, out.len());
+            assert_eq!(back, frame);
+        }
+    }
+
+    #[test]
+    fn a_provider_outside_the_gateway_list_is_malformed() {
+        let routes = Routes {
+            version: 1,
+            epoch: 1,
+            gateways: vec![RouteGateway {
+                id: "gw1".into(),
+                addresses: vec![],
+            }],
+            capabilities: vec![RouteCapability {
+                skill: Skill {
+                    id: "x".into(),
+                    ..Skill::default()
+                },
+                providers: vec![Provider {
+                    gateway: 0,
+                    agents: 1,
+                    load: 0,
+                }],
+            }],
+        };
+        let frame = |p: &[u8]| {
+            let mut framed = Vec::new();
+            varint::encode(frame_type::ROUTES, &mut framed);
+            put_bytes(&mut framed, p);
+            framed
+        };
+        let mut p = Vec::new();
+        encode_routes(&routes, &mut p);
+        assert!(decode_frame(&frame(&p)).is_ok());
+        // The payload ends with the provider: gateway 0, agents 1, load 0.
+        let n = p.len();
+        assert_eq!(&p[n - 3..], &[0, 1, 0]);
+        p[n - 3] = 1;
+        assert!(decode_frame(&frame(&p)).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_payloads_never_panic(
+            ty in prop::sample::select(vec![
+                frame_type::REPORT,
+                frame_type::ROUTES,
+                frame_type::TRUNKS,
+                frame_type::REPORT_REJECTED,
+            ]),
+            payload in proptest::collection::vec(any::<u8>(), 0..512),
+        ) {
+            let mut framed = Vec::new();
+            varint::encode(ty, &mut framed);
+            put_bytes(&mut framed, &payload);
+            let _ = decode_frame(&framed);
+        }
+    }
+}

@@ -198,6 +198,50 @@ async fn an_agent_on_one_gateway_invokes_a_capability_offered_only_behind_anothe
     );
     assert_eq!(hops, "2");
 
+    // A follow-up names a session of another gateway: it reaches that agent and no other.
+    let named = |me: &'static str| {
+        dmsc_agent::Handlers::new().on("name", move |_req: dmsc_agent::Request| async move {
+            Ok::<_, dmsc_agent::HandlerError>(dmsc_agent::Response::ok(me))
+        })
+    };
+    let n1 = Agent::attach(
+        agent_config(pki, gw3, "target-n1", card("target-n1", &["name"])),
+        named("n1"),
+    )
+    .await
+    .unwrap();
+    let n2 = Agent::attach(
+        agent_config(pki, gw3, "target-n2", card("target-n2", &["name"])),
+        named("n2"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        until_routed(&caller, "name", Duration::from_secs(10)).await,
+        Status::Ok
+    );
+    let session = n2.session().expect("attached");
+    for _ in 0..20 {
+        let reply = caller
+            .request("name")
+            .target_session(session)
+            .send("")
+            .await
+            .unwrap();
+        assert_eq!((reply.status, &reply.payload[..]), (Status::Ok, &b"n2"[..]));
+    }
+    // A session gw3 does not hold, and one no gateway's tag names.
+    for bad in [session.0 + 1_000_000, session.0 & 0xffff_0000_ffff_ffff] {
+        let reply = caller
+            .request("name")
+            .target_session(dmsc_protocol::control::SessionId(bad))
+            .send("")
+            .await
+            .unwrap();
+        assert_eq!(reply.status, Status::NoRoute, "{bad:#x}: {}", reply.message);
+    }
+    drop(n1);
+
     // Discovery on gw1 answers for the domain.
     let found = caller.discover("ec", "").await.unwrap();
     assert!(
@@ -366,6 +410,37 @@ async fn cross_gateway_traffic_survives_the_control_plane() {
         caller.invoke("whoami", "").await.unwrap().status,
         Status::Ok
     );
+    let far = attach(pki, c.gateways[1].1.addr, "caller2", &["y"]).await;
+    assert_eq!(
+        far.invoke("whoami", "").await.unwrap().status,
+        Status::NoRoute,
+        "gw2 cannot know of it while the control plane is down"
+    );
+    // A control plane restarted on the same address: the gateways re-report, and traffic
+    // across the trunk goes on without a failure while they do.
+    let load = {
+        let caller = caller.clone();
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, 0u32);
+            let end = Instant::now() + Duration::from_secs(4);
+            while Instant::now() < end && ok < 100_000 {
+                match caller.invoke("echo", "x").await {
+                    Ok(r) if r.status == Status::Ok => ok += 1,
+                    _ => failed += 1,
+                }
+            }
+            (ok, failed)
+        })
+    };
+    let restarted = c.domain.control_plane(Some(c.cp.ctl));
+    assert_eq!(
+        until_routed(&far, "whoami", Duration::from_secs(15)).await,
+        Status::Ok,
+        "the attach made during the outage reaches the other gateway"
+    );
+    let (ok, failed) = load.await.unwrap();
+    assert_eq!(failed, 0, "{failed} failed across the restart, {ok} ok");
+    drop(restarted);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

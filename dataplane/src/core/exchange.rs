@@ -532,7 +532,8 @@ impl Core {
         };
         let forwarded = RequestHeader {
             caller: stamped,
-            // Consumed here: the target is the session itself.
+            // Passed to `route` on its own: a session here is consumed, one of another gateway
+            // is forwarded there.
             target_session: 0,
             on_behalf_of: "",
             via,
@@ -575,8 +576,8 @@ impl Core {
         if u64::from(header.hop_count) >= u64::from(limits.max_hops) {
             return self.answer(key, Status::LoopDetected, "hop limit reached");
         }
-        if !header.on_behalf_of.is_empty() || header.target_session != 0 {
-            let why = "a trunk request carries neither on_behalf_of nor target_session";
+        if !header.on_behalf_of.is_empty() {
+            let why = "a trunk request carries no on_behalf_of";
             return self.answer(key, Status::BadRequest, why);
         }
         let domain = &self.shared.config.domain;
@@ -586,7 +587,8 @@ impl Core {
             let why = "the stamped caller is not an agent identity of this domain";
             return self.answer(key, Status::BadRequest, why);
         };
-        self.route(key, header, 0, groups, peer.visited(), now);
+        let target_session = header.target_session;
+        self.route(key, header, target_session, groups, peer.visited(), now);
     }
 
     /// Routes a request whose caller is settled (`header.caller` stamped, its policy groups
@@ -615,11 +617,22 @@ impl Core {
             Selection::Local(t, m) => (t, true, m),
             Selection::Handoff(t, m) => (t, false, m),
             Selection::NoRoute if target_session != 0 => {
+                let tag = super::session_gateway_tag(target_session);
+                if tag != self.shared.gateway_tag {
+                    // A session of another gateway of the domain: forward it there.
+                    let to = Remote {
+                        tag: Some(tag),
+                        target_session,
+                        overloaded: None,
+                    };
+                    return self.forward_remote(key, header, deadline_ms, groups, visited, to, now);
+                }
                 let why = "the target session is not attached or does not offer this capability";
                 return self.answer(key, Status::NoRoute, why);
             }
             Selection::NoRoute => {
-                return self.forward_remote(key, header, deadline_ms, groups, visited, None, now)
+                let to = Remote::default();
+                return self.forward_remote(key, header, deadline_ms, groups, visited, to, now);
             }
             Selection::Denied(slot) => {
                 self.count_under(key, slot, now);
@@ -627,8 +640,11 @@ impl Core {
             }
             Selection::Overloaded if target_session == 0 => {
                 // Every local candidate is at its limit: another gateway may have room.
-                let why = Some("every candidate is at its limit");
-                return self.forward_remote(key, header, deadline_ms, groups, visited, why, now);
+                let to = Remote {
+                    overloaded: Some("every candidate is at its limit"),
+                    ..Remote::default()
+                };
+                return self.forward_remote(key, header, deadline_ms, groups, visited, to, now);
             }
             Selection::Overloaded => {
                 return self.answer(key, Status::Overloaded, "every candidate is at its limit")
@@ -637,6 +653,8 @@ impl Core {
         let forwarded = RequestHeader {
             deadline_ms,
             hop_count: header.hop_count + 1,
+            // Consumed here: the target is the session itself.
+            target_session: 0,
             ..header
         };
         let encoded = encode_header(&mut self.scratch, &mut self.arena, &forwarded);
@@ -688,8 +706,8 @@ impl Core {
     }
 
     /// No local agent can take the request: forward it over a trunk to another gateway that
-    /// offers the capability, or answer. `overloaded` is set when local agents exist but are
-    /// all at their limit (the answer when no other gateway can help either).
+    /// offers the capability (for `to.target_session`, the gateway holding that session), or
+    /// answer.
     #[allow(clippy::too_many_arguments)]
     fn forward_remote(
         &mut self,
@@ -698,13 +716,18 @@ impl Core {
         deadline_ms: u64,
         groups: GroupSet,
         visited: &[&str],
-        overloaded: Option<&str>,
+        to: Remote,
         now: Instant,
     ) {
-        let (slot, tci) = match self.select_remote(&groups, header.capability, visited) {
+        let selection = self.select_remote(&groups, header.capability, visited, to.tag);
+        let (slot, tci) = match selection {
             RemoteSelection::Peer(slot, ci) => (slot, ci),
-            _ if overloaded.is_some() => {
-                return self.answer(key, Status::Overloaded, overloaded.unwrap_or_default())
+            _ if to.overloaded.is_some() => {
+                return self.answer(key, Status::Overloaded, to.overloaded.unwrap_or_default())
+            }
+            RemoteSelection::NoRoute if to.target_session != 0 => {
+                let why = "the target session is not attached or does not offer this capability";
+                return self.answer(key, Status::NoRoute, why);
             }
             RemoteSelection::NoRoute => {
                 return self.answer(key, Status::NoRoute, "no agent offers this capability")
@@ -738,6 +761,7 @@ impl Core {
         let forwarded = RequestHeader {
             deadline_ms: deadline_ms - transit_ms,
             hop_count: header.hop_count + 1,
+            target_session: to.target_session,
             ..header
         };
         let Some(peer_header) = PeerHeader::new(forwarded, &path) else {
@@ -1173,6 +1197,18 @@ fn encode_header(scratch: &mut Vec<u8>, arena: &mut BytesMut, header: &RequestHe
     }
     arena.extend_from_slice(scratch);
     arena.split().freeze()
+}
+
+/// Where [`Core::forward_remote`] may send a request.
+#[derive(Debug, Default, Clone, Copy)]
+struct Remote {
+    /// Only gateways with this session tag (a request for another gateway's session).
+    tag: Option<u16>,
+    /// The session the request names, forwarded as is (0: none).
+    target_session: u64,
+    /// Local agents offer the capability but are all at their limit: the answer when no other
+    /// gateway can take it.
+    overloaded: Option<&'static str>,
 }
 
 /// Encodes a trunk header like [`encode_header`] (`fields` is working space); `None` if a

@@ -150,6 +150,8 @@ pub(crate) struct Shared {
     pub(crate) lane_addrs: Vec<String>,
     /// Trunk address of each worker, as reported to the control plane (empty: no trunks).
     pub(crate) trunk_addrs: Vec<String>,
+    /// This gateway's tag in session ids ([`gateway_tag`] of its id).
+    pub(crate) gateway_tag: u16,
     /// Attachments for the control client to report; only sent once a client reads them.
     pub(crate) attach_events: (
         crossbeam_channel::Sender<crate::msg::AttachEvent>,
@@ -172,6 +174,7 @@ impl Shared {
             agents: AtomicUsize::new(0),
             lane_addrs,
             trunk_addrs: Vec::new(),
+            gateway_tag: gateway_tag(&config.gateway_id),
             attach_events: crossbeam_channel::bounded(crate::msg::ATTACH_EVENTS),
             reporting: std::sync::atomic::AtomicBool::new(false),
             attach_events_dropped: std::sync::atomic::AtomicU64::new(0),
@@ -191,6 +194,19 @@ impl Shared {
             self.attach_events_dropped.fetch_add(1, Relaxed);
         }
     }
+}
+
+/// The 16 bits that name gateway `id` in the session ids it hands out (bits 32 to 47): the
+/// first two bytes of the SHA-256 of the id. Gateways of a domain rarely share one (and when
+/// two do, a follow-up to either is tried at both).
+pub(crate) fn gateway_tag(id: &str) -> u16 {
+    let digest = dmsc_protocol::table::Generation::of(id.as_bytes()).0;
+    u16::from_be_bytes([digest[0], digest[1]])
+}
+
+/// The gateway tag of session id `session` (see [`gateway_tag`]).
+pub(crate) fn session_gateway_tag(session: u64) -> u16 {
+    (session >> 32) as u16
 }
 
 /// What a worker keeps per verified identity.

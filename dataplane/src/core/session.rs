@@ -437,8 +437,14 @@ impl Core {
             0 => limits.max_inflight_per_agent,
             n => n.min(u64::from(limits.max_inflight_per_agent)) as u32,
         };
-        self.session_seq += 1;
-        let session = SessionId((u64::from(self.index.0) << 48) | self.session_seq);
+        // Worker, gateway tag, sequence: unique on this gateway, and which gateway of the
+        // domain holds it can be told from the id (cross-gateway follow-ups, docs/TRUNK.md 6).
+        self.session_seq = (self.session_seq + 1) & 0xffff_ffff;
+        let session = SessionId(
+            (u64::from(self.index.0) << 48)
+                | (u64::from(self.shared.gateway_tag) << 32)
+                | self.session_seq,
+        );
         let mut token = [0u8; 16];
         if !self.random.fill(&mut token) {
             self.shared.agents.fetch_sub(1, Ordering::Relaxed);

@@ -11,7 +11,8 @@
 //! gateway, among those offering it that the request has not visited and whose trunk from
 //! this worker is connected, with the fewest requests this worker has in flight over that
 //! trunk per agent the gateway reports (reported load, then the gateway's position in the
-//! routes, break ties).
+//! routes, break ties). A request for a session (`target_session`) of another gateway goes to
+//! the gateways whose tag (bits 32 to 47 of the session id) it carries.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -52,6 +53,8 @@ pub(crate) struct RemoteCapability {
 #[derive(Debug)]
 pub(crate) struct RouteGateway {
     pub(crate) id: Arc<str>,
+    /// Its tag in the session ids it hands out.
+    pub(crate) tag: u16,
     /// Its trunk addresses, one per worker (those that did not parse are left out).
     pub(crate) addresses: Vec<SocketAddr>,
 }
@@ -75,6 +78,7 @@ impl DomainRoutes {
             .into_iter()
             .map(|g| RouteGateway {
                 addresses: g.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
+                tag: super::gateway_tag(&g.id),
                 id: g.id.into(),
             })
             .collect();
@@ -344,12 +348,14 @@ impl Core {
     }
 
     /// Picks the gateway to forward `capability` to for a caller in `groups`, skipping the
-    /// gateways in `visited`. See the module documentation for the rule.
+    /// gateways in `visited`, and with `tag` only a gateway with that session tag (a request
+    /// for a session of another gateway). See the module documentation for the rule.
     pub(crate) fn select_remote(
         &self,
         groups: &GroupSet,
         capability: &str,
         visited: &[&str],
+        tag: Option<u16>,
     ) -> RemoteSelection {
         let Some(routes) = &self.trunks.routes else {
             return RemoteSelection::NoRoute;
@@ -364,11 +370,15 @@ impl Core {
             return RemoteSelection::Denied;
         }
         let mut best: Option<(u64, u64, usize, ConnIdx)> = None;
-        let mut unvisited = false;
+        let (mut matched, mut unvisited) = (false, false);
         for p in &cap.providers {
             let Some(Some(slot)) = self.trunks.slot_of.get(p.gateway as usize) else {
                 continue;
             };
+            if tag.is_some_and(|t| routes.gateways[p.gateway as usize].tag != t) {
+                continue;
+            }
+            matched = true;
             let peer = &self.trunks.peers[*slot];
             if visited.contains(&&*peer.id) {
                 continue;
@@ -386,6 +396,7 @@ impl Core {
         }
         match best {
             Some((_, _, slot, ci)) => RemoteSelection::Peer(slot, ci),
+            None if !matched => RemoteSelection::NoRoute,
             None if !unvisited => RemoteSelection::Loop,
             None => RemoteSelection::Unavailable,
         }
@@ -411,5 +422,87 @@ impl Core {
     /// refused). Without a compiled table no trunk is accepted.
     pub(crate) fn is_domain_gateway(&self, id: &str) -> bool {
         self.router.table().lists_gateway(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dmsc_protocol::domain::{RouteCapability, RouteGateway as Gw};
+
+    use super::*;
+
+    fn skill(id: &str) -> Skill {
+        Skill {
+            id: id.into(),
+            ..Skill::default()
+        }
+    }
+
+    #[test]
+    fn routes_leave_out_this_gateway_and_its_agents() {
+        let routes = Routes {
+            version: 3,
+            epoch: 9,
+            gateways: vec![
+                Gw {
+                    id: "gw1".into(),
+                    addresses: vec!["127.0.0.1:5000".into(), "not an address".into()],
+                },
+                Gw {
+                    id: "gw2".into(),
+                    addresses: vec!["127.0.0.1:6000".into()],
+                },
+            ],
+            capabilities: vec![
+                RouteCapability {
+                    skill: skill("both"),
+                    providers: vec![
+                        Provider {
+                            gateway: 0,
+                            agents: 2,
+                            load: 0,
+                        },
+                        Provider {
+                            gateway: 1,
+                            agents: 3,
+                            load: 1,
+                        },
+                    ],
+                },
+                RouteCapability {
+                    skill: skill("mine"),
+                    providers: vec![Provider {
+                        gateway: 1,
+                        agents: 1,
+                        load: 0,
+                    }],
+                },
+            ],
+        };
+        let seen = DomainRoutes::new(routes, "gw2");
+        assert_eq!(seen.version(), (9, 3));
+        // gw2's own agents are served locally: `mine` is not remote, `both` only at gw1.
+        assert_eq!(seen.remote_capabilities(), 1);
+        let both = &seen.capabilities["both"];
+        assert_eq!(both.agents, 2);
+        assert_eq!(both.providers.len(), 1);
+        assert_eq!(both.providers[0].gateway, 0);
+        // Addresses that do not parse are left out.
+        assert_eq!(seen.gateways[0].addresses.len(), 1);
+        assert_eq!(seen.gateways[0].tag, super::super::gateway_tag("gw1"));
+    }
+
+    #[test]
+    fn a_session_id_names_its_gateway() {
+        let tag = super::super::gateway_tag("gw1");
+        // The first two bytes of SHA-256("gw1") (docs/TRUNK.md section 6).
+        let digest = dmsc_protocol::table::Generation::of(b"gw1").0;
+        assert_eq!(tag, u16::from_be_bytes([digest[0], digest[1]]));
+        let session = (3u64 << 48) | (u64::from(tag) << 32) | 17;
+        assert_eq!(super::super::session_gateway_tag(session), tag);
+        assert_ne!(
+            super::super::gateway_tag("gw1"),
+            super::super::gateway_tag("gw2")
+        );
     }
 }
