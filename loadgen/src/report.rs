@@ -421,11 +421,11 @@ impl Summary {
             "callers": info.callers,
             "connections": info.connections,
             "agents": info.agents,
-            "gateway_workers": if self.mode == "gateway" { info.gateway_workers } else { None },
-            "table_generation": if self.mode == "gateway" { info.table_generation.clone() } else { None },
+            "gateway_workers": if self.mode != "direct" { info.gateway_workers } else { None },
+            "table_generation": if self.mode != "direct" { info.table_generation.clone() } else { None },
             "direct_serving_path": if self.mode == "direct" { info.direct_path } else { None },
             "table_swaps": match info.table_swaps {
-                Some((acked, failed)) if self.mode == "gateway" => json!({"acked": acked, "failed": failed}),
+                Some((acked, failed)) if self.mode != "direct" => json!({"acked": acked, "failed": failed}),
                 _ => serde_json::Value::Null,
             },
         })
@@ -489,7 +489,7 @@ impl Summary {
                 None => {}
             }
         }
-        if self.mode == "gateway" {
+        if self.mode != "direct" {
             if let Some(generation) = &info.table_generation {
                 let _ = writeln!(
                     out,

@@ -112,6 +112,12 @@ impl<'a> PeerHeader<'a> {
         };
         let mut r = Reader::new(bytes);
         let len = r.count("visited", MAX_VISITED)?;
+        if len == 0 {
+            return Err(DecodeError::InvalidValue {
+                what: "visited",
+                reason: "empty: the forwarding gateway lists itself",
+            });
+        }
         let mut visited = [""; MAX_VISITED];
         for slot in visited.iter_mut().take(len) {
             let id = r.str("visited gateway id", MAX_GATEWAY_ID_BYTES)?;
@@ -196,6 +202,8 @@ mod tests {
         let mut bad = vec![0x03, 0x01, 0x00, 0x00];
         bad[0] = 3;
         assert!(PeerHeader::decode(&bad, MAX_HEADER_BYTES).is_err());
+        // No gateway visited: the sender did not list itself.
+        assert!(PeerHeader::decode(&[0x02, 0x00, 0x00], MAX_HEADER_BYTES).is_err());
         let over = [0x02, 0x11, 0x00];
         assert!(matches!(
             PeerHeader::decode(&over, MAX_HEADER_BYTES),

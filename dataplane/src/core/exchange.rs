@@ -580,7 +580,21 @@ impl Core {
             let why = "a trunk request carries no on_behalf_of";
             return self.answer(key, Status::BadRequest, why);
         }
+        // The sender lists itself last: a peer cannot pass a request off as another's.
+        let peer_id = match self.ex(key).map(|x| x.down.leg) {
+            Some(Leg::Local { conn, .. }) => self.conns.get(conn).and_then(|c| c.identity.clone()),
+            _ => None,
+        };
+        let last = peer.visited().last().copied().unwrap_or_default();
+        if peer_id.is_none_or(|id| id.rsplit('/').next() != Some(last)) {
+            let why = "the last visited gateway is not the trunk's peer";
+            return self.answer(key, Status::BadRequest, why);
+        }
         let domain = &self.shared.config.domain;
+        if !header.via.is_empty() && !is_domain_agent(domain, header.via) {
+            let why = "via is not an agent identity of this domain";
+            return self.answer(key, Status::BadRequest, why);
+        }
         let Some(groups) =
             delegated_groups(&mut self.delegated, &self.router, domain, header.caller)
         else {
@@ -1283,6 +1297,13 @@ fn split_header(x: &mut Exchange, chunk: Bytes, limit: usize) -> bool {
             true
         }
     }
+}
+
+/// Whether `identity` is an agent SPIFFE ID of trust domain `domain`.
+fn is_domain_agent(domain: &str, identity: &str) -> bool {
+    SpiffeId::parse(identity).is_ok_and(|id| {
+        id.trust_domain() == domain && matches!(id.principal(), Principal::Agent(_))
+    })
 }
 
 /// The policy groups of `identity`, for a request a bridge sent on its behalf: from the
