@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run -p dmsc-agent --example echo -- \
 //!     --gateway 127.0.0.1:4433 --cert agent.pem --key agent.key --ca ca.pem \
-//!     [--message "hello"] [--stay]
+//!     [--message "hello"] [--serve NAME] [--stay]
 //! ```
 //!
 //! Each flag can also come from the environment: `DMSC_GATEWAY`, `DMSC_CERT`, `DMSC_KEY`,
@@ -11,7 +11,10 @@
 //! `spiffe://<domain>/agent/<name>` (a development PKI issues one). With `--stay` the agent
 //! keeps serving `echo` until SIGTERM or SIGINT (Ctrl-C), then detaches, so the gateway stops
 //! routing to it at once; requests in flight get up to 5 s to finish. Set
-//! `RUST_LOG=dmsc_agent=debug` to watch the connection, lanes and reconnects.
+//! `RUST_LOG=dmsc_agent=debug` to watch the connection, lanes and reconnects. `--serve NAME`
+//! offers the echo handler as capability `NAME` instead of `echo` while still invoking `echo`:
+//! in a domain of gateways, an instance serving `ping` on one gateway reaches an `echo` agent
+//! attached to another (local agents come first, so it must not offer `echo` itself).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -28,6 +31,7 @@ struct Args {
     key: PathBuf,
     ca: PathBuf,
     message: String,
+    serve: String,
     stay: bool,
 }
 
@@ -38,6 +42,7 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut ca = std::env::var_os("DMSC_CA").map(PathBuf::from);
     let mut message = "hello through the gateway".to_owned();
     let mut stay = false;
+    let mut serve = "echo".to_owned();
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().with_context(|| format!("{flag} needs a value"));
@@ -48,10 +53,11 @@ fn parse_args() -> anyhow::Result<Args> {
             "--ca" => ca = Some(value()?.into()),
             "--message" => message = value()?,
             "--stay" => stay = true,
+            "--serve" => serve = value()?,
             "-h" | "--help" => {
                 println!(
                     "usage: echo --gateway HOST:PORT --cert PEM --key PEM --ca PEM \
-                     [--message TEXT] [--stay]\n\
+                     [--message TEXT] [--serve NAME] [--stay]\n\
                      (or DMSC_GATEWAY, DMSC_CERT, DMSC_KEY, DMSC_CA)"
                 );
                 std::process::exit(0);
@@ -65,6 +71,7 @@ fn parse_args() -> anyhow::Result<Args> {
         key: key.context("--key (or DMSC_KEY) is required")?,
         ca: ca.context("--ca (or DMSC_CA) is required")?,
         message,
+        serve,
         stay,
     })
 }
@@ -85,12 +92,12 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("{} resolves to no address", args.gateway))?;
 
     let card = AgentCard::new("echo-example", "Answers with what it is sent", "1.0.0").with_skill(
-        Skill::new("echo", "Echo")
+        Skill::new(args.serve.as_str(), "Echo")
             .with_description("Returns the request payload unchanged")
             .with_tags(["example"]),
     );
     let config = AgentConfig::from_files(gateway, &args.cert, &args.key, &args.ca, card)?;
-    let handlers = Handlers::new().on("echo", |mut req: Request| async move {
+    let handlers = Handlers::new().on(args.serve.as_str(), |mut req: Request| async move {
         let payload = req.payload().await?;
         println!("echo: {} bytes from {}", payload.len(), req.caller);
         Ok::<_, HandlerError>(Response::ok(payload).with_content_type(req.content_type))
@@ -121,7 +128,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     if args.stay {
-        println!("serving echo; Ctrl-C or SIGTERM to leave");
+        println!("serving {}; Ctrl-C or SIGTERM to leave", args.serve);
         agent.serve_until_signal(GRACE).await?;
     } else {
         agent.detach().await?;
