@@ -183,29 +183,10 @@ impl ControlLink {
     fn install_on_workers(&self, table: Arc<Table>, timeout: Duration) -> Result<(), InstallError> {
         let count = self.installs.fetch_add(1, Ordering::Relaxed) + 1;
         let generation = TableGeneration::compiled(crate::routing::Generation(count), table);
-        let (done, confirmed) = crossbeam_channel::bounded(self.workers);
-        let deadline = Instant::now() + timeout;
-        let mut sent = 0;
-        for w in 0..self.workers {
-            let msg = WorkerMsg::Install {
-                table: generation.clone(),
-                done: Some(done.clone()),
-            };
-            let left = deadline.saturating_duration_since(Instant::now());
-            if self.mailboxes.senders[w].send_timeout(msg, left).is_ok() {
-                let _ = self.mailboxes.wakers[w].wake();
-                sent += 1;
-            }
-        }
-        drop(done);
-        let mut got = 0;
-        while got < sent {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match confirmed.recv_timeout(left) {
-                Ok(_) => got += 1,
-                Err(_) => break,
-            }
-        }
+        let got = self.on_every_worker(timeout, |done| WorkerMsg::Install {
+            table: generation.clone(),
+            done: Some(done),
+        });
         if got == self.workers {
             Ok(())
         } else {
@@ -219,16 +200,30 @@ impl ControlLink {
 
     /// Installs domain routes on every worker; returns once each has them (or `timeout`).
     pub fn install_routes(&self, routes: Arc<DomainRoutes>, timeout: Duration) -> bool {
+        let got = self.on_every_worker(timeout, |done| WorkerMsg::Routes {
+            routes: routes.clone(),
+            done: Some(done),
+        });
+        got == self.workers
+    }
+
+    /// Sends every worker the message `make` builds around a confirmation sender, and waits
+    /// until `timeout` for the workers to confirm (between their iterations); returns how many
+    /// did.
+    fn on_every_worker(
+        &self,
+        timeout: Duration,
+        make: impl Fn(crossbeam_channel::Sender<usize>) -> WorkerMsg,
+    ) -> usize {
         let (done, confirmed) = crossbeam_channel::bounded(self.workers);
         let deadline = Instant::now() + timeout;
         let mut sent = 0;
         for w in 0..self.workers {
-            let msg = WorkerMsg::Routes {
-                routes: routes.clone(),
-                done: Some(done.clone()),
-            };
             let left = deadline.saturating_duration_since(Instant::now());
-            if self.mailboxes.senders[w].send_timeout(msg, left).is_ok() {
+            if self.mailboxes.senders[w]
+                .send_timeout(make(done.clone()), left)
+                .is_ok()
+            {
                 let _ = self.mailboxes.wakers[w].wake();
                 sent += 1;
             }
@@ -242,7 +237,7 @@ impl ControlLink {
                 Err(_) => break,
             }
         }
-        got == self.workers
+        got
     }
 
     /// Starts the flow of attach events to the control client, then has every worker report
