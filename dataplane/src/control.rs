@@ -247,6 +247,11 @@ impl ControlLink {
         if self.shared.reporting.swap(true, Ordering::Relaxed) {
             return;
         }
+        self.request_agents();
+    }
+
+    /// Has every worker send an `Up` for each agent it holds.
+    fn request_agents(&self) {
         for w in 0..self.workers {
             let msg = WorkerMsg::ReportAgents;
             if self.mailboxes.senders[w]
@@ -263,11 +268,13 @@ impl ControlLink {
         let snaps = crate::admin::snapshots(&self.mailboxes, &self.snapshots);
         let mut per_peer: std::collections::BTreeMap<String, ctl_domain::TrunkFigures> =
             std::collections::BTreeMap::new();
-        let mut routes = (0, 0);
+        // The routes every worker holds: the lowest version (0 unless all hold some).
+        let mut routes = snaps.first().and_then(|s| s.routes).unwrap_or((0, 0));
         for s in &snaps {
-            if let Some(r) = s.routes {
-                routes = routes.max(r);
-            }
+            routes = match s.routes {
+                Some(r) if r.0 == routes.0 => (r.0, r.1.min(routes.1)),
+                _ => (0, 0),
+            };
             for t in &s.trunks {
                 let f =
                     per_peer
@@ -383,6 +390,8 @@ impl ControlClient {
             attached: std::collections::BTreeMap::new(),
             routes: None,
             routes_installed: false,
+            retired: None,
+            dropped_seen: 0,
         };
         let thread = std::thread::Builder::new()
             .name("dmsc-control".into())
@@ -482,6 +491,10 @@ struct Runner {
     /// The last domain routes received, and whether every worker holds them.
     routes: Option<Arc<DomainRoutes>>,
     routes_installed: bool,
+    /// The routes the workers held before `routes`, kept until every worker holds the new ones.
+    retired: Option<Arc<DomainRoutes>>,
+    /// `attach_events_dropped` when last looked at.
+    dropped_seen: u64,
 }
 
 /// How a session ended.
@@ -547,9 +560,27 @@ impl Runner {
                 failures = failures.saturating_add(1);
             }
             let jitter = 0.5 + 0.5 * (random_u32() as f64 / u32::MAX as f64);
-            tokio::select! {
-                _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
-                _ = self.stop.wait_for(|stop| *stop) => return,
+            let pause = tokio::time::sleep(backoff.mul_f64(jitter));
+            tokio::pin!(pause);
+            let mut absorb = tokio::time::interval(REPORT_INTERVAL);
+            loop {
+                let wake = tokio::select! {
+                    _ = &mut pause => Wake::Read(None),
+                    _ = self.stop.wait_for(|stop| *stop) => Wake::Stop,
+                    _ = absorb.tick() => Wake::Report,
+                };
+                match wake {
+                    Wake::Stop => return,
+                    // Between sessions attach events are still taken in (the next session
+                    // starts with a full report of them), so the channel never fills.
+                    Wake::Report => {
+                        let link = self.link.borrow().clone();
+                        if let Some(link) = link {
+                            self.drain_events(&link);
+                        }
+                    }
+                    _ => break,
+                }
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
@@ -602,7 +633,8 @@ impl Runner {
         let mut tick = tokio::time::interval(STATUS_INTERVAL);
         let mut report_tick = tokio::time::interval(REPORT_INTERVAL);
         report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // The full report goes once the session is established and the gateway runs.
+        // The full report goes at the first report tick with the gateway running (right after
+        // HELLO when it already runs); the changes after it.
         let mut reported = false;
         loop {
             // Frames already buffered first.
@@ -652,6 +684,18 @@ impl Runner {
                         }
                     }
                     link.start_reporting();
+                    let dropped = link.shared.attach_events_dropped.load(Ordering::Relaxed);
+                    if dropped != self.dropped_seen {
+                        // Changes were lost: start over from what the workers hold now.
+                        tracing::warn!(
+                            dropped = dropped - self.dropped_seen,
+                            "attach events were dropped; sending the control plane a full report"
+                        );
+                        self.dropped_seen = dropped;
+                        self.attached.clear();
+                        link.request_agents();
+                        reported = false;
+                    }
                     let changes = self.drain_events(&link);
                     let frames = if reported {
                         report_frames(false, Vec::new(), changes)
@@ -709,6 +753,11 @@ impl Runner {
                 let own = self.settings.gateway_id.clone();
                 let routes = Arc::new(DomainRoutes::new(routes, &own));
                 tracing::debug!(version = ?routes.version(), remote = routes.remote_capabilities(), "domain routes received");
+                // The routes the workers hold now are freed here once they all hold the new
+                // ones, not on a worker.
+                if self.retired.is_none() {
+                    self.retired = self.routes.take();
+                }
                 self.routes = Some(routes.clone());
                 self.routes_installed = false;
                 let link = self.link.borrow().clone();
@@ -802,6 +851,7 @@ impl Runner {
                 .unwrap_or(false);
         self.routes_installed = done;
         if done {
+            self.retired = None;
             self.state.routes.fetch_add(1, Ordering::Relaxed);
         } else {
             tracing::warn!("domain routes not installed on every worker in time; retrying");

@@ -758,19 +758,30 @@ impl Core {
                 return self.answer(key, Status::Unavailable, why);
             }
         };
+        // Local agents exist but are all at their limit: whatever stops the forward, the
+        // answer is that (docs/TRUNK.md section 6).
+        let refuse = |status: Status| match to.overloaded {
+            Some(_) => Status::Overloaded,
+            None => status,
+        };
         if visited.len() >= dmsc_protocol::peer::MAX_VISITED {
-            return self.answer(key, Status::LoopDetected, "too many gateways visited");
+            return self.answer(
+                key,
+                refuse(Status::LoopDetected),
+                "too many gateways visited",
+            );
         }
-        let own = self.shared.config.gateway_id.clone();
+        let shared = self.shared.clone();
         let mut path: SmallVec<[&str; 4]> = SmallVec::from_slice(visited);
-        path.push(&own);
+        path.push(&shared.config.gateway_id);
         // The peer starts its own clock when the header arrives: half the trunk's round trip
         // is already spent by then.
         let transit_ms = self.conns.get(tci).map_or(1, |c| {
             (c.quic.rtt().as_micros() as u64).div_ceil(2000).max(1)
         });
         if deadline_ms <= transit_ms {
-            return self.answer(key, Status::DeadlineExceeded, "no time left to forward");
+            let status = refuse(Status::DeadlineExceeded);
+            return self.answer(key, status, "no time left to forward");
         }
         let forwarded = RequestHeader {
             deadline_ms: deadline_ms - transit_ms,
@@ -779,7 +790,11 @@ impl Core {
             ..header
         };
         let Some(peer_header) = PeerHeader::new(forwarded, &path) else {
-            return self.answer(key, Status::LoopDetected, "too many gateways visited");
+            return self.answer(
+                key,
+                refuse(Status::LoopDetected),
+                "too many gateways visited",
+            );
         };
         let encoded = encode_peer_header(
             &mut self.scratch,
@@ -788,7 +803,8 @@ impl Core {
             &peer_header,
         );
         let Some(encoded) = encoded else {
-            return self.answer(key, Status::BadRequest, "request cannot be forwarded");
+            let status = refuse(Status::BadRequest);
+            return self.answer(key, status, "request cannot be forwarded");
         };
         if !self.open_up(key, tci, encoded) {
             return self.answer(key, Status::Overloaded, "the trunk has no stream capacity");

@@ -197,8 +197,8 @@ impl Shared {
 }
 
 /// The 16 bits that name gateway `id` in the session ids it hands out (bits 32 to 47): the
-/// first two bytes of the SHA-256 of the id. Gateways of a domain rarely share one (and when
-/// two do, a follow-up to either is tried at both).
+/// first two bytes of the SHA-256 of the id. Gateways of a domain rarely share one; when two
+/// do, a follow-up goes to one of them and may get `NO_ROUTE` (docs/TRUNK.md section 6).
 pub(crate) fn gateway_tag(id: &str) -> u16 {
     let digest = dmsc_protocol::table::Generation::of(id.as_bytes()).0;
     u16::from_be_bytes([digest[0], digest[1]])
@@ -792,6 +792,7 @@ impl Core {
         self.delegated.clear();
         self.router.install(table);
         self.recompute_remote_columns();
+        self.close_unlisted_trunks();
         self.readmit_home_agents();
     }
 

@@ -30,6 +30,7 @@ use dmsc_protocol::ConnectionCode;
 use super::conn::Role;
 use super::{ConnIdx, Core};
 use crate::routing::permits;
+use crate::stats::WorkerStats;
 
 /// First delay before reconnecting a failed trunk; doubles up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
@@ -95,7 +96,9 @@ impl DomainRoutes {
                 if providers.is_empty() {
                     return None;
                 }
-                let agents = providers.iter().map(|p| p.agents).sum();
+                let agents = providers
+                    .iter()
+                    .fold(0u64, |sum, p| sum.saturating_add(p.agents));
                 let name: Box<str> = c.skill.id.as_str().into();
                 Some((
                     name,
@@ -183,9 +186,14 @@ impl Trunks {
         self.columns.get(capability)
     }
 
-    /// The next time a trunk should be (re)connected.
+    /// The next time a trunk should be (re)connected: only peers without a connection wait
+    /// for one (a connection in progress decides its own fate).
     pub(crate) fn next_retry(&self) -> Option<Instant> {
-        self.peers.iter().filter_map(|p| p.retry_at).min()
+        self.peers
+            .iter()
+            .filter(|p| p.conn.is_none())
+            .filter_map(|p| p.retry_at)
+            .min()
     }
 }
 
@@ -273,6 +281,10 @@ impl Core {
             return;
         };
         if !self.accepting {
+            // Draining: no new trunks.
+            for peer in &mut self.trunks.peers {
+                peer.retry_at = None;
+            }
             return;
         }
         for slot in 0..self.trunks.peers.len() {
@@ -280,12 +292,11 @@ impl Core {
             if !peer.listed || peer.conn.is_some() || peer.retry_at.is_none_or(|t| t > now) {
                 continue;
             }
+            // The attempt's outcome sets the next one: `trunk_gone` after the backoff.
+            peer.retry_at = None;
             let Some(addr) = peer.addr else {
-                peer.retry_at = None;
                 continue;
             };
-            peer.retry_at = Some(now + peer.backoff);
-            peer.backoff = (peer.backoff * 2).min(MAX_BACKOFF);
             let Some(socket) = self.trunk_socket else {
                 return;
             };
@@ -302,7 +313,10 @@ impl Core {
                     self.trunks.peers[slot].conn = Some(ci);
                     debug!(peer = %self.trunks.peers[slot].id, %addr, "connecting trunk");
                 }
-                Err(e) => warn!(peer = %peer.id, %addr, error = %e, "cannot connect trunk"),
+                Err(e) => {
+                    warn!(peer = %peer.id, %addr, error = %e, "cannot connect trunk");
+                    peer.retry_at = Some(now + MAX_BACKOFF);
+                }
             }
         }
     }
@@ -343,7 +357,10 @@ impl Core {
         peer.conn = None;
         peer.connected = false;
         if peer.listed {
-            peer.retry_at = Some(peer.retry_at.map_or(now + peer.backoff, |t| t.max(now)));
+            // 50 ms after a failure, doubling with every attempt that fails, up to 2 s; a
+            // handshake that completes resets it.
+            peer.retry_at = Some(now + peer.backoff);
+            peer.backoff = (peer.backoff * 2).min(MAX_BACKOFF);
         }
     }
 
@@ -416,6 +433,32 @@ impl Core {
                 errors: p.errors,
             })
             .collect()
+    }
+
+    /// After a table install: trunks from gateways the new table no longer lists are closed
+    /// with `UNAUTHENTICATED` (their requests end as when any caller's connection closes).
+    pub(crate) fn close_unlisted_trunks(&mut self) {
+        let now = self.now;
+        let unlisted: SmallVec<[ConnIdx; 4]> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.role == Role::TrunkIn)
+            .filter(|(_, c)| {
+                let gateway = c.identity.as_deref().and_then(|id| id.rsplit('/').next());
+                !gateway.is_some_and(|g| self.is_domain_gateway(g))
+            })
+            .map(|(ci, _)| ci)
+            .collect();
+        for ci in unlisted {
+            debug!("closing a trunk from a gateway the new table does not list");
+            WorkerStats::add(&self.stats.trunks_refused, 1);
+            self.close_conn(
+                ci,
+                now,
+                ConnectionCode::Unauthenticated,
+                "not a gateway of this domain's table",
+            );
+        }
     }
 
     /// Whether gateway `id` is one of the installed table's gateways (trunks from others are
