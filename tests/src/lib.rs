@@ -5,6 +5,7 @@
 //! never produce (malformed headers, misbehaving targets).
 
 pub mod cluster;
+pub mod python;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -11,20 +11,16 @@
 
 use std::fs;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use dmsc_agent::Status;
+use dmsc_tests::python::PyProcess;
 use dmsc_tests::{attach, gateway, Pki};
 
 /// The Python agent.
 fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../interop/python/dmsc_agent.py")
-}
-
-fn python() -> String {
-    std::env::var("DMSC_PYTHON").unwrap_or_else(|_| "python3".to_owned())
+    dmsc_tests::python::script("dmsc_agent.py")
 }
 
 /// A scratch directory, removed on drop.
@@ -73,95 +69,6 @@ fn identity_args(pki: &Pki, scratch: &Scratch, name: &str, gateway: SocketAddr) 
     ]
 }
 
-/// A Python child process with its output in files; killed on drop.
-struct PyProcess {
-    child: Child,
-    stdout: PathBuf,
-    stderr: PathBuf,
-}
-
-impl PyProcess {
-    fn spawn(scratch: &Scratch, tag: &str, args: &[String]) -> Self {
-        let stdout = scratch.path(&format!("{tag}.stdout"));
-        let stderr = scratch.path(&format!("{tag}.stderr"));
-        let child = Command::new(python())
-            .arg(script())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(&stdout).expect("stdout file"))
-            .stderr(fs::File::create(&stderr).expect("stderr file"))
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot run {} (python3 with aioquic needed): {e}", python())
-            });
-        Self {
-            child,
-            stdout,
-            stderr,
-        }
-    }
-
-    fn output(&self) -> String {
-        format!(
-            "--- stdout\n{}--- stderr\n{}",
-            fs::read_to_string(&self.stdout).unwrap_or_default(),
-            fs::read_to_string(&self.stderr).unwrap_or_default()
-        )
-    }
-
-    fn stdout(&self) -> String {
-        fs::read_to_string(&self.stdout).unwrap_or_default()
-    }
-
-    fn exited(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().expect("try_wait")
-    }
-
-    /// Waits for the process to exit, at most `timeout`; kills it and panics after that.
-    async fn wait(&mut self, timeout: Duration) -> ExitStatus {
-        let end = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.exited() {
-                return status;
-            }
-            if Instant::now() > end {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!(
-                    "python agent timed out after {timeout:?}\n{}",
-                    self.output()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Asks the process to leave (SIGTERM: the agent detaches), waits at most `timeout`.
-    async fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        let end = Instant::now() + timeout;
-        while Instant::now() < end {
-            if let Some(status) = self.exited() {
-                return Some(status);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        None
-    }
-}
-
-impl Drop for PyProcess {
-    fn drop(&mut self) {
-        if self.exited().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 /// The Python agent attaches (with lanes: two workers), invokes its own `py_echo` through the
 /// gateway, gets `NO_ROUTE` for a capability nobody offers, and checks the other behaviours of
 /// its self-test (statuses, discovery, card update, detach).
@@ -173,7 +80,7 @@ async fn python_agent_selftest() {
     let scratch = Scratch::new("selftest");
     let mut args = identity_args(&pki, &scratch, "py-selftest", gw.local_addr());
     args.push("selftest".into());
-    let mut py = PyProcess::spawn(&scratch, "selftest", &args);
+    let mut py = PyProcess::spawn(&script(), &scratch.0, "selftest", &args);
     let status = py.wait(Duration::from_secs(90)).await;
     let output = py.output();
     assert!(
@@ -204,7 +111,7 @@ async fn rust_and_python_agents_invoke_each_other() {
     // The Python agent serves py_upper.
     let mut serve_args = identity_args(&pki, &scratch, "py-server", addr);
     serve_args.extend(["serve".into(), "--capability".into(), "py_upper".into()]);
-    let mut server = PyProcess::spawn(&scratch, "serve", &serve_args);
+    let mut server = PyProcess::spawn(&script(), &scratch.0, "serve", &serve_args);
 
     // The Rust agent serves echo (the harness's test handlers) and calls py_upper until the
     // Python agent has attached (NO_ROUTE until then).
@@ -251,7 +158,7 @@ async fn rust_and_python_agents_invoke_each_other() {
         "--retries".into(),
         "50".into(),
     ]);
-    let mut caller = PyProcess::spawn(&scratch, "invoke", &invoke_args);
+    let mut caller = PyProcess::spawn(&script(), &scratch.0, "invoke", &invoke_args);
     let status = caller.wait(Duration::from_secs(60)).await;
     assert!(
         status.success(),

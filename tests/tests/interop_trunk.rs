@@ -15,21 +15,17 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dmsc_agent::{Agent, HandlerError, Handlers, Request, Response};
 use dmsc_identity::{IssuedIdentity, SpiffeId};
 use dmsc_tests::cluster::{Domain, OPEN_DOMAIN};
+use dmsc_tests::python::PyProcess;
 use dmsc_tests::{agent_config, attach, card, DOMAIN};
 
 /// The Python peer gateway.
 fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../interop/python/dmsc_trunk_peer.py")
-}
-
-fn python() -> String {
-    std::env::var("DMSC_PYTHON").unwrap_or_else(|_| "python3".to_owned())
+    dmsc_tests::python::script("dmsc_trunk_peer.py")
 }
 
 /// Writes `id`'s certificate and key as `<name>.pem` and `<name>.key` under `dir`; returns
@@ -42,68 +38,6 @@ fn write_identity(dir: &Path, name: &str, id: &IssuedIdentity) -> (String, Strin
     fs::write(&cert, &id.cert_pem).expect("write cert");
     fs::write(&key, &id.key_pem).expect("write key");
     (cert.display().to_string(), key.display().to_string())
-}
-
-/// The Python process with its output in files; killed on drop.
-struct PyPeer {
-    child: Child,
-    stdout: PathBuf,
-    stderr: PathBuf,
-}
-
-impl PyPeer {
-    fn spawn(dir: &Path, args: &[String]) -> Self {
-        let stdout = dir.join("peer.stdout");
-        let stderr = dir.join("peer.stderr");
-        let child = Command::new(python())
-            .arg(script())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(&stdout).expect("stdout file"))
-            .stderr(fs::File::create(&stderr).expect("stderr file"))
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot run {} (python3 with aioquic needed): {e}", python())
-            });
-        Self {
-            child,
-            stdout,
-            stderr,
-        }
-    }
-
-    fn output(&self) -> String {
-        format!(
-            "--- stdout\n{}--- stderr\n{}",
-            fs::read_to_string(&self.stdout).unwrap_or_default(),
-            fs::read_to_string(&self.stderr).unwrap_or_default()
-        )
-    }
-
-    /// Waits for the process to exit, at most `timeout`; kills it and panics after that.
-    async fn wait(&mut self, timeout: Duration) -> ExitStatus {
-        let end = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            if Instant::now() > end {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!("python peer timed out after {timeout:?}\n{}", self.output());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-impl Drop for PyPeer {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 /// An agent offering `far.probe`, which answers `key=value` lines describing the request as it
@@ -208,7 +142,7 @@ async fn python_peer_gateway_over_a_trunk() {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let mut peer = PyPeer::spawn(&dir, &args);
+    let mut peer = PyProcess::spawn(&script(), &dir, "peer", &args);
     let status = peer.wait(Duration::from_secs(180)).await;
     let output = peer.output();
     eprintln!("{output}");
