@@ -735,3 +735,29 @@ async fn a_gateway_removed_from_the_table_loses_its_trunks() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_whose_peer_is_gone_waits_quietly_between_reconnects() {
+    let mut c = start("domain-quiet", OPEN_DOMAIN, &["gw1", "gw2"], &[]);
+    let pki = &c.domain.pki;
+    let _t = attach(pki, c.gateways[1].1.addr, "target2", &["echo"]).await;
+    let caller = attach(pki, c.gateways[0].1.addr, "caller1", &["x"]).await;
+    assert_eq!(
+        until_routed(&caller, "echo", Duration::from_secs(10)).await,
+        Status::Ok
+    );
+    drop(caller);
+    // gw2 dies without closing: gw1's trunks time out (3 s) and gw1 keeps trying to reconnect
+    // until the control plane withdraws gw2 (about 11 s). Meanwhile gw1 has nothing to do: its
+    // workers must sleep between attempts, not spin.
+    c.gateways[1].0.kill();
+    let gw1 = c.gateways[0].1.admin;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let before = metric(gw1, "dmsc_wakeups_total");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let wakeups = metric(gw1, "dmsc_wakeups_total") - before;
+    assert!(
+        wakeups < 2_000,
+        "{wakeups} event-loop wake-ups in 2 s on an idle gateway reconnecting a trunk"
+    );
+}
