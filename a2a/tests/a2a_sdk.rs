@@ -30,6 +30,9 @@ trust_anchor = "{ca}"
 [[gateway]]
 id = "gw1"
 
+[[gateway]]
+id = "gw2"
+
 [groups.agents]
 members = ["spiffe://test.local/agent/*"]
 advertise = ["*"]
@@ -148,13 +151,17 @@ fn stock_a2a_sdk_clients_and_agents_through_the_gateway() {
         (cert.display().to_string(), key.display().to_string())
     };
 
-    // `dmsc-a2a <command>` attached to the gateway as agent `name`.
-    let attach_args = |command: &str, name: &str| -> Vec<String> {
+    // A second gateway of the domain: agents adapted there are reached over a trunk.
+    let (_gw2, addrs2) = domain.gateway("gw2", control.ctl, &[], Duration::from_secs(30));
+    let gateway2 = addrs2.expect("the second gateway takes its table").addr;
+
+    // `dmsc-a2a <command>` attached to gateway `at` as agent `name`.
+    let attach_to = |at: SocketAddr, command: &str, name: &str| -> Vec<String> {
         let (cert, key) = identity(name);
         vec![
             command.into(),
             "--gateway".into(),
-            gateway.to_string(),
+            at.to_string(),
             "--cert".into(),
             cert,
             "--key".into(),
@@ -164,47 +171,52 @@ fn stock_a2a_sdk_clients_and_agents_through_the_gateway() {
         ]
     };
 
-    // A stock a2a-sdk agent, and the adapter beside it.
-    let start_agent = |name: &str, skill: &str, extra: &[&str]| -> (Proc, Proc) {
-        let port = free_port();
-        let upstream = Proc::spawn(
-            &format!("a2a-sdk agent {name}"),
-            Path::new("python3"),
-            &[
-                script("agent_server.py").display().to_string(),
-                "--port".into(),
-                port.to_string(),
-                "--name".into(),
-                name.into(),
-                "--skill".into(),
-                skill.into(),
-                "--extra-skills".into(),
-                domain
-                    .dir
-                    .0
-                    .join(format!("{name}.skills"))
-                    .display()
-                    .to_string(),
-            ]
-            .into_iter()
-            .chain(extra.iter().map(|s| s.to_string()))
-            .collect::<Vec<_>>(),
-        );
-        wait_http(SocketAddr::from(([127, 0, 0, 1], port)));
-        let mut args = attach_args("adapt", &format!("{name}-adapter"));
-        args.extend([
-            "--agent-url".into(),
-            format!("http://127.0.0.1:{port}"),
-            "--card-interval-ms".into(),
-            "200".into(),
-            "--unhealthy-after".into(),
-            "2".into(),
-        ]);
-        let mut adapter = Proc::spawn(&format!("adapter {name}"), &binary("dmsc-a2a"), &args);
-        let attached = adapter.expect_line("dmsc-a2a adapt: attached:");
-        assert_eq!(attached, skill, "the card's skills become capabilities");
-        (upstream, adapter)
-    };
+    let attach_args = |command: &str, name: &str| attach_to(gateway, command, name);
+
+    // A stock a2a-sdk agent, and the adapter beside it (attached to gateway `at`).
+    let start_agent_at =
+        |at: SocketAddr, name: &str, skill: &str, extra: &[&str]| -> (Proc, Proc) {
+            let port = free_port();
+            let upstream = Proc::spawn(
+                &format!("a2a-sdk agent {name}"),
+                Path::new("python3"),
+                &[
+                    script("agent_server.py").display().to_string(),
+                    "--port".into(),
+                    port.to_string(),
+                    "--name".into(),
+                    name.into(),
+                    "--skill".into(),
+                    skill.into(),
+                    "--extra-skills".into(),
+                    domain
+                        .dir
+                        .0
+                        .join(format!("{name}.skills"))
+                        .display()
+                        .to_string(),
+                ]
+                .into_iter()
+                .chain(extra.iter().map(|s| s.to_string()))
+                .collect::<Vec<_>>(),
+            );
+            wait_http(SocketAddr::from(([127, 0, 0, 1], port)));
+            let mut args = attach_to(at, "adapt", &format!("{name}-adapter"));
+            args.extend([
+                "--agent-url".into(),
+                format!("http://127.0.0.1:{port}"),
+                "--card-interval-ms".into(),
+                "200".into(),
+                "--unhealthy-after".into(),
+                "2".into(),
+            ]);
+            let mut adapter = Proc::spawn(&format!("adapter {name}"), &binary("dmsc-a2a"), &args);
+            let attached = adapter.expect_line("dmsc-a2a adapt: attached:");
+            assert_eq!(attached, skill, "the card's skills become capabilities");
+            (upstream, adapter)
+        };
+    let start_agent =
+        |name: &str, skill: &str, extra: &[&str]| start_agent_at(gateway, name, skill, extra);
     let (_a1, mut adapter1) = start_agent("a1", "echo", &[]);
 
     // The front door, and variants of it for the client-identity modes.
@@ -242,6 +254,29 @@ fn stock_a2a_sdk_clients_and_agents_through_the_gateway() {
         assert_eq!(ok, 6 * 7 + 3, "{cap}: {matrix}");
     };
     full_matrix("echo", "a1");
+    // The whole matrix again with the agent behind the other gateway: every call, and every
+    // task follow-up (which names the agent's session), crosses the trunk from gw1 to gw2.
+    let (_far, _far_adapter) = start_agent_at(gateway2, "af", "far-echo", &[]);
+    let front_addr: SocketAddr = url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("front door address");
+    let until = Instant::now() + Duration::from_secs(20);
+    while !dmsc_tests::cluster::http(
+        front_addr,
+        "GET",
+        "/a2a/c/far-echo/.well-known/agent-card.json",
+    )
+    .contains("far-echo")
+    {
+        assert!(
+            Instant::now() < until,
+            "far-echo never reached gw1's routes"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    full_matrix("far-echo", "af");
     // The same matrix against an agent that speaks only A2A 0.3 (it refuses v1.0 methods): the
     // adapter converts each call and answer.
     let (_old, _old_adapter) = start_agent("a0", "old-echo", &["--v03-only"]);
