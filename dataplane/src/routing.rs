@@ -512,6 +512,21 @@ impl<C: Copy> Router<C> {
         self.index(idx);
     }
 
+    /// The metrics slot of capability `name`, given one if there is room (capabilities behind
+    /// other gateways are counted where they are asked for too).
+    pub fn intern_metric(&mut self, name: &str) -> MetricSlot {
+        if let Some(&m) = self.metric_slots.get(name) {
+            return m;
+        }
+        if self.metric_names.len() >= self.max_metric_names {
+            return MetricSlot::OTHER;
+        }
+        let m = MetricSlot(self.metric_names.len() as u16);
+        self.metric_names.push(name.into());
+        self.metric_slots.insert(name.into(), m);
+        m
+    }
+
     fn index(&mut self, idx: AgentIdx) {
         let Some(slot) = self.agents.get_mut(idx) else {
             return;

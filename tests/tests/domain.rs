@@ -274,6 +274,14 @@ async fn an_agent_on_one_gateway_invokes_a_capability_offered_only_behind_anothe
         assert_eq!(caller.invoke("echo", "x").await.unwrap().status, Status::Ok);
     }
     assert_eq!(metric(c.gateways[2].1.admin, "dmsc_handoffs"), 0);
+    // The ingress gateway counts them under the capability asked for, like local ones.
+    let text = http(c.gateways[0].1.admin, "GET", "/metrics");
+    assert!(
+        text.lines().any(|l| l.starts_with("dmsc_responses_total")
+            && l.contains("capability=\"echo\"")
+            && l.contains("status=\"OK\"")),
+        "{text}"
+    );
     assert!(metric(c.gateways[0].1.admin, "dmsc_trunk_forwarded") >= 50);
     assert!(metric(c.gateways[2].1.admin, "dmsc_trunk_requests_received") >= 50);
 

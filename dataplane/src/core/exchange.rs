@@ -734,8 +734,8 @@ impl Core {
         now: Instant,
     ) {
         let selection = self.select_remote(&groups, header.capability, visited, to.tag);
-        let (slot, tci) = match selection {
-            RemoteSelection::Peer(slot, ci) => (slot, ci),
+        let (slot, tci, metric) = match selection {
+            RemoteSelection::Peer(slot, ci, metric) => (slot, ci, metric),
             _ if to.overloaded.is_some() => {
                 return self.answer(key, Status::Overloaded, to.overloaded.unwrap_or_default())
             }
@@ -746,8 +746,9 @@ impl Core {
             RemoteSelection::NoRoute => {
                 return self.answer(key, Status::NoRoute, "no agent offers this capability")
             }
-            RemoteSelection::Denied => {
-                return self.answer(key, Status::Denied, "policy denies this call")
+            RemoteSelection::Denied(metric) => {
+                self.count_under(key, metric, now);
+                return self.answer(key, Status::Denied, "policy denies this call");
             }
             RemoteSelection::Loop => {
                 let why = "every gateway offering this capability was already visited";
@@ -811,8 +812,10 @@ impl Core {
         }
         if let Some(x) = self.ex(key) {
             x.trunk = Some(slot);
+            x.metric = Some(metric);
             x.started = Some(now);
         }
+        self.residence_batch.push(metric);
         self.set_deadline(key, after(now, deadline_ms));
         let peer = &mut self.trunks.peers[slot];
         peer.outstanding += 1;

@@ -29,7 +29,7 @@ use dmsc_protocol::ConnectionCode;
 
 use super::conn::Role;
 use super::{ConnIdx, Core};
-use crate::routing::permits;
+use crate::routing::{permits, MetricSlot};
 use crate::stats::WorkerStats;
 
 /// First delay before reconnecting a failed trunk; doubles up to [`MAX_BACKOFF`].
@@ -159,8 +159,9 @@ pub(crate) struct Trunks {
     by_id: HashMap<Arc<str>, usize>,
     /// For each gateway index of the installed routes, its peer slot (`None`: this gateway).
     slot_of: Vec<Option<usize>>,
-    /// The invoke policy column of each remote capability under the installed table.
-    columns: HashMap<Box<str>, Option<Column>>,
+    /// The invoke policy column and metrics slot of each remote capability under the
+    /// installed table.
+    columns: HashMap<Box<str>, (Option<Column>, MetricSlot)>,
     /// How this worker connects to peers (`None`: trunks are off, e.g. no lanes).
     pub(crate) client: Option<quinn_proto::ClientConfig>,
 }
@@ -168,12 +169,12 @@ pub(crate) struct Trunks {
 /// The outcome of [`Core::select_remote`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum RemoteSelection {
-    /// Forward over this peer slot's trunk connection.
-    Peer(usize, ConnIdx),
+    /// Forward over this peer slot's trunk connection (the capability's metrics slot).
+    Peer(usize, ConnIdx, MetricSlot),
     /// No other gateway offers the capability.
     NoRoute,
-    /// Policy forbids the call.
-    Denied,
+    /// Policy forbids the call (the capability's metrics slot).
+    Denied(MetricSlot),
     /// Every gateway offering it was already visited by this request.
     Loop,
     /// Gateways offer it, but no trunk to any of them is connected from this worker.
@@ -181,8 +182,8 @@ pub(crate) enum RemoteSelection {
 }
 
 impl Trunks {
-    /// The invoke column of `capability`, if it is offered remotely.
-    fn column(&self, capability: &str) -> Option<&Option<Column>> {
+    /// The invoke column and metrics slot of `capability`, if it is offered remotely.
+    fn column(&self, capability: &str) -> Option<&(Option<Column>, MetricSlot)> {
         self.columns.get(capability)
     }
 
@@ -270,7 +271,8 @@ impl Core {
         if let Some(routes) = &self.trunks.routes {
             for name in routes.capabilities.keys() {
                 let column = table.column(Relation::Invoke, name);
-                self.trunks.columns.insert(name.clone(), column);
+                let metric = self.router.intern_metric(name);
+                self.trunks.columns.insert(name.clone(), (column, metric));
             }
         }
     }
@@ -380,11 +382,12 @@ impl Core {
         let Some(cap) = routes.capabilities.get(capability) else {
             return RemoteSelection::NoRoute;
         };
-        if !permits(
-            groups,
-            self.trunks.column(capability).and_then(Option::as_ref),
-        ) {
-            return RemoteSelection::Denied;
+        let (column, metric) = match self.trunks.column(capability) {
+            Some((column, metric)) => (column.as_ref(), *metric),
+            None => (None, MetricSlot::OTHER),
+        };
+        if !permits(groups, column) {
+            return RemoteSelection::Denied(metric);
         }
         let mut best: Option<(u64, u64, usize, ConnIdx)> = None;
         let (mut matched, mut unvisited) = (false, false);
@@ -412,7 +415,7 @@ impl Core {
             }
         }
         match best {
-            Some((_, _, slot, ci)) => RemoteSelection::Peer(slot, ci),
+            Some((_, _, slot, ci)) => RemoteSelection::Peer(slot, ci, metric),
             None if !matched => RemoteSelection::NoRoute,
             None if !unvisited => RemoteSelection::Loop,
             None => RemoteSelection::Unavailable,
