@@ -13,6 +13,7 @@
 //! | `session` | the agent session on a connection's control stream: attach, lanes, cards, discovery |
 //! | `registry` | what this worker knows of agents attached anywhere; detach counting |
 //! | `catalog` | the capabilities offered, by name, for discovery |
+//! | `route` | a request's header checked, its target or peer gateway chosen |
 //! | `exchange` | one request relayed between a caller leg and a target leg |
 //! | `handoff` | the legs that cross to another worker, with their credit window |
 //! | `drain` | graceful shutdown |
@@ -84,6 +85,7 @@ mod handoff;
 mod outbox;
 mod ratelimit;
 mod registry;
+mod route;
 mod session;
 mod timers;
 mod trunk;

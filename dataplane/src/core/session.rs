@@ -351,7 +351,7 @@ impl Core {
                 // and so does an identity that is not an agent of the domain.
                 let groups = match (on_behalf_of.is_empty(), bridge) {
                     (true, _) => own,
-                    (false, true) => super::exchange::delegated_groups(
+                    (false, true) => super::route::delegated_groups(
                         &mut self.delegated,
                         &self.router,
                         &self.shared.config.domain,
