@@ -263,69 +263,73 @@ impl ControlLink {
         }
     }
 
-    /// The trunk figures of every worker, summed per peer, and the routes held.
-    pub fn trunks(&self) -> ctl_domain::Trunks {
+    /// What the gateway tells the control plane of itself every `STATUS_INTERVAL`: its agents
+    /// (`STATUS`) and its trunks and routes (`TRUNKS`), from one reading of every worker.
+    pub fn figures(&self) -> (ctl::Status, ctl_domain::Trunks) {
         let snaps = crate::admin::snapshots(&self.mailboxes, &self.snapshots);
-        let mut per_peer: std::collections::BTreeMap<String, ctl_domain::TrunkFigures> =
-            std::collections::BTreeMap::new();
-        // The routes every worker holds: the lowest version (0 unless all hold some).
-        let mut routes = snaps.first().and_then(|s| s.routes).unwrap_or((0, 0));
-        for s in &snaps {
-            routes = match s.routes {
-                Some(r) if r.0 == routes.0 => (r.0, r.1.min(routes.1)),
-                _ => (0, 0),
-            };
-            for t in &s.trunks {
-                let f =
-                    per_peer
-                        .entry(t.gateway.clone())
-                        .or_insert_with(|| ctl_domain::TrunkFigures {
-                            gateway: t.gateway.clone(),
-                            ..Default::default()
-                        });
-                f.connected += u64::from(t.connected);
-                f.requests += t.requests;
-                f.errors += t.errors;
-            }
-        }
-        ctl_domain::Trunks {
-            routes_epoch: routes.0,
-            routes_version: routes.1,
-            trunks: per_peer.into_values().collect(),
+        (status_of(&snaps), trunks_of(&snaps))
+    }
+}
+
+/// The trunk figures of every worker, summed per peer, and the routes every worker holds.
+fn trunks_of(snaps: &[crate::metrics::WorkerSnapshot]) -> ctl_domain::Trunks {
+    let mut per_peer: std::collections::BTreeMap<String, ctl_domain::TrunkFigures> =
+        std::collections::BTreeMap::new();
+    // The routes every worker holds: the lowest version (0 unless all hold some).
+    let mut routes = snaps.first().and_then(|s| s.routes).unwrap_or((0, 0));
+    for s in snaps {
+        routes = match s.routes {
+            Some(r) if r.0 == routes.0 => (r.0, r.1.min(routes.1)),
+            _ => (0, 0),
+        };
+        for t in &s.trunks {
+            let f = per_peer
+                .entry(t.gateway.clone())
+                .or_insert_with(|| ctl_domain::TrunkFigures {
+                    gateway: t.gateway.clone(),
+                    ..Default::default()
+                });
+            f.connected += u64::from(t.connected);
+            f.requests += t.requests;
+            f.errors += t.errors;
         }
     }
+    ctl_domain::Trunks {
+        routes_epoch: routes.0,
+        routes_version: routes.1,
+        trunks: per_peer.into_values().collect(),
+    }
+}
 
-    /// The agents attached, as reported in `STATUS`.
-    pub fn status(&self) -> ctl::Status {
-        let snaps = crate::admin::snapshots(&self.mailboxes, &self.snapshots);
-        let mut identities: Vec<String> = Vec::new();
-        let mut capabilities = std::collections::BTreeSet::new();
-        let mut agents = 0u64;
-        for s in &snaps {
-            for a in &s.agents {
-                agents += 1;
-                identities.push(a.identity.clone());
-                capabilities.extend(a.capabilities.iter().cloned());
-            }
+/// The agents attached, as reported in `STATUS`.
+fn status_of(snaps: &[crate::metrics::WorkerSnapshot]) -> ctl::Status {
+    let mut identities: Vec<String> = Vec::new();
+    let mut capabilities = std::collections::BTreeSet::new();
+    let mut agents = 0u64;
+    for s in snaps {
+        for a in &s.agents {
+            agents += 1;
+            identities.push(a.identity.clone());
+            capabilities.extend(a.capabilities.iter().cloned());
         }
-        identities.sort_unstable();
-        identities.dedup();
-        identities.truncate(ctl::MAX_STATUS_AGENTS);
-        // Keep the frame well inside its limit whatever the identities' lengths.
-        let mut bytes = 0;
-        let fit = identities
-            .iter()
-            .take_while(|id| {
-                bytes += id.len() + 2;
-                bytes <= ctl::MAX_STATUS_IDENTITY_BYTES
-            })
-            .count();
-        identities.truncate(fit);
-        ctl::Status {
-            agents,
-            capabilities: capabilities.len() as u64,
-            identities,
-        }
+    }
+    identities.sort_unstable();
+    identities.dedup();
+    identities.truncate(ctl::MAX_STATUS_AGENTS);
+    // Keep the frame well inside its limit whatever the identities' lengths.
+    let mut bytes = 0;
+    let fit = identities
+        .iter()
+        .take_while(|id| {
+            bytes += id.len() + 2;
+            bytes <= ctl::MAX_STATUS_IDENTITY_BYTES
+        })
+        .count();
+    identities.truncate(fit);
+    ctl::Status {
+        agents,
+        capabilities: capabilities.len() as u64,
+        identities,
     }
 }
 
@@ -392,6 +396,8 @@ impl ControlClient {
             routes_installed: false,
             retired: None,
             dropped_seen: 0,
+            rejection_logged: None,
+            rejections_held: 0,
         };
         let thread = std::thread::Builder::new()
             .name("dmsc-control".into())
@@ -495,6 +501,9 @@ struct Runner {
     retired: Option<Arc<DomainRoutes>>,
     /// `attach_events_dropped` when last looked at.
     dropped_seen: u64,
+    /// When a refused agent was last logged, and the refusals not logged since.
+    rejection_logged: Option<Instant>,
+    rejections_held: u64,
 }
 
 /// How a session ended.
@@ -719,8 +728,7 @@ impl Runner {
                 Wake::Status => {
                     let link = self.link.borrow().clone();
                     if let Some(link) = link {
-                        let figures = link.clone();
-                        let trunks = tokio::task::spawn_blocking(move || figures.trunks())
+                        let (status, trunks) = tokio::task::spawn_blocking(move || link.figures())
                             .await
                             .unwrap_or_default();
                         if last_trunks.as_ref() != Some(&trunks) {
@@ -729,9 +737,6 @@ impl Runner {
                             send.write_all(&out).await?;
                             last_trunks = Some(trunks);
                         }
-                        let status = tokio::task::spawn_blocking(move || link.status())
-                            .await
-                            .unwrap_or_default();
                         if last_status.as_ref() != Some(&status) {
                             let mut out = Vec::new();
                             ctl::encode_frame(&Frame::Status(status.clone()), &mut out);
@@ -768,7 +773,23 @@ impl Runner {
             }
             Frame::ReportRejected(r) => {
                 self.state.rejected.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(session = r.session, reason = %r.reason, "the control plane refused a reported agent; it is served on this gateway only");
+                // A storm of refused agents is one line per interval (all are counted).
+                let now = Instant::now();
+                if self
+                    .rejection_logged
+                    .is_none_or(|t| now.duration_since(t) >= REJECTION_LOG_INTERVAL)
+                {
+                    tracing::warn!(
+                        session = r.session,
+                        reason = %r.reason,
+                        since_last = self.rejections_held,
+                        "the control plane refused a reported agent; it is served on this gateway only"
+                    );
+                    self.rejection_logged = Some(now);
+                    self.rejections_held = 0;
+                } else {
+                    self.rejections_held += 1;
+                }
                 return Ok(None);
             }
             other => {
@@ -1013,6 +1034,9 @@ fn frame_name(frame: &Frame<'_>) -> &'static str {
         Frame::Unknown(_) => "an extension frame",
     }
 }
+
+/// Shortest interval between two log lines about agents the control plane refused.
+const REJECTION_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
 /// What woke the session loop.
 enum Wake {
