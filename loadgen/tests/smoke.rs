@@ -80,27 +80,32 @@ fn a_short_self_contained_run_succeeds_and_writes_its_files() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A short `compare` in `dir` (8 in flight, two rounds of 300 ms per mode), writing
+/// `compare.json` and `out/`, with `extra` flags.
+fn short_compare(dir: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "compare",
+        "--concurrency",
+        "8",
+        "--duration",
+        "600ms",
+        "--rounds",
+        "2",
+        "--warmup",
+        "200ms",
+        "--json",
+        "compare.json",
+        "--out",
+        "out",
+    ];
+    args.extend_from_slice(extra);
+    run(dir, &args)
+}
+
 #[test]
 fn compare_runs_both_modes_against_the_same_agents() {
     let dir = scratch("compare");
-    let output = run(
-        &dir,
-        &[
-            "compare",
-            "--concurrency",
-            "8",
-            "--duration",
-            "600ms",
-            "--rounds",
-            "2",
-            "--warmup",
-            "200ms",
-            "--json",
-            "compare.json",
-            "--out",
-            "out",
-        ],
-    );
+    let output = short_compare(&dir, &[]);
     assert!(output.status.success(), "exit status {}", output.status);
     let doc = read_json(&dir.join("compare.json"));
     assert_clean(&doc["gateway"], "gateway");
@@ -125,26 +130,7 @@ fn compare_runs_both_modes_against_the_same_agents() {
 #[test]
 fn compare_with_two_gateways_runs_three_modes_side_by_side() {
     let dir = scratch("compare2");
-    let output = run(
-        &dir,
-        &[
-            "compare",
-            "--gateways",
-            "2",
-            "--concurrency",
-            "8",
-            "--duration",
-            "600ms",
-            "--rounds",
-            "2",
-            "--warmup",
-            "200ms",
-            "--json",
-            "compare.json",
-            "--out",
-            "out",
-        ],
-    );
+    let output = short_compare(&dir, &["--gateways", "2"]);
     assert!(output.status.success(), "exit status {}", output.status);
     let doc = read_json(&dir.join("compare.json"));
     assert_clean(&doc["two_gateways"], "two-gateways");
