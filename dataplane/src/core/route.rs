@@ -360,9 +360,6 @@ impl Core {
                 "too many gateways visited",
             );
         }
-        let shared = self.shared.clone();
-        let mut path: SmallVec<[&str; 4]> = SmallVec::from_slice(visited);
-        path.push(&shared.config.gateway_id);
         // The peer starts its own clock when the header arrives: half the trunk's round trip
         // is already spent by then.
         let transit_ms = self.conns.get(tci).map_or(1, |c| {
@@ -378,19 +375,19 @@ impl Core {
             target_session: to.target_session,
             ..header
         };
-        let Some(peer_header) = PeerHeader::new(forwarded, &path) else {
-            return self.answer(
-                key,
-                refuse(Status::LoopDetected),
-                "too many gateways visited",
-            );
+        // The visited list gains this gateway (room checked above).
+        let encoded = {
+            let mut path: SmallVec<[&str; 4]> = SmallVec::from_slice(visited);
+            path.push(&self.shared.config.gateway_id);
+            PeerHeader::new(forwarded, &path).and_then(|peer_header| {
+                encode_peer_header(
+                    &mut self.scratch,
+                    &mut self.peer_scratch,
+                    &mut self.arena,
+                    &peer_header,
+                )
+            })
         };
-        let encoded = encode_peer_header(
-            &mut self.scratch,
-            &mut self.peer_scratch,
-            &mut self.arena,
-            &peer_header,
-        );
         let Some(encoded) = encoded else {
             let status = refuse(Status::BadRequest);
             return self.answer(key, status, "request cannot be forwarded");

@@ -267,12 +267,22 @@ impl Core {
     /// Recomputes the invoke column of every remote capability (a new table or new routes).
     pub(crate) fn recompute_remote_columns(&mut self) {
         let table = self.router.table().clone();
-        self.trunks.columns.clear();
-        if let Some(routes) = &self.trunks.routes {
-            for name in routes.capabilities.keys() {
-                let column = table.column(Relation::Invoke, name);
-                let metric = self.router.intern_metric(name);
-                self.trunks.columns.insert(name.clone(), (column, metric));
+        let Some(routes) = &self.trunks.routes else {
+            self.trunks.columns.clear();
+            return;
+        };
+        // Capabilities that stay keep their entry (no new key per install); the rest go.
+        self.trunks
+            .columns
+            .retain(|name, _| routes.capabilities.contains_key(name));
+        for name in routes.capabilities.keys() {
+            let column = table.column(Relation::Invoke, name);
+            match self.trunks.columns.get_mut(name) {
+                Some(entry) => entry.0 = column,
+                None => {
+                    let metric = self.router.intern_metric(name);
+                    self.trunks.columns.insert(name.clone(), (column, metric));
+                }
             }
         }
     }
