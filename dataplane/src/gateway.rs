@@ -155,6 +155,13 @@ impl Gateway {
         let mut lane_addrs = Vec::with_capacity(workers);
         let mut trunk_addrs = Vec::with_capacity(workers);
         let advertise = config.advertise_ip.unwrap_or(config.listen.ip());
+        if advertise.is_unspecified() && (config.lanes || config.trunks) {
+            tracing::warn!(
+                %advertise,
+                "lane and trunk addresses would name the wildcard address, which agents and other \
+                 gateways cannot reach: set advertise_ip (--advertise-ip)"
+            );
+        }
         for w in 0..workers {
             let shared = bind(listen, true)?;
             listen = shared.local_addr().map_err(|source| StartError::Bind {
