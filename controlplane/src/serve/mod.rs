@@ -32,7 +32,8 @@ const MAX_CONNECTIONS: usize = 8192;
 /// Most capability names `/status` lists per gateway (the count is always the full one).
 const MAX_STATUS_CAPABILITIES: usize = 1024;
 /// Most encoded frames (pushes, refusals of reported agents) a session queues for its writer;
-/// beyond, the session stops reading the gateway's frames until the writer catches up.
+/// beyond, a push waits for the writer to catch up, and refusals are dropped (they are counted
+/// in the metrics), so reports keep being read.
 const MAX_QUEUED_FRAMES: usize = 1024;
 
 /// How the domain's routes are compiled and pushed (`docs/CONTROL.md` section 7).

@@ -530,7 +530,15 @@ impl Session {
             tracing::debug!(gateway = %self.id, session = rejected.session, reason = %rejected.reason, "reported agent refused");
             ctl::encode_frame(&Frame::ReportRejected(rejected), &mut out);
         }
-        self.write(out).await
+        // Refusals only inform (they are counted here): while the writer is behind, new ones
+        // are dropped rather than stopping this session from reading the gateway, which could
+        // be blocked writing its reports while the writer waits for it to read the routes.
+        match self.out.try_send(out) {
+            Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(End::Lost(
+                "the session's stream can no longer be written".into(),
+            )),
+        }
     }
 
     async fn on_frame(&mut self, frame: Frame<'static>) -> Result<(), End> {
