@@ -402,6 +402,11 @@ impl prometheus_client::collector::Collector for Scrape {
                 stats.datagrams_sent,
             ),
             (
+                "dmsc_ack_only_sent",
+                "Datagrams sent that carried only a QUIC acknowledgement.",
+                stats.ack_only_sent,
+            ),
+            (
                 "dmsc_wakeups",
                 "Event-loop wake-ups of the workers.",
                 stats.wakeups,

@@ -32,6 +32,8 @@ pub struct WorkerStats {
     pub datagrams_received: AtomicU64,
     /// Datagrams (or GSO batches) sent.
     pub datagrams_sent: AtomicU64,
+    /// Datagrams sent that carried nothing but an acknowledgement (QUIC ACK-only packets).
+    pub ack_only_sent: AtomicU64,
     /// Event-loop wake-ups.
     pub wakeups: AtomicU64,
     /// QUIC Retry packets sent to unvalidated addresses.
@@ -96,6 +98,8 @@ pub struct StatsSnapshot {
     pub datagrams_received: u64,
     /// Datagrams (or GSO batches) sent.
     pub datagrams_sent: u64,
+    /// ACK-only datagrams sent.
+    pub ack_only_sent: u64,
     /// Event-loop wake-ups.
     pub wakeups: u64,
     /// QUIC Retry packets sent.
@@ -149,6 +153,7 @@ impl StatsSnapshot {
             s.send_drops += w.send_drops.load(Relaxed);
             s.datagrams_received += w.datagrams_received.load(Relaxed);
             s.datagrams_sent += w.datagrams_sent.load(Relaxed);
+            s.ack_only_sent += w.ack_only_sent.load(Relaxed);
             s.wakeups += w.wakeups.load(Relaxed);
             s.retries += w.retries.load(Relaxed);
             s.handshakes_refused += w.handshakes_refused.load(Relaxed);

@@ -7,7 +7,8 @@
 //! - **Datagrams of the callers**: quinn's own count over the callers' connections (passed in
 //!   by the caller threads).
 //! - **Datagrams of the gateway**: its `dmsc_datagrams_{sent,received}_total` metrics, from its
-//!   admin endpoint (a GSO batch counts once when sent).
+//!   admin endpoint (a GSO batch counts once when sent), and of those sent, the ones that
+//!   carried nothing but a QUIC acknowledgement (`dmsc_ack_only_sent_total`).
 //! - **Datagrams of the agents**: the machine's UDP counters (`/proc/net/snmp`, `InDatagrams`,
 //!   `OutDatagrams`) minus the callers' and the gateway's: everything else on the machine is
 //!   counted with them (the control plane's keep-alives, a few per second, and any other UDP
@@ -24,6 +25,9 @@ pub struct Counts {
     pub received: Option<u64>,
     /// Voluntary context switches of all its threads.
     pub wakeups: Option<u64>,
+    /// Of the datagrams sent, those that carried only an acknowledgement (known for the
+    /// gateway only).
+    pub ack_only: Option<u64>,
 }
 
 impl Counts {
@@ -34,6 +38,7 @@ impl Counts {
             sent: add(self.sent, other.sent),
             received: add(self.received, other.received),
             wakeups: add(self.wakeups, other.wakeups),
+            ack_only: add(self.ack_only, other.ack_only),
         }
     }
 
@@ -43,6 +48,7 @@ impl Counts {
             sent: Some(0),
             received: Some(0),
             wakeups: Some(0),
+            ack_only: Some(0),
         }
     }
 }
@@ -84,8 +90,8 @@ pub struct Snapshot {
     callers_wakeups: Option<u64>,
     gateway_wakeups: Option<u64>,
     agents_wakeups: Option<u64>,
-    /// The gateway's (received, sent).
-    gateway_datagrams: Option<(u64, u64)>,
+    /// The gateway's (received, sent, sent ACK-only).
+    gateway_datagrams: Option<(u64, u64, u64)>,
     /// The machine's UDP (InDatagrams, OutDatagrams).
     system: Option<(u64, u64)>,
 }
@@ -107,7 +113,9 @@ impl Snapshot {
     pub fn since(&self, earlier: &Snapshot, callers_datagrams: Option<(u64, u64)>) -> RoleCounts {
         let d = |a: Option<u64>, b: Option<u64>| Some(a?.saturating_sub(b?));
         let gateway = match (self.gateway_datagrams, earlier.gateway_datagrams) {
-            (Some((r1, s1)), Some((r0, s0))) => Some((r1 - r0.min(r1), s1 - s0.min(s1))),
+            (Some((r1, s1, a1)), Some((r0, s0, a0))) => {
+                Some((r1 - r0.min(r1), s1 - s0.min(s1), a1 - a0.min(a1)))
+            }
             _ => None,
         };
         let system = match (self.system, earlier.system) {
@@ -121,25 +129,28 @@ impl Snapshot {
             Some((s, r)) => (Some(s), Some(r)),
             None => (None, None),
         };
-        let (gateway_received, gateway_sent) = match gateway {
-            Some((r, s)) => (Some(r), Some(s)),
-            None => (None, None),
+        let (gateway_received, gateway_sent, gateway_ack_only) = match gateway {
+            Some((r, s, a)) => (Some(r), Some(s), Some(a)),
+            None => (None, None, None),
         };
         RoleCounts {
             callers: Counts {
                 sent: callers_sent,
                 received: callers_received,
                 wakeups: d(self.callers_wakeups, earlier.callers_wakeups),
+                ack_only: None,
             },
             gateway: Counts {
                 sent: gateway_sent,
                 received: gateway_received,
                 wakeups: d(self.gateway_wakeups, earlier.gateway_wakeups),
+                ack_only: gateway_ack_only,
             },
             agents: Counts {
                 sent: rest(system.map(|s| s.1), callers_sent, gateway_sent),
                 received: rest(system.map(|s| s.0), callers_received, gateway_received),
                 wakeups: d(self.agents_wakeups, earlier.agents_wakeups),
+                ack_only: None,
             },
         }
     }
@@ -185,8 +196,8 @@ fn parse_snmp(text: &str) -> Option<(u64, u64)> {
     Some((get("InDatagrams")?, get("OutDatagrams")?))
 }
 
-/// The gateway's (received, sent) datagram counters, from its admin endpoint.
-fn gateway_datagrams(admin: SocketAddr) -> Option<(u64, u64)> {
+/// The gateway's (received, sent, sent ACK-only) datagram counters, from its admin endpoint.
+fn gateway_datagrams(admin: SocketAddr) -> Option<(u64, u64, u64)> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(std::time::Duration::from_secs(5)))
         .build()
@@ -208,6 +219,7 @@ fn gateway_datagrams(admin: SocketAddr) -> Option<(u64, u64)> {
     Some((
         value("dmsc_datagrams_received_total")?,
         value("dmsc_datagrams_sent_total")?,
+        value("dmsc_ack_only_sent_total")?,
     ))
 }
 
@@ -235,20 +247,22 @@ mod tests {
             callers_wakeups: Some(10),
             gateway_wakeups: Some(20),
             agents_wakeups: Some(30),
-            gateway_datagrams: Some((1000, 900)),
+            gateway_datagrams: Some((1000, 900, 300)),
             system: Some((5000, 5000)),
         };
         let after = Snapshot {
             callers_wakeups: Some(15),
             gateway_wakeups: Some(40),
             agents_wakeups: Some(33),
-            gateway_datagrams: Some((1200, 1100)),
+            gateway_datagrams: Some((1200, 1100, 340)),
             system: Some((5400, 5400)),
         };
         let w = after.since(&before, Some((100, 110)));
         assert_eq!(w.callers.wakeups, Some(5));
         assert_eq!(w.gateway.received, Some(200));
         assert_eq!(w.gateway.sent, Some(200));
+        assert_eq!(w.gateway.ack_only, Some(40));
+        assert_eq!(w.callers.ack_only, None);
         assert_eq!(w.agents.sent, Some(100));
         assert_eq!(w.agents.received, Some(90));
         assert_eq!(w.agents.wakeups, Some(3));

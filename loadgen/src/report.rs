@@ -236,6 +236,9 @@ pub struct PerRequest {
     pub received: Option<f64>,
     /// Wake-ups (voluntary context switches) per request.
     pub wakeups: Option<f64>,
+    /// Of the datagrams sent, those carrying only an acknowledgement, per request (the
+    /// gateway's only).
+    pub ack_only: Option<f64>,
 }
 
 /// [`PerRequest`] of each role.
@@ -259,18 +262,26 @@ impl PerRequest {
             sent: per(counts.sent),
             received: per(counts.received),
             wakeups: per(counts.wakeups),
+            ack_only: per(counts.ack_only),
         }
     }
 
     fn json(&self) -> serde_json::Value {
         let r = |v: Option<f64>| v.map(|v| round(v, 3));
-        json!({"datagrams_sent": r(self.sent), "datagrams_received": r(self.received), "wakeups": r(self.wakeups)})
+        let mut v = json!({"datagrams_sent": r(self.sent), "datagrams_received": r(self.received), "wakeups": r(self.wakeups)});
+        if let Some(a) = self.ack_only {
+            v["ack_only_sent"] = json!(round(a, 3));
+        }
+        v
     }
 
     fn text(&self) -> String {
         let o = |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.2}"));
+        let ack_only = self
+            .ack_only
+            .map_or_else(String::new, |a| format!(" ({a:.2} ack-only)"));
         format!(
-            "{} out {} in {} wake",
+            "{} out{ack_only} {} in {} wake",
             o(self.sent),
             o(self.received),
             o(self.wakeups)

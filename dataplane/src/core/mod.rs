@@ -611,7 +611,13 @@ impl Core {
                     if sendable(socket) {
                         buf.clear();
                         let max_gso = self.sockets[socket].max_gso_segments;
+                        let before = conn.quic.stats().frame_tx;
                         if let Some(t) = conn.quic.poll_transmit(now, max_gso, buf) {
+                            if t.segment_size.is_none()
+                                && is_ack_only(&before, &conn.quic.stats().frame_tx)
+                            {
+                                WorkerStats::add(&self.stats.ack_only_sent, 1);
+                            }
                             return Some(transmit(socket, &t));
                         }
                     }
@@ -862,6 +868,38 @@ impl Core {
         }
         self.flush_control(ci, now);
     }
+}
+
+/// Whether the one packet sent between two readings of a connection's frame counters carried
+/// an ACK frame and nothing else (padding aside).
+fn is_ack_only(before: &quinn_proto::FrameStats, after: &quinn_proto::FrameStats) -> bool {
+    after.acks == before.acks + 1 && frames_other_than_ack(after) == frames_other_than_ack(before)
+}
+
+fn frames_other_than_ack(f: &quinn_proto::FrameStats) -> u64 {
+    f.ack_frequency
+        + f.crypto
+        + f.connection_close
+        + f.data_blocked
+        + f.datagram
+        + u64::from(f.handshake_done)
+        + f.immediate_ack
+        + f.max_data
+        + f.max_stream_data
+        + f.max_streams_bidi
+        + f.max_streams_uni
+        + f.new_connection_id
+        + f.new_token
+        + f.path_challenge
+        + f.path_response
+        + f.ping
+        + f.reset_stream
+        + f.retire_connection_id
+        + f.stream_data_blocked
+        + f.streams_blocked_bidi
+        + f.streams_blocked_uni
+        + f.stop_sending
+        + f.stream
 }
 
 fn transmit(socket: usize, t: &quinn_proto::Transmit) -> Transmit {

@@ -259,6 +259,9 @@ pub(super) struct Harness {
     pub(super) delivered: usize,
     /// Cross-core messages delivered so far.
     pub(super) messages: usize,
+    /// Single datagrams the gateway sent that were under 64 bytes (room for a short header, an
+    /// ACK frame and the AEAD tag, not for a payload).
+    pub(super) small_sent: usize,
 }
 
 impl Harness {
@@ -329,6 +332,7 @@ impl Harness {
             shared,
             delivered: 0,
             messages: 0,
+            small_sent: 0,
         }
     }
 
@@ -666,6 +670,9 @@ impl Harness {
             let node = &mut self.nodes[w];
             counted(|| node.core.handle_timeout(now));
             while let Some(t) = counted(|| node.core.poll_transmit(now, &mut buf, |_| true)) {
+                if t.segment_size.is_none() && t.size < 64 {
+                    self.small_sent += 1;
+                }
                 let from = if t.socket == 1 {
                     node.lane
                 } else {

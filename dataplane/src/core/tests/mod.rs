@@ -394,6 +394,54 @@ fn allocations_per_forwarded_request_are_pinned() {
     }
 }
 
+/// `dmsc_ack_only_sent_total` counts the packets that carried only an acknowledgement: the
+/// harness's peers do not ask for a lower acknowledgement frequency, so a run of sequential
+/// requests leaves the gateway some ACK-only packets to send, and every one it counts is a
+/// datagram too small to carry anything else.
+#[test]
+fn ack_only_packets_are_counted() {
+    let (mut h, a, _b) = pair(Limits::default());
+    let payload = [7u8; 100];
+    let mut calls = Vec::new();
+    for _ in 0..100 {
+        calls.push(h.invoke(a, "echo", &payload));
+        h.run();
+    }
+    h.advance(Duration::from_millis(50));
+    h.run();
+    assert!(calls
+        .iter()
+        .all(|&c| h.agents[a].calls[c].status() == Some(Status::Ok)));
+    let ack_only: u64 = (0..h.nodes.len())
+        .map(|w| h.stats(w).ack_only_sent.load(Relaxed))
+        .sum();
+    assert!(ack_only > 0, "no ACK-only packet counted");
+    assert!(
+        ack_only as usize <= h.small_sent,
+        "{ack_only} counted, only {} datagrams small enough",
+        h.small_sent
+    );
+}
+
+#[test]
+fn ack_only_is_an_ack_frame_and_nothing_else() {
+    use quinn_proto::FrameStats;
+    let before = FrameStats::default();
+    let mut ack = before;
+    ack.acks += 1;
+    assert!(super::is_ack_only(&before, &ack));
+    let mut ack_and_data = ack;
+    ack_and_data.stream += 1;
+    assert!(!super::is_ack_only(&before, &ack_and_data));
+    let mut ack_and_credit = ack;
+    ack_and_credit.max_streams_bidi += 1;
+    assert!(!super::is_ack_only(&before, &ack_and_credit));
+    let mut data = before;
+    data.stream += 2;
+    assert!(!super::is_ack_only(&before, &data));
+    assert!(!super::is_ack_only(&before, &before));
+}
+
 /// An agent that closes its connection is unrouted at once.
 #[test]
 fn an_agent_that_closes_is_unrouted() {
