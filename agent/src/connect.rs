@@ -42,6 +42,12 @@ pub(crate) fn keep_alive_interval(idle_timeout: Duration) -> Duration {
     (idle_timeout / 3).clamp(MIN_KEEP_ALIVE, MAX_KEEP_ALIVE)
 }
 
+/// Ack-eliciting packets the gateway may receive before it must acknowledge (QUIC ACK
+/// frequency extension).
+const ACK_ELICITING_THRESHOLD: u32 = 8;
+/// Longest the gateway may delay an acknowledgement.
+const MAX_ACK_DELAY: Duration = Duration::from_millis(1);
+
 /// The QUIC transport settings of every connection to the gateway.
 pub(crate) fn transport_config(
     max_concurrent: u32,
@@ -59,6 +65,15 @@ pub(crate) fn transport_config(
         // OVERLOADED answers in that window (PROTOCOL.md section 2.5).
         .max_concurrent_bidi_streams(VarInt::from_u32(max_concurrent.saturating_mul(2)))
         .max_concurrent_uni_streams(VarInt::from_u32(0));
+    // Ask the gateway to acknowledge every 8th ack-eliciting packet (or after 1 ms) instead of
+    // every 2nd, as the gateway asks of its peers: most acknowledgements ride on answers, and
+    // the ACK-only packets left cost both ends a packet each. The 1 ms bound (not more) keeps
+    // stream credit and send buffers from waiting on a delayed acknowledgement at the end of a
+    // burst (docs/BENCHMARKS.md, issue 10).
+    let mut ack = quinn::AckFrequencyConfig::default();
+    ack.ack_eliciting_threshold(VarInt::from_u32(ACK_ELICITING_THRESHOLD))
+        .max_ack_delay(Some(MAX_ACK_DELAY));
+    transport.ack_frequency_config(Some(ack));
     Ok(transport)
 }
 

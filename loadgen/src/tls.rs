@@ -133,5 +133,12 @@ fn base_transport() -> quinn::TransportConfig {
             IDLE_TIMEOUT_MS,
         ))))
         .max_concurrent_uni_streams(0u32.into());
+    // The same acknowledgement frequency request as the SDK's agents make (and the gateway of
+    // its peers), on both routes: the callers ask it of the gateway and of the agents' direct
+    // listeners, and those listeners of the callers.
+    let mut ack = quinn::AckFrequencyConfig::default();
+    ack.ack_eliciting_threshold(quinn::VarInt::from_u32(8))
+        .max_ack_delay(Some(std::time::Duration::from_millis(1)));
+    t.ack_frequency_config(Some(ack));
     t
 }
