@@ -190,7 +190,10 @@ impl Worker {
                             return;
                         }
                     }
-                    std::hint::spin_loop();
+                    // Yield rather than spin: a thread of another process (an agent, a caller)
+                    // that shares this core runs at once instead of waiting for the poll to
+                    // end; with the core to itself, the worker is back at once.
+                    std::thread::yield_now();
                     now = Instant::now();
                 }
                 if events.is_empty() {
