@@ -66,9 +66,10 @@ pub struct Config {
     /// Pin each worker to one core.
     pub pin_workers: bool,
     /// Before a worker would sleep, it keeps polling its sockets and inbox for this many
-    /// microseconds (0: off, at most 1000). Cuts the kernel's wake-up latency from a request's
-    /// path at low load, at the price of CPU: each worker spins up to this long after every
-    /// burst of work.
+    /// microseconds (0: off, at most 1000), yielding its core between polls. Cuts the kernel's
+    /// wake-up latency from a request's path, at the price of CPU: each worker stays runnable
+    /// up to this long after every burst of work. Use no more polling workers than cores the
+    /// gateway has to itself.
     pub busy_poll_us: u64,
     /// This gateway's id: its certificate is `spiffe://<domain>/gateway/<gateway_id>`.
     pub gateway_id: String,

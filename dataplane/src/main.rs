@@ -49,8 +49,9 @@ struct Args {
     /// Do not pin workers to cores.
     #[arg(long)]
     no_pin: bool,
-    /// Before sleeping, a worker keeps polling for work this long, microseconds; lowers latency
-    /// at low load at the cost of CPU (0 = off, at most 1000) [default: 0].
+    /// Before sleeping, a worker keeps polling for work this long, microseconds, yielding the
+    /// core between polls; lowers latency at the cost of CPU; use no more polling workers than
+    /// cores the gateway has to itself (0 = off, at most 1000) [default: 0].
     #[arg(long)]
     busy_poll_us: Option<u64>,
     /// Gateway id, as in `spiffe://<domain>/gateway/<id>` [default: gw1].
