@@ -114,7 +114,9 @@ fn compare_runs_both_modes_against_the_same_agents() {
     // The gateway's own packet counts, ACK-only ones included, read from its metrics; none
     // in direct mode.
     let gateway = &doc["gateway"]["per_request"]["gateway"];
-    let sent = gateway["datagrams_sent"].as_f64().expect("gateway datagrams");
+    let sent = gateway["datagrams_sent"]
+        .as_f64()
+        .expect("gateway datagrams");
     let ack_only = gateway["ack_only_sent"].as_f64().expect("gateway ACK-only");
     assert!(sent > 0.0 && (0.0..=sent).contains(&ack_only), "{gateway}");
     assert!(doc["direct"]["per_request"]["gateway"]["ack_only_sent"].is_null());
