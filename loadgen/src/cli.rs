@@ -215,6 +215,15 @@ pub struct LoadArgs {
     /// callers and agents share the cores with it).
     #[arg(long)]
     pub pin_gateway: bool,
+    /// Run every thread of the gateway (both gateways with `--gateways 2`) on this CPU only,
+    /// numbered from 0. With `--load-cpu`, gives the gateway a core of its own while the
+    /// callers and agents share another, in every mode of `compare` alike.
+    #[arg(long, value_name = "CPU", conflicts_with = "pin_gateway")]
+    pub gateway_cpu: Option<usize>,
+    /// Run the loadgen's callers, the agents and the control plane on this CPU only, numbered
+    /// from 0 (the gateway too, unless `--gateway-cpu` moves it).
+    #[arg(long, value_name = "CPU")]
+    pub load_cpu: Option<usize>,
     /// After the measured run, drive the A2A path for this long: an A2A v1.0 client (HTTP,
     /// JSON-RPC `SendMessage`, 16 in flight) through the A2A front door, the gateway and the
     /// adapter to a trivial A2A agent (one more process). 0s: skip. Self-contained runs through
@@ -331,6 +340,9 @@ pub struct ServeGatewayArgs {
     /// The gateway's `busy_poll_us`.
     #[arg(long, default_value_t = 0)]
     pub busy_poll_us: u64,
+    /// Run every thread of the gateway on this CPU only.
+    #[arg(long)]
+    pub cpu: Option<usize>,
     /// The gateway's id (its certificate must be `spiffe://<domain>/gateway/<id>`).
     #[arg(long, default_value = "loadgen")]
     pub gateway_id: String,
@@ -474,6 +486,10 @@ pub struct Plan {
     pub bare_direct: bool,
     /// The gateway's busy polling, µs.
     pub gateway_busy_poll_us: u64,
+    /// The only CPU the gateway's threads run on.
+    pub gateway_cpu: Option<usize>,
+    /// The only CPU the callers, agents and control plane run on.
+    pub load_cpu: Option<usize>,
     /// How long to drive the A2A path after the run (`None`: not at all).
     pub a2a: Option<Duration>,
     /// Gateways started (1 or 2).
@@ -578,6 +594,17 @@ impl Plan {
         if a.timeout < Duration::from_millis(1) {
             bail!("--timeout must be at least 1ms");
         }
+        for (flag, cpu) in [("--gateway-cpu", a.gateway_cpu), ("--load-cpu", a.load_cpu)] {
+            if let Some(cpu) = cpu {
+                if external.is_some_and(|e| e.gateway.is_some()) {
+                    bail!("{flag}: only for a self-contained run (not with --gateway)");
+                }
+                let cpus = crate::affinity::cpus();
+                if cpu >= cpus {
+                    bail!("{flag} {cpu}: this machine has CPUs 0 to {}", cpus - 1);
+                }
+            }
+        }
         let deployment = match external.and_then(|e| e.gateway.as_ref().map(|g| (e, g))) {
             Some((e, gateway)) => {
                 let (Some(cert), Some(key), Some(ca)) = (&e.cert, &e.key, &e.ca) else {
@@ -642,6 +669,8 @@ impl Plan {
             swap_tables: (a.swap_tables_ms > 0).then(|| Duration::from_millis(a.swap_tables_ms)),
             bare_direct: a.bare_direct,
             gateway_busy_poll_us: a.gateway_busy_poll_us,
+            gateway_cpu: a.gateway_cpu,
+            load_cpu: a.load_cpu,
             a2a,
             gateways: a.gateways,
         })
@@ -850,6 +879,34 @@ mod tests {
         assert!(parse(&["--cert", "x.pem"]).is_err());
         // Agents are whatever is attached to an external gateway.
         assert!(parse(&["--gateway", "127.0.0.1:1", "--agents", "3"]).is_err());
+    }
+
+    #[test]
+    fn cpus_must_exist_and_need_a_started_gateway() {
+        let p = plan(&["compare", "--gateway-cpu", "0", "--load-cpu", "0"]).unwrap();
+        assert_eq!((p.gateway_cpu, p.load_cpu), (Some(0), Some(0)));
+        let beyond = crate::affinity::cpus().to_string();
+        for flag in ["--gateway-cpu", "--load-cpu"] {
+            let err = plan(&["compare", flag, &beyond]).unwrap_err().to_string();
+            assert!(err.contains(flag) && err.contains("CPUs 0 to"), "{err}");
+        }
+        let err = plan(&[
+            "--gateway",
+            "127.0.0.1:1",
+            "--cert",
+            "c",
+            "--key",
+            "k",
+            "--ca",
+            "a",
+            "--load-cpu",
+            "0",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("self-contained"), "{err}");
+        // Pinning workers one per core and holding them all on one CPU contradict each other.
+        assert!(parse(&["--pin-gateway", "--gateway-cpu", "0"]).is_err());
     }
 
     #[test]

@@ -22,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 pub mod a2a;
+pub mod affinity;
 pub mod attach;
 pub mod caller;
 pub mod children;

@@ -459,6 +459,11 @@ impl Environment {
                 gateway_workers,
                 pin_gateway,
             } => {
+                if let Some(cpu) = plan.load_cpu {
+                    // Before anything starts: the callers, the agents and the control plane
+                    // inherit it, and so does the gateway unless `--gateway-cpu` moves it.
+                    crate::affinity::run_on(cpu)?;
+                }
                 let mut pki = TempPki::create()?;
                 if plan.gateways == 2 {
                     pki.set_gateways(2)?;
@@ -487,7 +492,7 @@ impl Environment {
                         plan.gateways,
                         *gateway_workers,
                         *pin_gateway,
-                        &[("--busy-poll-us", plan.gateway_busy_poll_us as usize)],
+                        &gateway_flags(plan),
                         Some(control.addr),
                     )?;
                     env.control = Some(control);
@@ -537,7 +542,7 @@ impl Environment {
                             1,
                             *gateway_workers,
                             *pin_gateway,
-                            &[("--busy-poll-us", plan.gateway_busy_poll_us as usize)],
+                            &gateway_flags(plan),
                             Some(control.addr),
                         )?;
                         wait_for_trunks(&ingress, deadline)?;
@@ -700,6 +705,15 @@ fn wait_for_trunks(ingress: &GatewayChild, deadline: Instant) -> anyhow::Result<
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The `serve-gateway` flags a plan sets: busy polling, and the CPU of `--gateway-cpu`.
+fn gateway_flags(plan: &Plan) -> Vec<(&'static str, usize)> {
+    let mut flags = vec![("--busy-poll-us", plan.gateway_busy_poll_us as usize)];
+    if let Some(cpu) = plan.gateway_cpu {
+        flags.push(("--cpu", cpu));
+    }
+    flags
 }
 
 /// A gateway process started with the loadgen's PKI (`serve-gateway`).

@@ -37,6 +37,10 @@ const LANES_TIMEOUT: Duration = Duration::from_secs(5);
 /// `serve-gateway`: a gateway on the given address with the given identity.
 pub fn gateway(args: &ServeGatewayArgs) -> anyhow::Result<()> {
     init_logging();
+    if let Some(cpu) = args.cpu {
+        // Before the gateway starts: its workers and runtimes inherit it.
+        crate::affinity::run_on(cpu)?;
+    }
     let mut config = Config {
         listen: args.listen,
         workers: args.workers,
