@@ -87,6 +87,10 @@
 //!   [`AgentConfig::idle_timeout`] without traffic (at most every 5 s). The agent cannot learn
 //!   the gateway's idle timeout, so against a gateway configured below 15 s set
 //!   `idle_timeout` to at most the gateway's value.
+//! - **Fewer acknowledgements.** Every connection asks the gateway (QUIC ACK frequency
+//!   extension) to acknowledge every 8th ack-eliciting packet or within 1 ms, as the gateway
+//!   asks of the agent: most acknowledgements then ride on answers instead of packets of
+//!   their own.
 //!
 //! # What it does not do
 //!
