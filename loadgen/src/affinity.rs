@@ -4,9 +4,12 @@
 
 use anyhow::bail;
 
-/// CPUs this process may use now (before any `run_on`: the machine's, or its cgroup's).
-pub fn cpus() -> usize {
-    core_affinity::get_core_ids().map_or(1, |ids| ids.len().max(1))
+/// The CPUs this process may run on now (before any `run_on`: the machine's, or those its
+/// cgroup or `taskset` allow), by number.
+pub fn allowed() -> Vec<usize> {
+    core_affinity::get_core_ids()
+        .map(|ids| ids.into_iter().map(|c| c.id).collect())
+        .unwrap_or_default()
 }
 
 /// Restricts the calling thread, and every thread and process it starts from now on, to `cpu`
@@ -24,7 +27,8 @@ mod tests {
 
     #[test]
     fn a_thread_held_on_a_cpu_runs_there_and_so_do_its_children() {
-        let last = cpus() - 1;
+        let last = *allowed().last().unwrap();
+        let allowed_before = allowed();
         std::thread::spawn(move || {
             run_on(last).unwrap();
             let ids = |v: Option<Vec<core_affinity::CoreId>>| {
@@ -37,8 +41,9 @@ mod tests {
             assert_eq!(ids(child), vec![last]);
             // A CPU outside the current set can still be chosen (the gateway child starts on
             // the loadgen's CPU and moves to its own).
-            run_on(0).unwrap();
-            assert_eq!(ids(core_affinity::get_core_ids()), vec![0]);
+            let first = allowed_before[0];
+            run_on(first).unwrap();
+            assert_eq!(ids(core_affinity::get_core_ids()), vec![first]);
         })
         .join()
         .unwrap();

@@ -216,12 +216,12 @@ pub struct LoadArgs {
     #[arg(long)]
     pub pin_gateway: bool,
     /// Run every thread of the gateway (both gateways with `--gateways 2`) on this CPU only,
-    /// numbered from 0. With `--load-cpu`, gives the gateway a core of its own while the
+    /// as the OS numbers CPUs. With `--load-cpu`, gives the gateway a core of its own while the
     /// callers and agents share another, in every mode of `compare` alike.
     #[arg(long, value_name = "CPU", conflicts_with = "pin_gateway")]
     pub gateway_cpu: Option<usize>,
-    /// Run the loadgen's callers, the agents and the control plane on this CPU only, numbered
-    /// from 0 (the gateway too, unless `--gateway-cpu` moves it).
+    /// Run the loadgen's callers, the agents and the control plane on this CPU only, as the OS
+    /// numbers CPUs (the gateway too, unless `--gateway-cpu` moves it).
     #[arg(long, value_name = "CPU")]
     pub load_cpu: Option<usize>,
     /// After the measured run, drive the A2A path for this long: an A2A v1.0 client (HTTP,
@@ -599,9 +599,11 @@ impl Plan {
                 if external.is_some_and(|e| e.gateway.is_some()) {
                     bail!("{flag}: only for a self-contained run (not with --gateway)");
                 }
-                let cpus = crate::affinity::cpus();
-                if cpu >= cpus {
-                    bail!("{flag} {cpu}: this machine has CPUs 0 to {}", cpus - 1);
+                let allowed = crate::affinity::allowed();
+                if !allowed.contains(&cpu) {
+                    bail!(
+                        "{flag} {cpu}: not a CPU this process may run on (it may use {allowed:?})"
+                    );
                 }
             }
         }
@@ -883,12 +885,14 @@ mod tests {
 
     #[test]
     fn cpus_must_exist_and_need_a_started_gateway() {
-        let p = plan(&["compare", "--gateway-cpu", "0", "--load-cpu", "0"]).unwrap();
-        assert_eq!((p.gateway_cpu, p.load_cpu), (Some(0), Some(0)));
-        let beyond = crate::affinity::cpus().to_string();
+        let first = crate::affinity::allowed()[0].to_string();
+        let p = plan(&["compare", "--gateway-cpu", &first, "--load-cpu", &first]).unwrap();
+        assert_eq!(p.gateway_cpu, p.load_cpu);
+        assert!(p.gateway_cpu.is_some());
+        let beyond = (crate::affinity::allowed().last().unwrap() + 1).to_string();
         for flag in ["--gateway-cpu", "--load-cpu"] {
             let err = plan(&["compare", flag, &beyond]).unwrap_err().to_string();
-            assert!(err.contains(flag) && err.contains("CPUs 0 to"), "{err}");
+            assert!(err.contains(flag) && err.contains("may use"), "{err}");
         }
         let err = plan(&[
             "--gateway",

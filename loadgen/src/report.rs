@@ -176,6 +176,9 @@ pub struct RunInfo {
     pub agents: Option<usize>,
     /// Gateway workers (`None`: unknown, or direct only).
     pub gateway_workers: Option<usize>,
+    /// Where the loadgen placed its processes: the gateway's busy polling (µs), and the CPUs
+    /// of `--gateway-cpu` and `--load-cpu`.
+    pub placement: Placement,
     /// Whether the gateway and agents are the loadgen's children (their CPU is known).
     pub self_contained: bool,
     /// The table generation the gateway had acknowledged at the end (pushed by the loadgen's
@@ -225,6 +228,17 @@ pub struct Summary {
     /// Per request, of each role: datagrams sent and received, and wake-ups (see
     /// [`crate::counters`]).
     pub per_request: RolePerRequest,
+}
+
+/// The settings of a self-contained run that decide where each role's CPU comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Placement {
+    /// The gateway's `busy_poll_us`.
+    pub gateway_busy_poll_us: u64,
+    /// `--gateway-cpu`.
+    pub gateway_cpu: Option<usize>,
+    /// `--load-cpu`.
+    pub load_cpu: Option<usize>,
 }
 
 /// A role's datagrams and wake-ups per request (`None`: unknown, or not in this mode).
@@ -433,6 +447,9 @@ impl Summary {
             "connections": info.connections,
             "agents": info.agents,
             "gateway_workers": if self.mode != "direct" { info.gateway_workers } else { None },
+            "gateway_busy_poll_us": if self.mode != "direct" && info.self_contained { Some(info.placement.gateway_busy_poll_us) } else { None },
+            "gateway_cpu": if self.mode != "direct" { info.placement.gateway_cpu } else { None },
+            "load_cpu": info.placement.load_cpu,
             "table_generation": if self.mode != "direct" { info.table_generation.clone() } else { None },
             "direct_serving_path": if self.mode == "direct" { info.direct_path } else { None },
             "table_swaps": match info.table_swaps {
@@ -736,6 +753,7 @@ mod tests {
             connections: 4,
             agents: Some(2),
             gateway_workers: Some(2),
+            placement: Placement::default(),
             table_generation: None,
             table_swaps: None,
             direct_path: None,

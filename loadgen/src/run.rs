@@ -176,6 +176,11 @@ pub fn run(plan: &Plan) -> anyhow::Result<Verdict> {
             Deployment::External { .. } => None,
         },
         gateway_workers: env.gateway_workers,
+        placement: crate::report::Placement {
+            gateway_busy_poll_us: plan.gateway_busy_poll_us,
+            gateway_cpu: plan.gateway_cpu,
+            load_cpu: plan.load_cpu,
+        },
         self_contained: env.self_contained(),
         table_generation,
         table_swaps: swaps,

@@ -105,7 +105,11 @@ fn short_compare(dir: &Path, extra: &[&str]) -> Output {
 #[test]
 fn compare_runs_both_modes_against_the_same_agents() {
     let dir = scratch("compare");
-    let output = short_compare(&dir, &[]);
+    // The gateway on the last CPU this process may use, everything else on the first (one and
+    // the same with one CPU): the run must work so placed, and say so in its summary.
+    let cpus = dmsc_loadgen::affinity::allowed();
+    let (first, last) = (cpus[0].to_string(), cpus[cpus.len() - 1].to_string());
+    let output = short_compare(&dir, &["--gateway-cpu", &last, "--load-cpu", &first]);
     assert!(output.status.success(), "exit status {}", output.status);
     let doc = read_json(&dir.join("compare.json"));
     assert_clean(&doc["gateway"], "gateway");
@@ -120,6 +124,11 @@ fn compare_runs_both_modes_against_the_same_agents() {
     let ack_only = gateway["ack_only_sent"].as_f64().expect("gateway ACK-only");
     assert!(sent > 0.0 && (0.0..=sent).contains(&ack_only), "{gateway}");
     assert!(doc["direct"]["per_request"]["gateway"]["ack_only_sent"].is_null());
+    // Where the roles ran, for whoever reads the file later.
+    assert_eq!(doc["gateway"]["gateway_busy_poll_us"], 0);
+    assert_eq!(doc["gateway"]["gateway_cpu"].to_string(), last);
+    assert_eq!(doc["direct"]["load_cpu"].to_string(), first);
+    assert!(doc["direct"]["gateway_cpu"].is_null());
     assert!(doc["ratios"]["requests_per_sec"].as_f64().unwrap() > 0.0);
     assert!(doc["added_latency_us"]["p50"].is_i64());
     for file in [
