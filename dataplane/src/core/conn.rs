@@ -19,6 +19,7 @@ use dmsc_protocol::{ConnectionCode, StreamCode};
 
 use super::exchange::Leg;
 use super::ratelimit::Bucket;
+use super::FramesSent;
 use super::{after, close, mark_dirty, Core, IntoVarInt, Principal};
 use crate::msg::{ExKey, WorkerMsg};
 use crate::stats::WorkerStats;
@@ -135,6 +136,9 @@ pub(super) struct Conn {
     /// The agent sent DETACH.
     pub(super) detaching: bool,
     pub(super) dirty: bool,
+    /// quinn's count of ACK frames and of every other frame sent, as of this connection's
+    /// last transmit: what tells an ACK-only packet from the next transmit's count.
+    pub(super) frames_sent: FramesSent,
     pub(super) span: tracing::Span,
 }
 
@@ -170,6 +174,7 @@ impl Core {
             close_after: None,
             detaching: false,
             dirty: false,
+            frames_sent: FramesSent::default(),
             span,
         };
         self.conns.insert(ci, conn);

@@ -611,13 +611,12 @@ impl Core {
                     if sendable(socket) {
                         buf.clear();
                         let max_gso = self.sockets[socket].max_gso_segments;
-                        let before = conn.quic.stats().frame_tx;
                         if let Some(t) = conn.quic.poll_transmit(now, max_gso, buf) {
-                            if t.segment_size.is_none()
-                                && is_ack_only(&before, &conn.quic.stats().frame_tx)
-                            {
+                            let sent = FramesSent::of(&conn.quic.stats().frame_tx);
+                            if t.segment_size.is_none() && sent.ack_only_since(conn.frames_sent) {
                                 WorkerStats::add(&self.stats.ack_only_sent, 1);
                             }
+                            conn.frames_sent = sent;
                             return Some(transmit(socket, &t));
                         }
                     }
@@ -870,10 +869,26 @@ impl Core {
     }
 }
 
-/// Whether the one packet sent between two readings of a connection's frame counters carried
-/// an ACK frame and nothing else (padding aside).
-fn is_ack_only(before: &quinn_proto::FrameStats, after: &quinn_proto::FrameStats) -> bool {
-    after.acks == before.acks + 1 && frames_other_than_ack(after) == frames_other_than_ack(before)
+/// A connection's frames sent so far, as quinn counts them: ACK frames, and all others.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct FramesSent {
+    acks: u64,
+    others: u64,
+}
+
+impl FramesSent {
+    fn of(f: &quinn_proto::FrameStats) -> Self {
+        Self {
+            acks: f.acks,
+            others: frames_other_than_ack(f),
+        }
+    }
+
+    /// Whether the one packet sent since `before` carried an ACK frame and nothing else
+    /// (padding aside).
+    fn ack_only_since(self, before: Self) -> bool {
+        self.acks == before.acks + 1 && self.others == before.others
+    }
 }
 
 fn frames_other_than_ack(f: &quinn_proto::FrameStats) -> u64 {
