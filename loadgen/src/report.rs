@@ -616,31 +616,30 @@ impl Comparison {
             "gateway": gateway,
             "direct": direct,
             "rounds": rounds,
-            "ratios": {
-                "requests_per_sec": self.requests_per_sec.map(|v| round(v, 3)),
-                "p50": self.p50.map(|v| round(v, 3)),
-                "p99": self.p99.map(|v| round(v, 3)),
-                "cpu_us_per_request_total": self.cpu_us_per_request_total.map(|v| round(v, 3)),
-            },
-            "added_latency_us": {
-                "p50": self.added_p50_us,
-                "p99": self.added_p99_us,
-            },
+            "ratios": self.ratios(),
+            "added_latency_us": self.added_latency(),
         })
     }
 
     /// The ratios and added latency alone, as JSON (the two-gateway comparisons).
     pub fn ratios_json(&self) -> Value {
+        let mut ratios = self.ratios();
+        ratios["added_latency_us"] = self.added_latency();
+        ratios
+    }
+
+    fn ratios(&self) -> Value {
+        let r = |v: Option<f64>| v.map(|v| round(v, 3));
         json!({
-            "requests_per_sec": self.requests_per_sec.map(|v| round(v, 3)),
-            "p50": self.p50.map(|v| round(v, 3)),
-            "p99": self.p99.map(|v| round(v, 3)),
-            "cpu_us_per_request_total": self.cpu_us_per_request_total.map(|v| round(v, 3)),
-            "added_latency_us": {
-                "p50": self.added_p50_us,
-                "p99": self.added_p99_us,
-            },
+            "requests_per_sec": r(self.requests_per_sec),
+            "p50": r(self.p50),
+            "p99": r(self.p99),
+            "cpu_us_per_request_total": r(self.cpu_us_per_request_total),
         })
+    }
+
+    fn added_latency(&self) -> Value {
+        json!({"p50": self.added_p50_us, "p99": self.added_p99_us})
     }
 
     /// The printed comparison table.
