@@ -62,20 +62,29 @@ pub fn peer_server_crypto(
     anchors: Vec<CertificateDer<'static>>,
     trust_domain: &str,
 ) -> Result<QuicServerConfig, TlsError> {
-    let verifier = Arc::new(SpiffeVerifier::new(
-        &anchors,
-        &[PrincipalKind::Gateway],
-        &[trust_domain],
-    )?);
+    let (credentials, verifier) = trunk_identity(chain, key, &anchors, trust_domain)?;
     dmsc_identity::server_config(
         dmsc_protocol::ALPN_PEER,
-        Credentials {
-            cert_chain: chain,
-            private_key: key,
-        },
+        credentials,
         verifier,
         Resumption::Off,
     )
+}
+
+/// What both ends of a trunk present and accept: the gateway's own certificate, and gateways
+/// of `trust_domain` only.
+fn trunk_identity(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    anchors: &[CertificateDer<'static>],
+    trust_domain: &str,
+) -> Result<(Credentials, Arc<SpiffeVerifier>), TlsError> {
+    let verifier = SpiffeVerifier::new(anchors, &[PrincipalKind::Gateway], &[trust_domain])?;
+    let credentials = Credentials {
+        cert_chain: chain,
+        private_key: key,
+    };
+    Ok((credentials, Arc::new(verifier)))
 }
 
 /// How often a trunk's client side sends a keep-alive.
@@ -96,17 +105,10 @@ pub fn trunk_client(
     trust_domain: &str,
     mut transport: quinn_proto::TransportConfig,
 ) -> Result<quinn_proto::ClientConfig, TlsError> {
-    let verifier = Arc::new(SpiffeVerifier::new(
-        &anchors,
-        &[PrincipalKind::Gateway],
-        &[trust_domain],
-    )?);
+    let (credentials, verifier) = trunk_identity(chain, key, &anchors, trust_domain)?;
     let crypto = dmsc_identity::client_config(
         dmsc_protocol::ALPN_PEER,
-        Credentials {
-            cert_chain: chain,
-            private_key: key,
-        },
+        credentials,
         verifier,
         Resumption::Off,
     )?;
