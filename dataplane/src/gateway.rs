@@ -169,30 +169,25 @@ impl Gateway {
                 source,
             })?;
             let mut pair = vec![shared];
+            // A socket of worker `w`'s own (a lane or a trunk): port `base + w` (the config
+            // checks it fits), or a free one when `base` is 0; and the address others reach.
+            let own = |base: u16| -> Result<(std::net::UdpSocket, String), StartError> {
+                let port = if base == 0 { 0 } else { base + w as u16 };
+                let addr = SocketAddr::new(config.listen.ip(), port);
+                let socket = bind(addr, false)?;
+                let bound = socket
+                    .local_addr()
+                    .map_err(|source| StartError::Bind { addr, source })?;
+                Ok((socket, SocketAddr::new(advertise, bound.port()).to_string()))
+            };
             if config.lanes {
-                let port = match config.lane_base_port {
-                    0 => 0,
-                    base => base + w as u16,
-                };
-                let lane = bind(SocketAddr::new(config.listen.ip(), port), false)?;
-                let addr = lane.local_addr().map_err(|source| StartError::Bind {
-                    addr: listen,
-                    source,
-                })?;
-                lane_addrs.push(SocketAddr::new(advertise, addr.port()).to_string());
+                let (lane, addr) = own(config.lane_base_port)?;
+                lane_addrs.push(addr);
                 pair.push(lane);
             }
             if trunk_tls.is_some() {
-                let port = match config.trunk_base_port {
-                    0 => 0,
-                    base => base + w as u16,
-                };
-                let trunk = bind(SocketAddr::new(config.listen.ip(), port), false)?;
-                let addr = trunk.local_addr().map_err(|source| StartError::Bind {
-                    addr: listen,
-                    source,
-                })?;
-                trunk_addrs.push(SocketAddr::new(advertise, addr.port()).to_string());
+                let (trunk, addr) = own(config.trunk_base_port)?;
+                trunk_addrs.push(addr);
                 pair.push(trunk);
             }
             sockets.push(pair);
