@@ -258,3 +258,27 @@ pub async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bo
     }
     cond()
 }
+
+/// A payload of `len` bytes that no misplaced or dropped chunk can leave unchanged.
+pub fn pattern(len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i.wrapping_mul(31) ^ (i >> 8)) as u8)
+        .collect()
+}
+
+/// `caller` invokes `echo` with a [`pattern`] of each of `sizes` bytes (60 s deadline each), and
+/// every answer must be `OK` with the very bytes it sent.
+pub async fn assert_echoes_byte_exact(caller: &Agent, sizes: &[usize]) {
+    for &len in sizes {
+        let body = pattern(len);
+        let reply = caller
+            .request("echo")
+            .deadline(Duration::from_secs(60))
+            .send(body.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{len} bytes: {e}"));
+        assert_eq!(reply.status, Status::Ok, "{len} bytes: {}", reply.message);
+        assert_eq!(reply.payload.len(), len);
+        assert!(reply.payload == body, "{len} bytes differ");
+    }
+}

@@ -45,12 +45,6 @@ groups = ["callers"]
 capabilities = ["whoami"]
 "#;
 
-fn pattern(len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i.wrapping_mul(31) ^ (i >> 8)) as u8)
-        .collect()
-}
-
 struct Cluster {
     domain: Domain,
     cp: dmsc_tests::cluster::ControlPlane,
@@ -107,6 +101,20 @@ async fn loop_until(caller: &Agent, capability: &str, done: impl Fn(Status) -> b
 
 /// Steady load on `echo` from `caller`, one request at a time, for `time` (at most 100,000
 /// requests): the OK count and a line per failure.
+/// Two gateways under an open domain, an echo target attached to `gw2` and a caller to
+/// `gw1`, returned once the caller's `echo` reaches the target across the trunk.
+async fn echo_across(tag: &str) -> (Cluster, Agent, Agent) {
+    let c = start(tag, OPEN_DOMAIN, &["gw1", "gw2"], &[]);
+    let pki = &c.domain.pki;
+    let target = attach(pki, c.gateways[1].1.addr, "target2", &["echo"]).await;
+    let caller = attach(pki, c.gateways[0].1.addr, "caller1", &["x"]).await;
+    assert_eq!(
+        until_routed(&caller, "echo", Duration::from_secs(10)).await,
+        Status::Ok
+    );
+    (c, target, caller)
+}
+
 fn echo_load(caller: &Agent, time: Duration) -> tokio::task::JoinHandle<(u32, Vec<String>)> {
     let caller = caller.clone();
     tokio::spawn(async move {
@@ -160,17 +168,7 @@ async fn an_agent_on_one_gateway_invokes_a_capability_offered_only_behind_anothe
         Status::Ok
     );
     // Byte-exact both ways, whatever the size.
-    for len in [0, 1024, 1024 * 1024, 64 * 1024 * 1024] {
-        let body = pattern(len);
-        let reply = caller
-            .request("echo")
-            .deadline(Duration::from_secs(60))
-            .send(body.clone())
-            .await
-            .unwrap_or_else(|e| panic!("{len} bytes: {e}"));
-        assert_eq!(reply.status, Status::Ok, "{len} bytes: {}", reply.message);
-        assert!(reply.payload == body, "{len} bytes differ");
-    }
+    assert_echoes_byte_exact(&caller, &[0, 1024, 1024 * 1024, 64 * 1024 * 1024]).await;
     // The caller is the one the ingress gateway verified.
     let who = caller.invoke("caller", "").await.unwrap();
     assert_eq!(who.payload, "spiffe://test.local/agent/caller1");
@@ -395,14 +393,7 @@ async fn a_killed_gateway_vanishes_from_the_others_and_nothing_else_is_lost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_gateway_traffic_survives_the_control_plane() {
-    let mut c = start("domain-fail-static", OPEN_DOMAIN, &["gw1", "gw2"], &[]);
-    let pki = &c.domain.pki;
-    let _t = attach(pki, c.gateways[1].1.addr, "target2", &["echo"]).await;
-    let caller = attach(pki, c.gateways[0].1.addr, "caller1", &["x"]).await;
-    assert_eq!(
-        until_routed(&caller, "echo", Duration::from_secs(10)).await,
-        Status::Ok
-    );
+    let (mut c, _t, caller) = echo_across("domain-fail-static").await;
     let load = echo_load(&caller, Duration::from_secs(3));
     tokio::time::sleep(Duration::from_millis(300)).await;
     c.cp.proc.kill();
@@ -414,6 +405,7 @@ async fn cross_gateway_traffic_survives_the_control_plane() {
     );
     assert!(ok > 50);
     // New attachments are served locally meanwhile.
+    let pki = &c.domain.pki;
     let _local = attach(pki, c.gateways[0].1.addr, "target1", &["whoami"]).await;
     assert_eq!(
         caller.invoke("whoami", "").await.unwrap().status,
@@ -746,14 +738,7 @@ async fn a_gateway_removed_from_the_table_loses_its_trunks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_whose_peer_is_gone_waits_quietly_between_reconnects() {
-    let mut c = start("domain-quiet", OPEN_DOMAIN, &["gw1", "gw2"], &[]);
-    let pki = &c.domain.pki;
-    let _t = attach(pki, c.gateways[1].1.addr, "target2", &["echo"]).await;
-    let caller = attach(pki, c.gateways[0].1.addr, "caller1", &["x"]).await;
-    assert_eq!(
-        until_routed(&caller, "echo", Duration::from_secs(10)).await,
-        Status::Ok
-    );
+    let (mut c, _t, caller) = echo_across("domain-quiet").await;
     drop(caller);
     // gw2 dies without closing: gw1's trunks time out (3 s) and gw1 keeps trying to reconnect
     // until the control plane withdraws gw2 (about 11 s). Meanwhile gw1 has nothing to do: its

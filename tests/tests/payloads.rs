@@ -6,30 +6,13 @@ use std::time::Duration;
 use dmsc_agent::Status;
 use dmsc_tests::*;
 
-fn pattern(len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i.wrapping_mul(31) ^ (i >> 8)) as u8)
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn payloads_arrive_byte_exact() {
     let pki = Pki::new();
     let gw = gateway(&pki, 1, |_| {});
     let target = attach(&pki, gw.local_addr(), "target", &["echo"]).await;
     let caller = attach(&pki, gw.local_addr(), "caller", &["x"]).await;
-    for len in [0, 1024, 1024 * 1024, 64 * 1024 * 1024] {
-        let body = pattern(len);
-        let reply = caller
-            .request("echo")
-            .deadline(Duration::from_secs(60))
-            .send(body.clone())
-            .await
-            .unwrap_or_else(|e| panic!("{len} bytes: {e}"));
-        assert_eq!(reply.status, Status::Ok, "{len} bytes: {}", reply.message);
-        assert_eq!(reply.payload.len(), len);
-        assert!(reply.payload == body, "{len} bytes differ");
-    }
+    assert_echoes_byte_exact(&caller, &[0, 1024, 1024 * 1024, 64 * 1024 * 1024]).await;
     target.detach().await.unwrap();
     caller.detach().await.unwrap();
     gw.shutdown(Duration::from_secs(1));
