@@ -31,20 +31,24 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// A `domain.toml` for [`Domain::new`], as a `&'static str`: trust domain `test.local` (its
+/// anchor filled in by [`Domain::new`]), gateways `gw1` to `gw3`, then `$rules` (groups and
+/// invoke rules, a string literal).
+#[macro_export]
+macro_rules! test_domain {
+    ($rules:literal) => {
+        concat!(
+            "[domain]\nname = \"test.local\"\ntrust_anchor = \"{ca}\"\n\n",
+            "[[gateway]]\nid = \"gw1\"\n[[gateway]]\nid = \"gw2\"\n[[gateway]]\nid = \"gw3\"\n",
+            $rules
+        )
+    };
+}
+
 /// A `domain.toml` for [`Domain::new`]: trust domain `test.local`, gateways `gw1` to `gw3`,
 /// and every agent allowed to advertise, discover and invoke everything.
-pub const OPEN_DOMAIN: &str = r#"
-[domain]
-name = "test.local"
-trust_anchor = "{ca}"
-
-[[gateway]]
-id = "gw1"
-[[gateway]]
-id = "gw2"
-[[gateway]]
-id = "gw3"
-
+pub const OPEN_DOMAIN: &str = crate::test_domain!(
+    r#"
 [groups.agents]
 members = ["spiffe://test.local/agent/*"]
 advertise = ["*"]
@@ -54,7 +58,8 @@ discover = ["*"]
 effect = "allow"
 groups = ["agents"]
 capabilities = ["*"]
-"#;
+"#
+);
 
 /// A scratch directory removed when dropped.
 pub struct Scratch(pub PathBuf);

@@ -17,18 +17,8 @@ const GATEWAYS: [&str; 3] = ["gw1", "gw2", "gw3"];
 const OPEN: &str = OPEN_DOMAIN;
 
 /// `whoami` denied to callers; callers see only `echo` in discovery.
-const CLOSED: &str = r#"
-[domain]
-name = "test.local"
-trust_anchor = "{ca}"
-
-[[gateway]]
-id = "gw1"
-[[gateway]]
-id = "gw2"
-[[gateway]]
-id = "gw3"
-
+const CLOSED: &str = dmsc_tests::test_domain!(
+    r#"
 [groups.agents]
 members = ["spiffe://test.local/agent/target*"]
 advertise = ["*"]
@@ -53,7 +43,8 @@ capabilities = ["*"]
 effect = "deny"
 groups = ["callers"]
 capabilities = ["whoami"]
-"#;
+"#
+);
 
 /// Steady load on `echo`, one request at a time, until [`Load::assert_no_failures`].
 struct Load {

@@ -12,18 +12,8 @@ use dmsc_tests::cluster::{http, Domain, GatewayAddrs, Proc, OPEN_DOMAIN};
 use dmsc_tests::*;
 
 /// Callers may invoke everything but `whoami`, and discover everything.
-const POLICY: &str = r#"
-[domain]
-name = "test.local"
-trust_anchor = "{ca}"
-
-[[gateway]]
-id = "gw1"
-[[gateway]]
-id = "gw2"
-[[gateway]]
-id = "gw3"
-
+const POLICY: &str = dmsc_tests::test_domain!(
+    r#"
 [groups.agents]
 members = ["spiffe://test.local/agent/target*"]
 advertise = ["*"]
@@ -43,7 +33,8 @@ capabilities = ["*"]
 effect = "deny"
 groups = ["callers"]
 capabilities = ["whoami"]
-"#;
+"#
+);
 
 struct Cluster {
     domain: Domain,
