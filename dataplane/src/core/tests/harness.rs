@@ -707,6 +707,38 @@ impl Harness {
         progress
     }
 
+    /// Agent `who` asks `DISCOVER` (query `query_id`, filters `prefix` and `tag`, on behalf of
+    /// `on_behalf_of` or itself when empty); the entries of the answer to that query.
+    pub(super) fn discover(
+        &mut self,
+        who: usize,
+        query_id: u64,
+        prefix: &str,
+        tag: &str,
+        on_behalf_of: &str,
+    ) -> Vec<dmsc_protocol::control::DiscoveryEntry> {
+        let frame = ControlFrame::Discover {
+            query_id,
+            prefix: prefix.into(),
+            tag: tag.into(),
+            on_behalf_of: on_behalf_of.into(),
+        };
+        self.send_control(who, &frame);
+        self.run();
+        self.agents[who]
+            .frames
+            .iter()
+            .find_map(|f| match f {
+                ControlFrame::DiscoverResult {
+                    query_id: q,
+                    entries,
+                    ..
+                } if *q == query_id => Some(entries.clone()),
+                _ => None,
+            })
+            .expect("an answer")
+    }
+
     /// The core a datagram goes to: by source port for the shared listen address (the
     /// `SO_REUSEPORT` hash), by address for a lane.
     fn node_for(&self, from: SocketAddr, to: SocketAddr) -> Option<usize> {

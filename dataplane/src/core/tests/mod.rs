@@ -481,29 +481,10 @@ fn discovery_filters_by_prefix_and_tag_and_withdraws_detaching_agents() {
     let _c = h.agent_with_card("c", card("c", &[("summarize", &["text"])]), 0, t());
     h.run();
     let ask = |h: &mut Harness, q: u64, prefix: &str, tag: &str| {
-        let frame = ControlFrame::Discover {
-            query_id: q,
-            prefix: prefix.into(),
-            tag: tag.into(),
-            on_behalf_of: String::new(),
-        };
-        h.send_control(a, &frame);
-        h.run();
-        h.agents[a]
-            .frames
-            .iter()
-            .find_map(|f| match f {
-                ControlFrame::DiscoverResult {
-                    query_id, entries, ..
-                } if *query_id == q => Some(
-                    entries
-                        .iter()
-                        .map(|e| (e.capability.clone(), e.providers))
-                        .collect::<Vec<_>>(),
-                ),
-                _ => None,
-            })
-            .expect("an answer")
+        h.discover(a, q, prefix, tag, "")
+            .into_iter()
+            .map(|e| (e.capability, e.providers))
+            .collect::<Vec<_>>()
     };
     assert_eq!(
         ask(&mut h, 1, "tr", ""),
@@ -665,27 +646,10 @@ fn an_installed_policy_denies_and_hides_what_it_does_not_allow() {
     assert_eq!(echo.metrics.statuses[Status::Denied.code() as usize], 1);
     assert_eq!(echo.metrics.statuses[Status::Ok.code() as usize], 1);
     let discover = |h: &mut Harness, who: usize| {
-        let frame = ControlFrame::Discover {
-            query_id: 7,
-            prefix: String::new(),
-            tag: String::new(),
-            on_behalf_of: String::new(),
-        };
-        h.send_control(who, &frame);
-        h.run();
-        h.agents[who]
-            .frames
-            .iter()
-            .find_map(|f| match f {
-                ControlFrame::DiscoverResult { entries, .. } => Some(
-                    entries
-                        .iter()
-                        .map(|e| e.capability.clone())
-                        .collect::<Vec<_>>(),
-                ),
-                _ => None,
-            })
-            .expect("an answer")
+        h.discover(who, 7, "", "", "")
+            .into_iter()
+            .map(|e| e.capability)
+            .collect::<Vec<_>>()
     };
     assert_eq!(discover(&mut h, a), vec!["echo".to_owned()]);
     assert!(discover(&mut h, c).is_empty());
@@ -938,32 +902,10 @@ fn a_bridge_discovers_on_behalf_of_another_identity() {
     let mut next = 100;
     let mut discover = |h: &mut Harness, who: usize, on_behalf_of: &str| {
         next += 1;
-        let query_id = next;
-        let frame = ControlFrame::Discover {
-            query_id,
-            prefix: String::new(),
-            tag: String::new(),
-            on_behalf_of: on_behalf_of.into(),
-        };
-        h.send_control(who, &frame);
-        h.run();
-        h.agents[who]
-            .frames
-            .iter()
-            .find_map(|frame| match frame {
-                ControlFrame::DiscoverResult {
-                    query_id: q,
-                    entries,
-                    ..
-                } if *q == query_id => Some(
-                    entries
-                        .iter()
-                        .map(|e| e.capability.clone())
-                        .collect::<Vec<_>>(),
-                ),
-                _ => None,
-            })
-            .expect("an answer")
+        h.discover(who, next, "", "", on_behalf_of)
+            .into_iter()
+            .map(|e| e.capability)
+            .collect::<Vec<_>>()
     };
     let id = |name: &str| format!("spiffe://harness.test/agent/{name}");
     let echo = vec!["echo".to_owned()];
